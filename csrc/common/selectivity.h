@@ -1,0 +1,77 @@
+#pragma once
+// Class selectivity index (Leavitt & Morcos, ICLR 2021) of one unit and its gradient, shared by the
+// CPU and CUDA kernels. Torch-free so the CUDA-semantics harness can compile it with g++.
+//
+// For one unit with class means mu[k] (k < K, read with a stride) and class counts n[k]:
+//   present classes: n[k] > 0, P of them
+//   mu_max  = max over present k of mu[k]      (first such k on ties, as torch.max)
+//   mu_rest = (sum over present k of mu[k] - mu_max) / (P - 1)
+//   SI      = (mu_max - mu_rest) / (mu_max + mu_rest + eps)
+// P < 2 gives SI = 0 and a zero gradient (the published scripts divide by P - 1 = 0 and get NaN).
+// With eps = 0 and mu_max + mu_rest = 0 (e.g. a dead ReLU unit) SI is NaN, as the formula says.
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace selk {
+
+template <typename acc_t>
+struct SelectivityTerms {
+  acc_t si;
+  acc_t mu_max;
+  acc_t mu_rest;
+  int64_t argmax;   // class holding mu_max; -1 when P < 2
+  int64_t present;  // P
+};
+
+// means[k * stride], counts[k] for k < K.
+template <typename acc_t, typename mean_t>
+SELK_HOST_DEVICE inline SelectivityTerms<acc_t> selectivity_terms(const mean_t* means, int64_t stride,
+                                                                   const int64_t* counts, int64_t K,
+                                                                   acc_t eps) {
+  SelectivityTerms<acc_t> t{acc_t(0), acc_t(0), acc_t(0), -1, 0};
+  acc_t sum = acc_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    if (counts[k] <= 0) continue;
+    const acc_t m = static_cast<acc_t>(means[k * stride]);
+    sum += m;
+    // `!(m <= max)` so a NaN mean propagates to SI instead of being skipped.
+    if (t.present == 0 || !(m <= t.mu_max)) {
+      t.mu_max = m;
+      t.argmax = k;
+    }
+    ++t.present;
+  }
+  if (t.present < 2) {
+    t.argmax = -1;
+    t.mu_max = acc_t(0);
+    return t;
+  }
+  t.mu_rest = (sum - t.mu_max) / static_cast<acc_t>(t.present - 1);
+  t.si = (t.mu_max - t.mu_rest) / (t.mu_max + t.mu_rest + eps);
+  return t;
+}
+
+// d SI / d mu[k] scaled by grad_si, written to grad_means[k * stride] for every k (0 if absent).
+template <typename acc_t, typename out_t>
+SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si,
+                                              const int64_t* counts, int64_t K, acc_t eps,
+                                              out_t* grad_means, int64_t stride) {
+  if (t.present < 2) {
+    for (int64_t k = 0; k < K; ++k) grad_means[k * stride] = out_t(0);
+    return;
+  }
+  const acc_t denom = t.mu_max + t.mu_rest + eps;
+  const acc_t inv_denom2 = acc_t(1) / (denom * denom);
+  // SI = (a - b) / (a + b + eps): dSI/da = (2b + eps) / denom^2, dSI/db = -(2a + eps) / denom^2,
+  // and b averages the P - 1 non-max present classes.
+  const acc_t g_max = grad_si * (acc_t(2) * t.mu_rest + eps) * inv_denom2;
+  const acc_t g_rest = -grad_si * (acc_t(2) * t.mu_max + eps) * inv_denom2 / static_cast<acc_t>(t.present - 1);
+  for (int64_t k = 0; k < K; ++k) {
+    acc_t g = acc_t(0);
+    if (counts[k] > 0) g = (k == t.argmax) ? g_max : g_rest;
+    grad_means[k * stride] = static_cast<out_t>(g);
+  }
+}
+
+}  // namespace selk
