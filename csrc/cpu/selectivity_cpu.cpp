@@ -1,0 +1,276 @@
+// CPU kernels of the selectivity family. Deterministic: labels are counting-sorted once and every
+// output element is reduced by one thread in a fixed order (no atomics), so results do not depend
+// on the thread count.
+//
+// Forward = two phases (see the roofline note in benchmarks/README.md):
+//   1. unit means a[n, c] = mean over s of x[n, c, s]   one read of x, vectorized over s (NCHW)
+//                                                        or over c (channels_last)
+//   2. means[k, c] = mean over {n : label n = k} of a   O(N*C), segments in label-sorted order
+// Backward: grad_unit[n, c] = grad_means[label n, c] / (count * S), an [N, C] tensor that Python
+// broadcasts over the spatial positions without copying.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/selectivity.h"
+
+namespace selk {
+namespace {
+
+// Runtime dispatch to the widest vector unit without building the wheel for one CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SELK_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SELK_TARGET_CLONES
+#endif
+
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) acc_t row_sum_body(const scalar_t* __restrict__ p, int64_t len) {
+  acc_t sum = acc_t(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) sum += static_cast<acc_t>(p[i]);
+  return sum;
+}
+
+// acc[c] += row[c]: the inner loop of the channels_last reduction.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void add_row_body(acc_t* __restrict__ acc, const scalar_t* __restrict__ row,
+                                                        int64_t len) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<acc_t>(row[i]);
+}
+
+SELK_TARGET_CLONES double row_sum(const double* p, int64_t n) { return row_sum_body<double, double>(p, n); }
+SELK_TARGET_CLONES float row_sum(const float* p, int64_t n) { return row_sum_body<float, float>(p, n); }
+SELK_TARGET_CLONES float row_sum(const c10::BFloat16* p, int64_t n) { return row_sum_body<c10::BFloat16, float>(p, n); }
+SELK_TARGET_CLONES float row_sum(const c10::Half* p, int64_t n) { return row_sum_body<c10::Half, float>(p, n); }
+SELK_TARGET_CLONES void add_row(double* a, const double* r, int64_t n) { add_row_body(a, r, n); }
+SELK_TARGET_CLONES void add_row(float* a, const float* r, int64_t n) { add_row_body(a, r, n); }
+SELK_TARGET_CLONES void add_row(float* a, const c10::BFloat16* r, int64_t n) { add_row_body(a, r, n); }
+SELK_TARGET_CLONES void add_row(float* a, const c10::Half* r, int64_t n) { add_row_body(a, r, n); }
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Counting sort of labels: samples of class k are order[offsets[k] .. offsets[k + 1]).
+struct LabelSegments {
+  at::Tensor counts;  // int64 [K]
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> order;
+};
+
+LabelSegments segment_labels(const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+  const int64_t N = labels.size(0);
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* l = lab.data_ptr<int64_t>();
+  LabelSegments seg;
+  seg.counts = at::zeros({K}, labels.options().dtype(at::kLong));
+  int64_t* counts = seg.counts.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    if (l[n] == ignore_index) continue;
+    TORCH_CHECK(l[n] >= 0 && l[n] < K, "selkernels: labels[", n, "] = ", l[n], " is outside [0, num_classes=", K,
+                ") and is not ignore_index=", ignore_index);
+    ++counts[l[n]];
+  }
+  seg.offsets.assign(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) seg.offsets[k + 1] = seg.offsets[k] + counts[k];
+  seg.order.resize(seg.offsets[K]);
+  std::vector<int64_t> fill(seg.offsets.begin(), seg.offsets.end() - 1);
+  for (int64_t n = 0; n < N; ++n) {
+    if (l[n] != ignore_index) seg.order[fill[l[n]]++] = n;
+  }
+  return seg;
+}
+
+// Phase 1: a[n * C + c] = mean over spatial positions of x[n, c, ...].
+template <typename scalar_t, typename acc_t>
+void unit_means(const at::Tensor& x_in, acc_t* a) {
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const int64_t S = N * C == 0 ? 1 : x_in.numel() / (N * C);
+  const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
+  if (S == 1) {
+    const at::Tensor x2 = x_in.reshape({N, C});  // a view: all trailing dims are 1
+    const scalar_t* p = x2.data_ptr<scalar_t>();
+    const int64_t sn = x2.stride(0), sc = x2.stride(1);
+    at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n)
+        for (int64_t c = 0; c < C; ++c) a[n * C + c] = static_cast<acc_t>(p[n * sn + c * sc]);
+    });
+    return;
+  }
+  std::vector<int64_t> cl_perm{0};
+  for (int64_t d = 2; d < x_in.dim(); ++d) cl_perm.push_back(d);
+  cl_perm.push_back(1);
+  const bool channels_last = !x_in.is_contiguous() && x_in.permute(cl_perm).is_contiguous();
+  if (channels_last) {
+    // Memory is [N, S, C]: accumulate rows of C so the inner loop is unit-stride.
+    const scalar_t* p = x_in.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        acc_t* out = a + n * C;
+        std::fill(out, out + C, acc_t(0));
+        for (int64_t s = 0; s < S; ++s) add_row(out, p + (n * S + s) * C, C);
+        for (int64_t c = 0; c < C; ++c) out[c] *= inv_S;
+      }
+    });
+    return;
+  }
+  // Any other stride pattern is copied once to NCHW (documented in the Python docstrings).
+  const at::Tensor x = x_in.contiguous();
+  const scalar_t* p = x.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / S);
+  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) a[r] = row_sum(p + r * S, S) * inv_S;
+  });
+}
+
+// Phase 2: means[k, c] from the unit means, in label-sorted order (deterministic).
+template <typename acc_t>
+void segment_means(const acc_t* a, int64_t C, const LabelSegments& seg, int64_t K, acc_t* means) {
+  constexpr int64_t kChannelBlock = 256;
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, K * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t k = task / blocks, c0 = (task % blocks) * kChannelBlock;
+      const int64_t c1 = std::min(C, c0 + kChannelBlock);
+      acc_t* out = means + k * C;
+      std::fill(out + c0, out + c1, acc_t(0));
+      const int64_t begin = seg.offsets[k], end = seg.offsets[k + 1];
+      for (int64_t i = begin; i < end; ++i) add_row(out + c0, a + seg.order[i] * C + c0, c1 - c0);
+      if (end > begin) {
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
+        for (int64_t c = c0; c < c1; ++c) out[c] *= inv;
+      }
+    }
+  });
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& labels, int64_t K) {
+  TORCH_CHECK(x.dim() >= 2, "selkernels: x must be [N, C, *spatial], got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "selkernels: labels must be [N] with N = x.size(0)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "selkernels: labels must be int64");
+  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
+}
+
+std::tuple<at::Tensor, at::Tensor> class_means_impl(const at::Tensor& x, const at::Tensor& labels, int64_t K,
+                                                    int64_t ignore_index) {
+  check_common(x, labels, K);
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto acc = acc_type_of(x.scalar_type());
+  const LabelSegments seg = segment_labels(labels, K, ignore_index);
+  at::Tensor means = at::empty({K, C}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_means", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    std::vector<acc_t> a(N * C);
+    unit_means<scalar_t, acc_t>(x, a.data());
+    segment_means<acc_t>(a.data(), C, seg, K, means.data_ptr<acc_t>());
+  });
+  return {means, seg.counts};
+}
+
+template <typename acc_t>
+void selectivity_rows(const acc_t* means, const int64_t* counts, int64_t K, int64_t C, acc_t eps, acc_t* si) {
+  at::parallel_for(0, C, 64, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) si[c] = selectivity_terms<acc_t>(means + c, C, counts, K, eps).si;
+  });
+}
+
+at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tensor& counts_in, double eps) {
+  TORCH_CHECK(means_in.dim() == 2, "selkernels: means must be [K, C]");
+  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == means_in.size(0), "selkernels: counts must be [K]");
+  const at::Tensor means = means_in.to(acc_type_of(means_in.scalar_type())).contiguous();
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  const int64_t K = means.size(0), C = means.size(1);
+  at::Tensor si = at::empty({C}, means.options());
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity", [&] {
+    selectivity_rows<scalar_t>(means.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), K, C,
+                               static_cast<scalar_t>(eps), si.data_ptr<scalar_t>());
+  });
+  return si;
+}
+
+at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, const at::Tensor& means_in,
+                                               const at::Tensor& counts_in, double eps) {
+  const at::Tensor means = means_in.contiguous();
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  const at::Tensor grad_si = grad_si_in.to(means.scalar_type()).contiguous();
+  const int64_t K = means.size(0), C = means.size(1);
+  at::Tensor grad_means = at::empty({K, C}, means.options());
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity_backward", [&] {
+    const scalar_t* m = means.data_ptr<scalar_t>();
+    const scalar_t* g = grad_si.data_ptr<scalar_t>();
+    const int64_t* cnt = counts.data_ptr<int64_t>();
+    scalar_t* gm = grad_means.data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, C, 64, [&](int64_t b, int64_t end) {
+      for (int64_t c = b; c < end; ++c) {
+        const auto terms = selectivity_terms<scalar_t>(m + c, C, cnt, K, e);
+        selectivity_grad<scalar_t>(terms, g[c], cnt, K, e, gm + c, C);
+      }
+    });
+  });
+  return grad_means;
+}
+
+// grad_unit[n, c] = grad_means[label n, c] / (count * S); zero for ignored samples.
+at::Tensor class_means_backward_cpu(const at::Tensor& grad_means_in, const at::Tensor& counts_in,
+                                    const at::Tensor& labels_in, int64_t ignore_index, int64_t spatial_size,
+                                    at::ScalarType out_dtype) {
+  const at::Tensor grad_means = grad_means_in.contiguous();
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t N = labels.size(0), K = grad_means.size(0), C = grad_means.size(1);
+  TORCH_CHECK(counts.size(0) == K, "selkernels: counts must be [K]");
+  at::Tensor out = at::empty({N, C}, grad_means.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES(grad_means.scalar_type(), "selkernels_class_means_backward_acc", [&] {
+    using acc_t = scalar_t;
+    const acc_t* gm = grad_means.data_ptr<acc_t>();
+    const int64_t* cnt = counts.data_ptr<int64_t>();
+    const int64_t* l = labels.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_class_means_backward", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          const int64_t k = l[n];
+          if (k == ignore_index || k < 0 || k >= K || cnt[k] == 0) {
+            std::fill(o + n * C, o + (n + 1) * C, scalar_t(0));
+            continue;
+          }
+          const acc_t scale = acc_t(1) / (static_cast<acc_t>(cnt[k]) * static_cast<acc_t>(spatial_size));
+          for (int64_t c = 0; c < C; ++c) o[n * C + c] = static_cast<scalar_t>(gm[k * C + c] * scale);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selectivity_index_cpu(const at::Tensor& x, const at::Tensor& labels,
+                                                                     int64_t K, double eps, int64_t ignore_index) {
+  auto [means, counts] = class_means_impl(x, labels, K, ignore_index);
+  return {selectivity_from_means_cpu(means, counts, eps), means, counts};
+}
+
+at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si, const at::Tensor& grad_means_out,
+                                          const at::Tensor& means,
+                                          const at::Tensor& counts, const at::Tensor& labels, double eps,
+                                          int64_t ignore_index, int64_t spatial_size, at::ScalarType out_dtype) {
+  // grad_means_out: gradient flowing into the op's `means` output, zero when only SI is used.
+  const at::Tensor grad_means = selectivity_from_means_backward_cpu(grad_si, means, counts, eps).add_(grad_means_out);
+  return class_means_backward_cpu(grad_means, counts, labels, ignore_index, spatial_size, out_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(selkernels, CPU, m) {
+  m.impl("class_means", &class_means_impl);
+  m.impl("class_means_backward", &class_means_backward_cpu);
+  m.impl("selectivity_from_means", &selectivity_from_means_cpu);
+  m.impl("selectivity_from_means_backward", &selectivity_from_means_backward_cpu);
+  m.impl("selectivity_index", &selectivity_index_cpu);
+  m.impl("selectivity_index_backward", &selectivity_index_backward_cpu);
+}
+
+}  // namespace selk

@@ -1,0 +1,253 @@
+"""Public ops of selkernels: argument checks, fake kernels and autograd for torch.ops.selkernels.*.
+
+Every op here is a registered custom op (schema in csrc/ops.cpp, CPU kernel in csrc/cpu, CUDA kernel
+in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers the schemas and kernels)
+
+__all__ = ["class_means", "selectivity_index", "selectivity_from_means"]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_ops = torch.ops.selkernels
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: a clear Python error naming the argument, before any kernel runs.
+# ----------------------------------------------------------------------------------------------
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return num_classes
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return float(eps)
+
+
+def _check_activations(x, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, C, *spatial] (at least 2 dims), got shape {tuple(x.shape)}")
+
+
+def _check_labels(labels, n: int, device: torch.device, num_classes: int, ignore_index: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape [N] = [{n}] to match x, got shape {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the same device as x ({device}), got {labels.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # Reading the values is a host sync on CUDA; skipped while compiling, where the kernels still
+    # refuse (CPU) or skip (CUDA) out-of-range labels without touching memory out of bounds.
+    if not torch.compiler.is_compiling() and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            first = int(labels[bad][0])
+            raise ValueError(
+                f"labels must lie in [0, num_classes={num_classes}) or equal ignore_index={ignore_index}; "
+                f"found {first}"
+            )
+    return labels.long()
+
+
+def _spatial_size(shape) -> int:
+    return math.prod(shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# class_means
+# ----------------------------------------------------------------------------------------------
+def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Class-conditional mean activation of every unit.
+
+    Args:
+        x: activations [N, C, *spatial] (any number of spatial dims, none included), float64,
+            float32, float16 or bfloat16; contiguous, channels_last, or any strides (other stride
+            patterns are copied once to contiguous).
+        labels: integer class of each sample, [N]. Samples labelled ``ignore_index`` are skipped.
+        num_classes: K.
+
+    Returns:
+        ``(means, counts)``: ``means[k, c]`` is the mean over samples of class k of the unit's
+        spatial mean (float32, float64 for float64 x; accumulated in that type), ``counts[k]``
+        (int64) the number of samples of class k. Absent classes have count 0 and mean 0.
+
+    Differentiable w.r.t. ``x``. The backward needs O(N*C) memory: the gradient w.r.t. x is an
+    [N, C] tensor broadcast over the spatial positions as a stride-0 view, materialised only if
+    autograd must (e.g. when accumulating into a leaf's ``.grad``).
+    """
+    _check_activations(x)
+    num_classes = _check_num_classes(num_classes)
+    labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
+    return _ops.class_means(x, labels, num_classes, ignore_index)
+
+
+@torch.library.register_fake("selkernels::class_means")
+def _class_means_fake(x, labels, num_classes, ignore_index):
+    means = x.new_empty((num_classes, x.shape[1]), dtype=_acc_dtype(x.dtype))
+    counts = labels.new_empty((num_classes,), dtype=torch.int64)
+    return means, counts
+
+
+@torch.library.register_fake("selkernels::class_means_backward")
+def _class_means_backward_fake(grad_means, counts, labels, ignore_index, spatial_size, out_dtype):
+    return grad_means.new_empty((labels.shape[0], grad_means.shape[1]), dtype=out_dtype)
+
+
+def _broadcast_unit_grad(grad_unit: torch.Tensor, shape) -> torch.Tensor:
+    """[N, C] -> [N, C, *spatial] as a stride-0 view (no copy)."""
+    return grad_unit.reshape(grad_unit.shape + (1,) * (len(shape) - 2)).expand(shape)
+
+
+def _class_means_setup(ctx, inputs, output):
+    x, labels, _, ignore_index = inputs
+    _, counts = output
+    ctx.save_for_backward(labels, counts)
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+    ctx.ignore_index = ignore_index
+
+
+def _class_means_backward(ctx, grad_means, grad_counts):
+    labels, counts = ctx.saved_tensors
+    grad_unit = _ops.class_means_backward(grad_means.contiguous(), counts, labels, ctx.ignore_index,
+                                          _spatial_size(ctx.x_shape), ctx.x_dtype)
+    return _broadcast_unit_grad(grad_unit, ctx.x_shape), None, None, None
+
+
+torch.library.register_autograd("selkernels::class_means", _class_means_backward, setup_context=_class_means_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# selectivity_from_means
+# ----------------------------------------------------------------------------------------------
+def selectivity_from_means(means: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Class selectivity index of every unit from class means [K, C] and class counts [K].
+
+    Per unit, over the classes with ``counts > 0`` (P of them):
+    ``SI = (mu_max - mu_rest) / (mu_max + mu_rest + eps)``, mu_max the largest class mean and
+    mu_rest the mean of the other P - 1 class means (Leavitt & Morcos, ICLR 2021).
+
+    Edge cases: P < 2 gives SI = 0 and a zero gradient (the published scripts return NaN there).
+    A unit whose class means are all zero gives 0 for eps > 0 and NaN for eps = 0. Ties for
+    mu_max send the gradient to the first maximal class, as ``torch.max`` does.
+
+    Returns float32 [C] (float64 for float64 means); differentiable w.r.t. ``means``.
+    """
+    if not isinstance(means, torch.Tensor) or means.dim() != 2:
+        raise ValueError(f"means must be a 2-D tensor [K, C], got {getattr(means, 'shape', type(means).__name__)}")
+    if means.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"means must be a floating-point tensor, got {means.dtype}")
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != means.shape[0]:
+        raise ValueError(f"counts must be a 1-D tensor [K] = [{means.shape[0]}] matching means")
+    if counts.device != means.device:
+        raise ValueError(f"counts must be on the same device as means ({means.device}), got {counts.device}")
+    eps = _check_eps(eps)
+    return _ops.selectivity_from_means(means.to(_acc_dtype(means.dtype)), counts.long(), eps)
+
+
+@torch.library.register_fake("selkernels::selectivity_from_means")
+def _selectivity_from_means_fake(means, counts, eps):
+    return means.new_empty((means.shape[1],))
+
+
+@torch.library.register_fake("selkernels::selectivity_from_means_backward")
+def _selectivity_from_means_backward_fake(grad_si, means, counts, eps):
+    return torch.empty_like(means, memory_format=torch.contiguous_format)
+
+
+def _selectivity_from_means_setup(ctx, inputs, output):
+    means, counts, eps = inputs
+    ctx.save_for_backward(means, counts)
+    ctx.eps = eps
+
+
+def _selectivity_from_means_backward(ctx, grad_si):
+    means, counts = ctx.saved_tensors
+    grad_means = _ops.selectivity_from_means_backward(grad_si.contiguous(), means, counts, ctx.eps)
+    return grad_means, None, None
+
+
+torch.library.register_autograd("selkernels::selectivity_from_means", _selectivity_from_means_backward,
+                                setup_context=_selectivity_from_means_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# selectivity_index: class means + SI in one op, forward and backward
+# ----------------------------------------------------------------------------------------------
+def selectivity_index(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, eps: float = 1e-7,
+                      ignore_index: int = -100) -> torch.Tensor:
+    """Class selectivity index of every unit of x [N, C, *spatial], fused.
+
+    Equivalent to ``selectivity_from_means(*class_means(x, labels, num_classes), eps)`` over the
+    classes present in the batch, in one op: one read of x forward, O(N*C + K*C) work backward.
+    Inputs, dtypes, layouts and edge cases as in :func:`class_means` and
+    :func:`selectivity_from_means` (fewer than two classes present: SI = 0, zero gradient).
+
+    Returns float32 [C] (float64 for float64 x). The backward needs O(N*C + K*C) memory and
+    returns the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor.
+    """
+    _check_activations(x)
+    num_classes = _check_num_classes(num_classes)
+    eps = _check_eps(eps)
+    labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
+    si, _, _ = _ops.selectivity_index(x, labels, num_classes, eps, ignore_index)
+    return si
+
+
+@torch.library.register_fake("selkernels::selectivity_index")
+def _selectivity_index_fake(x, labels, num_classes, eps, ignore_index):
+    acc = _acc_dtype(x.dtype)
+    return (x.new_empty((x.shape[1],), dtype=acc), x.new_empty((num_classes, x.shape[1]), dtype=acc),
+            labels.new_empty((num_classes,), dtype=torch.int64))
+
+
+@torch.library.register_fake("selkernels::selectivity_index_backward")
+def _selectivity_index_backward_fake(grad_si, grad_means, means, counts, labels, eps, ignore_index, spatial_size, out_dtype):
+    return means.new_empty((labels.shape[0], means.shape[1]), dtype=out_dtype)
+
+
+def _selectivity_index_setup(ctx, inputs, output):
+    x, labels, _, eps, ignore_index = inputs
+    _, means, counts = output
+    ctx.save_for_backward(labels, means, counts)
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+    ctx.eps = eps
+    ctx.ignore_index = ignore_index
+
+
+def _selectivity_index_backward(ctx, grad_si, grad_means, grad_counts):
+    labels, means, counts = ctx.saved_tensors
+    grad_unit = _ops.selectivity_index_backward(grad_si.contiguous(), grad_means.contiguous(), means, counts, labels, ctx.eps,
+                                                ctx.ignore_index, _spatial_size(ctx.x_shape), ctx.x_dtype)
+    return _broadcast_unit_grad(grad_unit, ctx.x_shape), None, None, None, None
+
+
+torch.library.register_autograd("selkernels::selectivity_index", _selectivity_index_backward,
+                                setup_context=_selectivity_index_setup)

@@ -1,0 +1,77 @@
+"""Pure-PyTorch oracles for every fused op: the papers' definitions, written for clarity.
+
+Two kinds live here:
+* ``paper_*``: the selectivity regularizer as the published training scripts compute it (a
+  Python loop over the classes present in the batch with boolean masks). This is the code users
+  run today and the baseline the benchmarks compare against. It returns NaN when fewer than two
+  classes are present (division by P - 1 = 0), as those scripts do.
+* ``*_reference``: vectorized definitions (index_add + masked reductions) used as test oracles in
+  float64 and as the "best eager composition" in the benchmarks. They follow the library's
+  conventions (absent classes skipped, SI = 0 when fewer than two classes are present).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "spatial_mean",
+    "paper_class_selectivity",
+    "paper_selectivity_penalty",
+    "class_means_reference",
+    "selectivity_from_means_reference",
+    "selectivity_index_reference",
+]
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, *spatial] -> [N, C]: each unit's mean over spatial positions."""
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+
+
+def paper_class_selectivity(x: torch.Tensor, labels: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """SI of every unit as the published scripts compute it: a loop over the present classes."""
+    act = spatial_mean(x)
+    class_means = torch.stack([act[labels == k].mean(0) for k in torch.unique(labels)])
+    mu_max = class_means.max(0)[0]
+    mu_rest = (class_means.sum(0) - mu_max) / (class_means.shape[0] - 1)
+    return (mu_max - mu_rest) / (mu_max + mu_rest + eps)
+
+
+def paper_selectivity_penalty(activations: Sequence[torch.Tensor], labels: torch.Tensor, alpha: float,
+                              eps: float = 1e-7) -> torch.Tensor:
+    """-alpha * mean over layers of the mean SI over units (so loss = CE + penalty)."""
+    layer_si = torch.stack([paper_class_selectivity(a, labels, eps).mean() for a in activations])
+    return -alpha * layer_si.mean()
+
+
+def class_means_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                          ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Vectorized class means [K, C] and counts [K], computed in x's dtype (float32 for half types)."""
+    act = spatial_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+    keep = labels != ignore_index
+    act, lab = act[keep], labels[keep].long()
+    sums = act.new_zeros((num_classes, act.shape[1])).index_add(0, lab, act)
+    counts = torch.bincount(lab, minlength=num_classes)
+    means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
+    return means, counts
+
+
+def selectivity_from_means_reference(means: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Vectorized SI over the present classes; 0 where fewer than two are present."""
+    present = (counts > 0).unsqueeze(1)
+    num_present = present.sum(0).to(means.dtype)
+    mu_max = torch.where(present, means, torch.full_like(means, float("-inf"))).max(0)[0]
+    total = torch.where(present, means, torch.zeros_like(means)).sum(0)
+    enough = num_present >= 2
+    mu_max = torch.where(enough, mu_max, torch.zeros_like(mu_max))
+    mu_rest = (total - mu_max) / (num_present - 1).clamp_min(1)
+    si = (mu_max - mu_rest) / (mu_max + mu_rest + eps)
+    return torch.where(enough, si, torch.zeros_like(si))
+
+
+def selectivity_index_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int, eps: float = 1e-7,
+                                ignore_index: int = -100) -> torch.Tensor:
+    means, counts = class_means_reference(x, labels, num_classes, ignore_index)
+    return selectivity_from_means_reference(means, counts, eps)
