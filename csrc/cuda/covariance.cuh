@@ -3,9 +3,10 @@
 // csrc/cuda/covariance.cu). Rows are visited in label-sorted order (order[offsets[k] ..
 // offsets[k + 1]) is class k), every output element is reduced by one thread in a fixed order:
 // deterministic, no atomics. Indices are int64 (N * D may exceed 2^31).
+#include "cuda/cuda_compat.cuh"  // first: defines __host__/__device__ under the harness
+
 #include <cstdint>
 
-#include "common/host_device.h"
 #include "common/moments.h"
 
 namespace selk {

@@ -1,9 +1,10 @@
 #pragma once
 // Torch-free CUDA kernel bodies of the 1/n spectral penalty (launcher: csrc/cuda/spectral.cu).
 // Deterministic: fixed-order reductions in shared memory, no atomics.
+#include "cuda/cuda_compat.cuh"  // first: defines __host__/__device__ under the harness
+
 #include <cstdint>
 
-#include "common/host_device.h"
 #include "common/spectral.h"
 
 namespace selk {
