@@ -70,7 +70,12 @@ class StreamingCovariance:
     Args:
         dim: D, the number of units (features / channels).
         num_classes: if given, keep per-class moments instead: ``count`` [K], ``mean`` [K, D],
-            ``M2`` [K, D, D], updated in one fused segmented op per batch (labels required).
+            ``M2`` [K, D, D], updated in one fused op per batch (labels required): labels sorted
+            once, rows centred on their class batch mean, then per class present one GEMM on its
+            contiguous rows and the Chan merge of its D x D block. On CPU this is 1.6-6x faster
+            than a torch composition with a padded batched GEMM (K = 10..200, D = 128..512, whose
+            padding and [K, D, D] temporaries dominate); the cost is bounded below by reading and
+            writing the float64 D x D block of every class present in the batch.
         device: where the state lives (default CPU); updates must come from that device.
 
     ``update(z, labels=None, *, reduce="mean")`` accepts z [N, D], or z [N, C, *spatial] (C = D)

@@ -87,7 +87,7 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     h, V = make_inputs(32, 16, 9)
-    f = torch.compile(lambda a, b: spectral_penalty(a * 2, b, tau=3) + a.sum() * 0, fullgraph=True, backend="eager")
+    f = torch.compile(lambda a, b: spectral_penalty(a * 2, b, tau=3) + a.sum() * 0, fullgraph=True, backend="aot_eager")
     h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
     out = f(h1, V)
     ref = spectral_penalty(h2 * 2, V, tau=3)
