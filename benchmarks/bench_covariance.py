@@ -105,6 +105,19 @@ def spectral_cases(n: int = 256, d: int = 256, *, dtype=torch.float32, device="c
             (f"spectral_penalty_reference {tag}", run(spectral_penalty_reference))]
 
 
+def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32,
+                     device="cpu") -> List[Tuple[str, List[Case]]]:
+    """Every group this module times, as (title, cases); what main() runs."""
+    groups = [(f"streaming covariance, one batch [{n}, {d}]", covariance_cases(n, d, dtype=dtype, device=device))]
+    for k in ks:
+        groups.append((f"per-class covariance, [{n}, {d}], K={k}",
+                       class_covariance_cases(n, d, k, dtype=dtype, device=device)))
+    for backward in (False, True):
+        groups.append((f"spectral penalty, h [{spectral_n}, {d}]",
+                       spectral_cases(spectral_n, d, dtype=dtype, device=device, backward=backward)))
+    return groups
+
+
 def time_cases(cases: List[Case], *, threads: int, min_run_time: float) -> List[Tuple[str, float]]:
     """Median seconds of each case (one warm-up call first)."""
     results = []
@@ -140,16 +153,8 @@ def main(argv=None) -> None:
     print(f"selkernels {selkernels.__version__}, torch {torch.__version__}, device {args.device}, "
           f"threads {args.threads}, dtype {args.dtype}")
     timing = dict(threads=args.threads, min_run_time=args.min_run_time)
-    report(f"streaming covariance, one batch [{args.n}, {args.d}]",
-           time_cases(covariance_cases(args.n, args.d, dtype=dtype, device=args.device), **timing))
-    for k in args.k:
-        report(f"per-class covariance, [{args.n}, {args.d}], K={k}",
-               time_cases(class_covariance_cases(args.n, args.d, k, dtype=dtype, device=args.device), **timing))
-    for backward in (False, True):
-        report(f"spectral penalty, h [{args.spectral_n}, {args.d}]",
-               time_cases(spectral_cases(args.spectral_n, args.d, dtype=dtype, device=args.device,
-                                         backward=backward), **timing))
-
+    for title, cases in benchmark_groups(args.n, args.d, args.k, args.spectral_n, dtype=dtype, device=args.device):
+        report(title, time_cases(cases, **timing))
 
 if __name__ == "__main__":
     main()

@@ -185,8 +185,12 @@ class StreamingCovariance:
         safe = torch.where(n > 0, n, torch.ones_like(n))
         delta = mean_b - self._mean
         self._mean.add_(delta * (nb / safe)[..., None])
-        coef = (n_a * nb / safe)[..., None, None]
-        self._m2.add_(m2_b).add_(delta[..., :, None] * delta[..., None, :] * coef)
+        coef = n_a * nb / safe
+        self._m2.add_(m2_b)
+        # coef delta delta^T accumulated in place (no [K, D, D] temporary)
+        m2 = self._m2.view(-1, self.dim, self.dim)
+        delta = delta.view(-1, self.dim)
+        m2.baddbmm_((delta * coef.view(-1, 1)).unsqueeze(2), delta.unsqueeze(1))
         self._count.add_(n_b)
         if self.num_classes is None:
             self._n = int(self._count)

@@ -131,8 +131,10 @@ class SpectralRegularizer:
     def refresh_basis(self, model: nn.Module, loader: Iterable) -> List[torch.Tensor]:
         """Stream every hooked layer's covariance over ``loader`` (eval mode, no grad) and set V.
 
-        ``loader`` yields batches whose first element (or the batch itself) is the model input.
-        The model's training mode is restored afterwards. Returns the new bases.
+        ``loader`` yields batches whose first element (or the batch itself) is the model input; a
+        tensor input is moved to the device of the model's first parameter. The model's training
+        mode is restored afterwards. Returns the new bases (float64 [D, D], columns in descending
+        eigenvalue order, on the layers' devices).
         """
         from .covariance import StreamingCovariance
         from .spectrum import eigenvalues
@@ -143,6 +145,9 @@ class SpectralRegularizer:
         try:
             for batch in loader:
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                param = next(model.parameters(), None)
+                if isinstance(inputs, torch.Tensor) and param is not None:
+                    inputs = inputs.to(param.device)
                 model(inputs)
                 for i, out in enumerate(self._outputs):
                     if out is None:
