@@ -175,12 +175,24 @@ def test_per_class_flatten_repeats_labels():
         assert rel_err(s.M2[k], oracle[k][2]) < 1e-12
 
 
-def test_class_moments_update_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_class_moments_update_opcheck(dtype):
     g = torch.Generator().manual_seed(11)
-    args = (torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g),
-            torch.zeros(3, dtype=torch.int64), torch.zeros(3, 5, dtype=torch.float64),
-            torch.zeros(3, 5, 5, dtype=torch.float64))
+    args = (torch.randn(30, 5, generator=g).to(dtype), torch.randint(0, 3, (30,), generator=g),
+            torch.zeros(4, dtype=torch.int64), torch.zeros(4, 5, dtype=torch.float64),
+            torch.zeros(4, 5, 5, dtype=torch.float64))
     torch.library.opcheck(torch.ops.selkernels.class_moments_update_, args)
+
+
+def test_empty_batch_is_a_no_op():
+    for k in (None, 3):
+        s = StreamingCovariance(4, num_classes=k)
+        s.update(torch.randn(5, 4), None if k is None else torch.tensor([0, 1, 1, 2, 0]))
+        before = s.state_dict()
+        s.update(torch.empty(0, 4), None if k is None else torch.empty(0, dtype=torch.int64))
+        after = s.state_dict()
+        for name in ("count", "mean", "M2"):
+            assert torch.equal(before[name], after[name])
 
 
 def test_bad_inputs():
