@@ -12,6 +12,7 @@ its baselines, so other drivers (the ``selkernels bench`` CLI) can reuse them.
 from __future__ import annotations
 
 import argparse
+import statistics
 from typing import Callable, List, Tuple
 
 import torch
@@ -118,14 +119,22 @@ def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int 
     return groups
 
 
-def time_cases(cases: List[Case], *, threads: int, min_run_time: float) -> List[Tuple[str, float]]:
-    """Median seconds of each case (one warm-up call first)."""
-    results = []
+def time_cases(cases: List[Case], *, threads: int, min_run_time: float, rounds: int = 5) -> List[Tuple[str, float]]:
+    """Median seconds of each case (one warm-up call first).
+
+    The cases are timed in interleaved rounds (each round runs every case for min_run_time /
+    rounds) and each case's result is the median over rounds, so a load change on a shared
+    machine shifts all cases alike instead of biasing the ratios.
+    """
+    timers = []
     for name, fn in cases:
         fn()
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)
-        results.append((name, timer.blocked_autorange(min_run_time=min_run_time).median))
-    return results
+        timers.append((name, benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)))
+    per_round = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, (_, timer) in enumerate(timers):
+            per_round[i].append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return [(name, statistics.median(times)) for (name, _), times in zip(timers, per_round)]
 
 
 def report(title: str, results: List[Tuple[str, float]]) -> None:
@@ -146,13 +155,14 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per group")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype]
     print(f"selkernels {selkernels.__version__}, torch {torch.__version__}, device {args.device}, "
           f"threads {args.threads}, dtype {args.dtype}")
-    timing = dict(threads=args.threads, min_run_time=args.min_run_time)
+    timing = dict(threads=args.threads, min_run_time=args.min_run_time, rounds=args.rounds)
     for title, cases in benchmark_groups(args.n, args.d, args.k, args.spectral_n, dtype=dtype, device=args.device):
         report(title, time_cases(cases, **timing))
 
