@@ -52,25 +52,39 @@ SELK_HOST_DEVICE inline SelectivityTerms<acc_t> selectivity_terms(const mean_t* 
   return t;
 }
 
-// d SI / d mu[k] scaled by grad_si, written to grad_means[k * stride] for every k (0 if absent).
-template <typename acc_t, typename out_t>
-SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si,
-                                              const int64_t* counts, int64_t K, acc_t eps,
-                                              out_t* grad_means, int64_t stride) {
-  if (t.present < 2) {
-    for (int64_t k = 0; k < K; ++k) grad_means[k * stride] = out_t(0);
-    return;
-  }
+// d SI / d mu[k] scaled by grad_si is g_max for k == argmax, g_rest for the other present classes
+// and 0 for absent ones; all zero (argmax = -1) when P < 2. Kernels that never materialise the
+// [K, C] gradient (the fused CUDA backward) apply these per unit.
+template <typename acc_t>
+struct SelectivityGradCoeffs {
+  acc_t g_max;
+  acc_t g_rest;
+  int64_t argmax;
+};
+
+template <typename acc_t>
+SELK_HOST_DEVICE inline SelectivityGradCoeffs<acc_t> selectivity_grad_coeffs(const SelectivityTerms<acc_t>& t,
+                                                                             acc_t grad_si, acc_t eps) {
+  if (t.present < 2) return {acc_t(0), acc_t(0), -1};
   const acc_t denom = t.mu_max + t.mu_rest + eps;
   const acc_t inv_denom2 = acc_t(1) / (denom * denom);
   // SI = (a - b) / (a + b + eps): dSI/da = (2b + eps) / denom^2, dSI/db = -(2a + eps) / denom^2,
   // and b averages the P - 1 non-max present classes.
   const acc_t g_max = grad_si * (acc_t(2) * t.mu_rest + eps) * inv_denom2;
   const acc_t g_rest = -grad_si * (acc_t(2) * t.mu_max + eps) * inv_denom2 / static_cast<acc_t>(t.present - 1);
+  return {g_max, g_rest, t.argmax};
+}
+
+// d SI / d mu[k] scaled by grad_si, written to grad_means[k * stride] for every k (0 if absent).
+template <typename acc_t, typename out_t>
+SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si,
+                                              const int64_t* counts, int64_t K, acc_t eps,
+                                              out_t* grad_means, int64_t stride) {
+  const SelectivityGradCoeffs<acc_t> g = selectivity_grad_coeffs(t, grad_si, eps);
   for (int64_t k = 0; k < K; ++k) {
-    acc_t g = acc_t(0);
-    if (counts[k] > 0) g = (k == t.argmax) ? g_max : g_rest;
-    grad_means[k * stride] = static_cast<out_t>(g);
+    acc_t v = acc_t(0);
+    if (counts[k] > 0) v = (k == g.argmax) ? g.g_max : g.g_rest;
+    grad_means[k * stride] = static_cast<out_t>(v);
   }
 }
 
