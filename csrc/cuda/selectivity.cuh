@@ -21,8 +21,14 @@
 #include <cstdint>
 #include <cstring>
 
-#include "common/selectivity.h"
 #include "cuda/cuda_compat.cuh"
+
+#include "common/selectivity.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 namespace selk {
 namespace cuda {
@@ -33,8 +39,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // ------------------------------------------------------------------------------------------------
 // Storage types. Half and bfloat16 are carried as their 16 bits, so the kernels need neither c10
 // nor cuda_fp16 types in their signatures; the launchers reinterpret at::Half / at::BFloat16
-// pointers (same size and bits). On the device the conversions use the hardware instructions; on
-// the host (the harness) they are the IEEE round-to-nearest-even bit manipulations.
+// pointers (same size and bits). bfloat16 and the host side of half use the IEEE bit manipulations
+// (round to nearest even), which the harness runs and checks exhaustively; on the device half uses
+// the conversion instructions instead (same IEEE results), because decoding half in integer code
+// costs ~10 instructions per element and would make the fp16 forward compute-bound.
 // ------------------------------------------------------------------------------------------------
 struct f16_t {
   uint16_t bits;
@@ -44,22 +52,14 @@ struct bf16_t {
 };
 
 SELK_HOST_DEVICE inline float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
   float f;
-  memcpy(&f, &u, sizeof(f));
+  memcpy(&f, &u, sizeof(f));  // a register move after optimisation, host and device
   return f;
-#endif
 }
 SELK_HOST_DEVICE inline uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
   uint32_t u;
   memcpy(&u, &f, sizeof(u));
   return u;
-#endif
 }
 
 SELK_HOST_DEVICE inline float to_float(f16_t h) {
@@ -108,13 +108,9 @@ SELK_HOST_DEVICE inline f16_t from_float<f16_t>(float v) {
 
 template <>
 SELK_HOST_DEVICE inline bf16_t from_float<bf16_t>(float v) {
-#if defined(__CUDA_ARCH__)
-  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
-#else
   const uint32_t u = float_to_bits(v);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0u};
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0u};  // quiet NaN, as c10::BFloat16
   return bf16_t{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
-#endif
 }
 
 template <>
@@ -197,7 +193,7 @@ SELK_HOST_DEVICE inline int64_t segment_smem_bytes(int64_t K) {
 // Work: one pass over the labels in chunks of blockDim.x: lanes rank themselves within their warp
 // by shuffles, and warps of a chunk take turns to claim positions (a __syncthreads each), so the
 // sort costs O(N / 32) barrier steps, microseconds for training batch sizes.
-__global__ void SELK_LAUNCH_BOUNDS(kSegmentThreads)
+__global__ void __launch_bounds__(kSegmentThreads)
     segment_labels_kernel(const int64_t* __restrict__ labels, int64_t N, int64_t K, int64_t ignore_index,
                           int64_t* __restrict__ counts, int32_t* __restrict__ offsets, int32_t* __restrict__ rank,
                           int32_t* __restrict__ order, int32_t* __restrict__ count_scratch) {
@@ -299,7 +295,7 @@ SELK_HOST_DEVICE inline int row_group_size(int64_t S, int vec) {
 // (VEC elements at a time when rows are 16-byte aligned), then a fixed shuffle tree within the group.
 // Grid: 1-D, any size (grid-stride over warps); block: kRowThreads.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void SELK_LAUNCH_BOUNDS(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads)
     unit_means_rows_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t S, int G, acc_t* __restrict__ a) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int rows_per_warp = kWarpSize / G;
@@ -340,7 +336,7 @@ __global__ void SELK_LAUNCH_BOUNDS(kRowThreads)
 constexpr int kClRows = 8;
 
 template <typename scalar_t, typename acc_t>
-__global__ void SELK_LAUNCH_BOUNDS(kWarpSize* kClRows)
+__global__ void __launch_bounds__(kWarpSize* kClRows)
     unit_means_cl_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t S, acc_t* __restrict__ a) {
   SELK_EXTERN_SHARED(acc_t, part);
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
@@ -387,7 +383,7 @@ __global__ void unit_values_kernel(const scalar_t* __restrict__ x, int64_t N, in
 constexpr int kClassRows = 8;
 
 template <typename acc_t>
-__global__ void SELK_LAUNCH_BOUNDS(kWarpSize* kClassRows)
+__global__ void __launch_bounds__(kWarpSize* kClassRows)
     class_sum_kernel(const acc_t* __restrict__ a, const int32_t* __restrict__ offsets,
                      const int32_t* __restrict__ order, int64_t C, acc_t* __restrict__ means) {
   SELK_EXTERN_SHARED(acc_t, part);
@@ -416,7 +412,7 @@ __global__ void SELK_LAUNCH_BOUNDS(kWarpSize* kClassRows)
 constexpr int kUnitThreads = 128;
 
 template <typename acc_t>
-__global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
+__global__ void __launch_bounds__(kUnitThreads)
     si_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ counts, int64_t K, int64_t C, acc_t eps,
               acc_t* __restrict__ si) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -426,7 +422,7 @@ __global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
 
 // grad_means[k, c] = grad_si[c] * dSI[c] / dmeans[k, c].   K*C*A read + K*C*A write.
 template <typename acc_t>
-__global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
+__global__ void __launch_bounds__(kUnitThreads)
     si_backward_kernel(const acc_t* __restrict__ grad_si, const acc_t* __restrict__ means,
                        const int64_t* __restrict__ counts, int64_t K, int64_t C, acc_t eps,
                        acc_t* __restrict__ grad_means) {
@@ -439,7 +435,7 @@ __global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
 // Per-unit gradient coefficients for the fused selectivity_index backward (the [K, C] gradient of
 // SI is never materialised).
 template <typename acc_t>
-__global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
+__global__ void __launch_bounds__(kUnitThreads)
     si_grad_coeffs_kernel(const acc_t* __restrict__ grad_si, const acc_t* __restrict__ means,
                           const int64_t* __restrict__ counts, int64_t K, int64_t C, acc_t eps,
                           acc_t* __restrict__ g_max, acc_t* __restrict__ g_rest, int64_t* __restrict__ argmax) {
@@ -459,7 +455,7 @@ __global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
 // Grid (ceil(C / kUnitThreads), min(N, 65535)), grid-stride over n; block kUnitThreads.
 // ------------------------------------------------------------------------------------------------
 template <typename acc_t, typename out_t>
-__global__ void SELK_LAUNCH_BOUNDS(kUnitThreads)
+__global__ void __launch_bounds__(kUnitThreads)
     unit_grad_kernel(const acc_t* __restrict__ grad_means, const int64_t* __restrict__ counts,
                      const int64_t* __restrict__ labels, int64_t N, int64_t K, int64_t C, int64_t ignore_index,
                      int64_t spatial_size, const acc_t* __restrict__ g_max, const acc_t* __restrict__ g_rest,
