@@ -28,6 +28,11 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#define SELK_UNROLL _Pragma("unroll")
+#define SELK_UNROLL_4 _Pragma("unroll 4")
+#else
+#define SELK_UNROLL
+#define SELK_UNROLL_4
 #endif
 
 namespace selk {
@@ -313,14 +318,14 @@ __global__ void __launch_bounds__(kRowThreads)
         static_assert(VEC == Vec16<scalar_t>::kLen, "VEC is 1 or a full 16-byte vector");
         const Vec16<scalar_t>* pv = reinterpret_cast<const Vec16<scalar_t>*>(p);
         const int64_t nv = S / VEC;
-#pragma unroll 4
+SELK_UNROLL_4
         for (int64_t i = sub; i < nv; i += G) {
           const Vec16<scalar_t> v = pv[i];
-#pragma unroll
+SELK_UNROLL
           for (int e = 0; e < Vec16<scalar_t>::kLen; ++e) sum += to_acc<acc_t>(v.v[e]);
         }
       } else {
-#pragma unroll 4
+SELK_UNROLL_4
         for (int64_t s = sub; s < S; s += G) sum += to_acc<acc_t>(p[s]);
       }
     }
@@ -348,7 +353,7 @@ __global__ void __launch_bounds__(kWarpSize* kClRows)
     acc_t sum = acc_t(0);
     if (c < C) {
       const scalar_t* p = x + n * S * C + c;
-#pragma unroll 4
+SELK_UNROLL_4
       for (int64_t s = ty; s < S; s += kClRows) sum += to_acc<acc_t>(p[s * C]);
     }
     part[ty * kWarpSize + tx] = sum;
