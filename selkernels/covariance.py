@@ -49,23 +49,19 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2).reshape(-1, dim)
 
 
-def batch_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
-    """(n, mean float64 [D], M2 float64 [D, D]) of the rows of x [N, D], cancellation-free.
+def batch_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted moments of the rows of x [N, D]: (n, c, d, S), cancellation-free.
 
-    The rows are centred on c, the batch mean rounded to the GEMM precision, so that the centred
-    rows are small and exact to form; the Gram matrix S = (x - c)^T (x - c) then runs in that
-    precision, and the rounding of c is removed exactly in float64:
-    M2 = S - n d d^T with d = mean - c (the first moment about c is n d).
+    c is the batch mean computed in the GEMM precision (float64 for float64 x, else float32), so the
+    centred rows x - c are small; S = (x - c)^T (x - c) is their Gram matrix in that precision, and
+    d = mean(x - c) (float64, tiny) the offset left by the rounding of c. In float64:
+    mean = c + d and M2 = S - n d d^T (the first moment about c is n d). Every step but the GEMM
+    is one pass over x in its own precision.
     """
-    n = x.shape[0]
-    gemm = _gemm_dtype(x.dtype)
-    mean = x.sum(0, dtype=torch.float64) / n
-    c = mean.to(gemm)
-    xc = x.to(gemm) - c
-    d = mean - c.double()
-    m2 = torch.mm(xc.t(), xc).double()
-    m2.addr_(d, d, alpha=-n)
-    return n, mean, m2
+    x = x.to(_gemm_dtype(x.dtype))
+    c = x.mean(0)
+    xc = x - c
+    return x.shape[0], c, xc.mean(0).double(), torch.mm(xc.t(), xc)
 
 
 class StreamingCovariance:
@@ -101,6 +97,7 @@ class StreamingCovariance:
         self._count = torch.zeros(lead, dtype=torch.int64, device=device)
         self._mean = torch.zeros(lead + (dim,), **f64)
         self._m2 = torch.zeros(lead + (dim, dim), **f64)
+        self._n = 0  # host copy of the overall count (not used per class)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -145,8 +142,16 @@ class StreamingCovariance:
                 raise ValueError("labels must be None without num_classes")
             if x.shape[0] == 0:
                 return
-            n, mean_b, m2_b = batch_moments(x)
-            self._merge_into(torch.tensor(n, device=self.device), mean_b, m2_b)
+            n, c, d, gram = batch_moments(x)
+            # The Chan merge in place, as rank-1 updates of the float64 state (weights from the
+            # host-side count, so no device sync).
+            n_a = self._n
+            total = n_a + n
+            delta = c.double().add_(d).sub_(self._mean)
+            self._m2.add_(gram).addr_(d, d, alpha=-n).addr_(delta, delta, alpha=n_a * n / total)
+            self._mean.add_(delta, alpha=n / total)
+            self._count.add_(n)
+            self._n = total
             return
         labels = self._check_labels(labels, z, x.shape[0])
         torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count, self._mean, self._m2)
@@ -178,6 +183,8 @@ class StreamingCovariance:
         coef = (n_a * nb / safe)[..., None, None]
         self._m2.add_(m2_b).add_(delta[..., :, None] * delta[..., None, :] * coef)
         self._count.add_(n_b)
+        if self.num_classes is None:
+            self._n = int(self._count)
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Fold another accumulator's statistics into this one (exact; returns self)."""
@@ -190,6 +197,7 @@ class StreamingCovariance:
         return self
 
     def reset(self) -> None:
+        self._n = 0
         self._count.zero_()
         self._mean.zero_()
         self._m2.zero_()
@@ -205,3 +213,5 @@ class StreamingCovariance:
         self._count.copy_(state["count"])
         self._mean.copy_(state["mean"])
         self._m2.copy_(state["M2"])
+        if self.num_classes is None:
+            self._n = int(self._count)

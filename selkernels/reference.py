@@ -86,6 +86,11 @@ def spectral_penalty_reference(h: torch.Tensor, V: torch.Tensor, slope: float = 
     (detached), target gamma_n = b / (n + 1)^slope (0-based n), and sum over n > tau with
     lambda_hat_n > 0 of (lambda_hat_n / gamma_n - 1)^2 + relu(lambda_hat_n / gamma_n - 1), over D.
     Returns 0 when N < 2 or D <= tau + 1 (no variance, or no rank above the anchor).
+
+    "lambda_hat_n > 0" is tested against the rounding floor D * eps * lambda_hat_0: in a
+    rank-deficient batch (N - 1 < D, or a low-rank layer) the variances that are exactly zero come
+    out of V^T C_b V as rounding noise of either sign, and counting the positive ones would add an
+    arbitrary multiple of 1 / D to the loss (differently on CPU and GPU).
     """
     n_samples, dim = h.shape
     if n_samples < 2 or dim <= tau + 1:
@@ -98,7 +103,8 @@ def spectral_penalty_reference(h: torch.Tensor, V: torch.Tensor, slope: float = 
     anchor = (lam[tau] * (tau + 1) ** slope).detach()
     ranks = torch.arange(dim, device=h.device, dtype=lam.dtype)
     gamma = anchor / (ranks + 1) ** slope
-    keep = (ranks > tau) & (lam > 0)
+    floor = dim * torch.finfo(lam.dtype).eps * lam[0]
+    keep = (ranks > tau) & (lam > floor) & (lam > 0)
     ratio = torch.where(keep, lam / torch.where(keep, gamma, torch.ones_like(gamma)), torch.ones_like(lam))
     terms = (ratio - 1) ** 2 + torch.relu(ratio - 1)
     return torch.where(keep, terms, torch.zeros_like(terms)).sum() / dim

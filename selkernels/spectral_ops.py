@@ -57,7 +57,9 @@ def spectral_penalty(h: torch.Tensor, V: torch.Tensor, *, slope: float = 1.0, ta
     Returns a 0-dim tensor, float64 for float64 h and float32 otherwise. Edge cases: N < 2 (no
     variance), D <= tau + 1 (no rank above the anchor) and an all-zero spectrum give 0 with a zero
     gradient; ranks whose projected variance is 0 contribute nothing (the ratio would be 0/0 when
-    the anchor is 0 too). Ties in lambda_hat are ordered stably (lower index first).
+    the anchor is 0 too). "Is 0" means at most the rounding floor D * eps * lambda_hat_0 (eps of the
+    compute dtype): in a rank-deficient batch (N - 1 < D) the exactly-zero variances would otherwise
+    be rounding noise, each adding an arbitrary 1 / D to the loss. Ties in lambda_hat are ordered stably (lower index first).
     """
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")

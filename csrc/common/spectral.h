@@ -7,6 +7,9 @@
 // r_n = s_n / gamma_n, every rank n > tau with s_n > 0 contributes
 //   (r_n - 1)^2 + relu(r_n - 1)          (the sum is divided by D by the caller)
 // and its derivative w.r.t. s_n is (2 (r_n - 1) + [r_n > 1]) / gamma_n (relu'(0) = 0, as torch).
+// "s_n > 0" is read as s_n above the rounding floor D * eps * s_0: a variance that is zero in
+// exact arithmetic (a rank-deficient batch, N - 1 < D) comes out as rounding noise of either
+// sign, and counting it would add an arbitrary k / D to the loss.
 #include <cmath>
 #include <cstdint>
 
@@ -27,10 +30,16 @@ SELK_HOST_DEVICE inline T spectral_target(T s_tau, int64_t tau, int64_t n, T slo
   return anchor / static_cast<T>(pow(static_cast<double>(n + 1), static_cast<double>(slope)));
 }
 
-// Term of rank n (already known to satisfy n > tau); zero with zero gradient where s_n <= 0.
+// D * eps * s_0, s_0 the largest projected variance.
 template <typename T>
-SELK_HOST_DEVICE inline SpectralTerm<T> spectral_term(T s_n, T gamma_n) {
-  if (!(s_n > T(0))) return {T(0), T(0)};
+SELK_HOST_DEVICE inline T spectral_floor(T s_max, int64_t dim, T eps) {
+  return static_cast<T>(dim) * eps * s_max;
+}
+
+// Term of rank n (already known to satisfy n > tau); zero with zero gradient where s_n <= floor.
+template <typename T>
+SELK_HOST_DEVICE inline SpectralTerm<T> spectral_term(T s_n, T gamma_n, T floor) {
+  if (!(s_n > floor) || !(s_n > T(0))) return {T(0), T(0)};
   const T r = s_n / gamma_n;
   const T e = r - T(1);
   const T hinge = e > T(0) ? e : T(0);

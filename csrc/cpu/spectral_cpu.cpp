@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -50,10 +51,11 @@ acc_t spectral_loss(const acc_t* lam, int64_t D, int64_t tau, acc_t slope, acc_t
   std::iota(order.begin(), order.end(), int64_t(0));
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lam[a] > lam[b]; });
   const acc_t s_tau = lam[order[tau]];
+  const acc_t floor = spectral_floor(lam[order[0]], D, std::numeric_limits<acc_t>::epsilon());
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(D);
   acc_t loss = acc_t(0);
   for (int64_t n = tau + 1; n < D; ++n) {
-    const SpectralTerm<acc_t> t = spectral_term(lam[order[n]], spectral_target(s_tau, tau, n, slope));
+    const SpectralTerm<acc_t> t = spectral_term(lam[order[n]], spectral_target(s_tau, tau, n, slope), floor);
     loss += t.value;
     if (grad) grad[order[n]] = t.grad * inv_d;
   }
