@@ -243,3 +243,14 @@ def test_bad_inputs():
         fit_dp_mixture(x, y, n_components=0)
     with pytest.raises(ValueError, match="labels"):
         fit_dp_mixture(x, y.double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    x, y = _gaussian_classes(k=4, d=5, n=50, seed=11)
+    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)]
+    cpu = class_density(Features(5, 4), ["body"], loader, 4, project_dim=3)
+    gpu = class_density(Features(5, 4).cuda(), ["body"], loader, 4, project_dim=3)
+    assert gpu.models["body"].cholesky.is_cuda
+    torch.testing.assert_close(gpu.mean_log_density["body"], cpu.mean_log_density["body"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gpu.log_prob("body", x.cuda()).cpu(), cpu.log_prob("body", x), rtol=1e-6, atol=1e-6)

@@ -243,3 +243,15 @@ def test_bad_inputs():
         PGDAttack(None, eps=0.1, step_size=0.1, steps=1)
     with pytest.raises(TypeError, match="y"):
         PGDAttack(model, eps=0.1, step_size=0.1, steps=1)(x, torch.zeros(8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    y = torch.zeros(64, dtype=torch.long)
+    model = Head(6)
+    cpu = dimensionality(model, ["rep"], _loader(x, y, 16), {}, grad_units=3, grad_samples=16)
+    gpu = dimensionality(model.cuda(), ["rep"], _loader(x, y, 16), {}, grad_units=3, grad_samples=16)
+    torch.testing.assert_close(gpu.eigenvalues["clean"]["rep"], cpu.eigenvalues["clean"]["rep"])
+    assert gpu.gradient_variability["rep"] == pytest.approx(cpu.gradient_variability["rep"], abs=1e-9)
