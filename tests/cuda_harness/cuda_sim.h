@@ -472,8 +472,9 @@ inline void find_tls_segment() {
   s.tls_init = true;
   dl_iterate_phdr(
       [](dl_phdr_info* info, size_t, void* data) -> int {
+        // The first object reported is the executable. If it has no PT_TLS (no __shared__
+        // variable at all), there is nothing to poison: module id 1 then belongs to a library.
         Sim& sm = *static_cast<Sim*>(data);
-        if (info->dlpi_tls_modid != 1) return 0;  // module 1 = the executable
         for (int i = 0; i < info->dlpi_phnum; ++i) {
           if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data) {
             sm.tls_lo = static_cast<unsigned char*>(info->dlpi_tls_data);
