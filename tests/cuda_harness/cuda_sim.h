@@ -220,7 +220,6 @@ struct alignas(64) Fiber {
   int width = 32;
   uint64_t val = 0;
   uint64_t result = 0;
-  unsigned sync_gen = 0;           // barrier generation at arrival (TSan sync object choice)
   std::exception_ptr exc;
   void* tsan_fiber = nullptr;
   void* asan_fake_stack = nullptr;
@@ -337,6 +336,9 @@ inline void free_fiber(Fiber* f) {
   if (f->tsan_fiber) __tsan_destroy_fiber(f->tsan_fiber);
   f->tsan_fiber = nullptr;
 #endif
+#if defined(SELK_SIM_ASAN)
+  if (f->map) __asan_unpoison_memory_region(f->stack_lo, f->stack_bytes);
+#endif
   if (f->map) munmap(f->map, f->map_bytes);
   f->map = nullptr;
 }
@@ -362,6 +364,7 @@ inline void ensure_pool(unsigned n) {
       __asan_unpoison_memory_region(f->stack_lo, f->stack_bytes);
       f->asan_fake_stack = nullptr;
 #endif
+      f->sp = nullptr;  // restart from fiber_entry
     }
     s.pool_dirty = false;
   }
@@ -394,29 +397,28 @@ inline void resume(Fiber* f) {
   Sim& s = sim();
   wr(s.cur, f);
   ++s.stats.switches;
+  void* const to = f->sp;  // read before the TSan switch: after it, accesses count as the fiber's
 #if defined(SELK_SIM_TSAN)
   __tsan_switch_to_fiber(f->tsan_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(SELK_SIM_ASAN)
   __sanitizer_start_switch_fiber(&s.main_fake_stack, f->stack_lo, f->stack_bytes);
 #endif
-  selk_sim_switch(&s.main_sp, f->sp);
+  selk_sim_switch(&s.main_sp, to);
 #if defined(SELK_SIM_ASAN)
   __sanitizer_finish_switch_fiber(s.main_fake_stack, nullptr, nullptr);
 #endif
   wr(s.cur, static_cast<Fiber*>(nullptr));
 }
 
-// Fiber f -> scheduler. `dying`: f will never be resumed (it is re-initialised instead).
-inline void suspend(Fiber* f, bool dying) {
+// Fiber f -> scheduler.
+inline void suspend(Fiber* f) {
   Sim& s = sim();
 #if defined(SELK_SIM_TSAN)
-  __tsan_switch_to_fiber(s.main_tsan_fiber, __tsan_switch_to_fiber_no_sync);
+  __tsan_switch_to_fiber(rd(s.main_tsan_fiber), __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(SELK_SIM_ASAN)
-  __sanitizer_start_switch_fiber(dying ? nullptr : &f->asan_fake_stack, s.main_stack_bottom, s.main_stack_size);
-#else
-  (void)dying;
+  __sanitizer_start_switch_fiber(&f->asan_fake_stack, s.main_stack_bottom, s.main_stack_size);
 #endif
   selk_sim_switch(&f->sp, s.main_sp);
 #if defined(SELK_SIM_ASAN)
@@ -424,23 +426,27 @@ inline void suspend(Fiber* f, bool dying) {
 #endif
 }
 
+// A fiber runs the kernel once per block for its thread index, then parks in suspend() until
+// the next block (frames stay balanced, which keeps TSan's shadow stack and ASan's redzones
+// consistent). A fiber abandoned mid-kernel by an error is re-initialised instead.
 inline void fiber_entry(void* p) {
   Fiber* f = static_cast<Fiber*>(p);
   Sim& s = sim();
 #if defined(SELK_SIM_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &s.main_stack_bottom, &s.main_stack_size);
 #endif
-  tsan_acquire(&s.block_sync);
-  try {
-    s.invoke(s.invoke_ctx);
-    wr(f->st, kExited);
-  } catch (...) {
-    f->exc = std::current_exception();
-    wr(f->st, kFailed);
+  for (;;) {
+    tsan_acquire(&s.block_sync);
+    try {
+      s.invoke(s.invoke_ctx);
+      wr(f->st, kExited);
+    } catch (...) {
+      f->exc = std::current_exception();
+      wr(f->st, kFailed);
+    }
+    tsan_release(&s.end_sync);
+    suspend(f);
   }
-  tsan_release(&s.end_sync);
-  suspend(f, true);
-  std::abort();  // unreachable: an exited fiber is never resumed
 }
 
 inline void init_fiber(Fiber* f) {
@@ -457,8 +463,6 @@ inline void init_fiber(Fiber* f) {
   sp[2] = nullptr;                                    // r14
   sp[1] = nullptr;                                    // r15
   f->sp = sp;
-  f->exc = nullptr;
-  wr(f->st, kReady);
 }
 
 // ----- shared memory -------------------------------------------------------------------------
@@ -468,8 +472,9 @@ inline void find_tls_segment() {
   s.tls_init = true;
   dl_iterate_phdr(
       [](dl_phdr_info* info, size_t, void* data) -> int {
+        // The first object reported is the executable. If it has no PT_TLS (no __shared__
+        // variable at all), there is nothing to poison: module id 1 then belongs to a library.
         Sim& sm = *static_cast<Sim*>(data);
-        if (info->dlpi_tls_modid != 1) return 0;  // module 1 = the executable
         for (int i = 0; i < info->dlpi_phnum; ++i) {
           if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data) {
             sm.tls_lo = static_cast<unsigned char*>(info->dlpi_tls_data);
@@ -539,14 +544,15 @@ inline T* dynamic_shared() {
 inline uint64_t block_barrier(BOp op, int pred, const std::source_location& loc) {
   Sim& s = sim();
   Fiber* f = current_fiber("__syncthreads");
-  f->file = loc.file_name();
-  f->line = loc.line();
+  wr(f->file, loc.file_name());
+  wr(f->line, loc.line());
   wr(f->op, op);
   wr(f->val, pred != 0 ? 1u : 0u);
   const unsigned gen = rd(s.bar_gen);
   tsan_release(&s.bar_sync[gen & 1]);
   wr(f->st, kBarrier);
-  suspend(f, false);
+  tsan_release(f);  // acquired by the scheduler only if it abandons the block
+  suspend(f);
   tsan_acquire(&s.bar_sync[gen & 1]);
   return rd(f->result);
 }
@@ -570,8 +576,8 @@ inline uint64_t warp_op(WOp op, unsigned mask, uint64_t bits, unsigned size, int
     fail(std::string(wop_name(op)) + " at " + site(loc.file_name(), loc.line()) + ": width " +
          std::to_string(width) + " is not a power of two in [1, 32]");
   }
-  f->file = loc.file_name();
-  f->line = loc.line();
+  wr(f->file, loc.file_name());
+  wr(f->line, loc.line());
   wr(f->op, op);
   wr(f->mask, mask);
   wr(f->val, bits);
@@ -582,7 +588,8 @@ inline uint64_t warp_op(WOp op, unsigned mask, uint64_t bits, unsigned size, int
   const unsigned gen = rd(s.warp_gen[w]);
   if (op == kSyncwarp) tsan_release(&s.warp_sync[w][gen & 1]);
   wr(f->st, kWarp);
-  suspend(f, false);
+  tsan_release(f);  // acquired by the scheduler only if it abandons the block
+  suspend(f);
   if (op == kSyncwarp) tsan_acquire(&s.warp_sync[w][gen & 1]);
   return rd(f->result);
 }
@@ -618,6 +625,16 @@ inline void make_order(std::vector<unsigned>& v, unsigned n, uint64_t seed, uint
   }
 }
 
+// The block is given up (error): its suspended fibers are never resumed. Mark the pool for a
+// sanitizer reset, and (TSan) make the scheduler happen-after everything the fibers did, so the
+// next launch's reuse of that memory is not reported as a race.
+inline void abandon_block() {
+  Sim& s = sim();
+  s.pool_dirty = true;
+  for (unsigned i = 0; i < s.nthreads; ++i) tsan_acquire(s.pool[i].get());
+  tsan_acquire(&s.end_sync);
+}
+
 inline void resolve_warp(unsigned w, unsigned lane0, unsigned nlanes) {
   Sim& s = sim();
   Fiber* first = s.pool[lane0].get();
@@ -626,9 +643,10 @@ inline void resolve_warp(unsigned w, unsigned lane0, unsigned nlanes) {
   for (unsigned l = 1; l < nlanes; ++l) {
     Fiber* f = s.pool[lane0 + l].get();
     if (rd(f->op) != op || rd(f->vsize) != vsize) {
+      abandon_block();
       fail("warp collective mismatch in block " + fmt3(s.block_idx) + ", warp " + std::to_string(w) + ": lane 0 " +
-           fmt3(first->tid) + " is at " + wop_name(op) + " (" + site(first->file, first->line) + "), lane " +
-           std::to_string(l) + " " + fmt3(f->tid) + " at " + wop_name(rd(f->op)) + " (" + site(f->file, f->line) +
+           fmt3(first->tid) + " is at " + wop_name(op) + " (" + site(rd(first->file), rd(first->line)) + "), lane " +
+           std::to_string(l) + " " + fmt3(f->tid) + " at " + wop_name(rd(f->op)) + " (" + site(rd(f->file), rd(f->line)) +
            ")" + (rd(f->op) == op ? " with a different value type" : ""));
     }
   }
@@ -669,14 +687,14 @@ inline void resolve_warp(unsigned w, unsigned lane0, unsigned nlanes) {
     wr(f->result, r);
     wr(f->st, kReady);
   }
-  ++s.warp_gen[w];
+  wr(s.warp_gen[w], rd(s.warp_gen[w]) + 1);
   ++s.stats.warp_collectives;
 }
 
 inline std::string describe(Fiber* f) {
   switch (rd(f->st)) {
-    case kBarrier: return "waits at __syncthreads (" + site(f->file, f->line) + ")";
-    case kWarp: return std::string("waits at ") + wop_name(rd(f->op)) + " (" + site(f->file, f->line) + ")";
+    case kBarrier: return "waits at __syncthreads (" + site(rd(f->file), rd(f->line)) + ")";
+    case kWarp: return std::string("waits at ") + wop_name(rd(f->op)) + " (" + site(rd(f->file), rd(f->line)) + ")";
     case kExited: return "has exited";
     default: return "is runnable";
   }
@@ -686,9 +704,14 @@ inline void run_block() {
   Sim& s = sim();
   const unsigned n = s.nthreads;
   const unsigned nwarps = (n + 31) / 32;
-  for (unsigned i = 0; i < n; ++i) init_fiber(s.pool[i].get());
-  for (unsigned w = 0; w < nwarps; ++w) s.warp_gen[w] = 0;
-  s.bar_gen = 0;
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber* f = s.pool[i].get();
+    if (!f->sp) init_fiber(f);
+    f->exc = nullptr;
+    wr(f->st, kReady);
+  }
+  for (unsigned w = 0; w < nwarps; ++w) wr(s.warp_gen[w], 0u);
+  wr(s.bar_gen, 0u);
   poison_block_shared();
   make_order(s.order, n, s.cfg.seed, s.rng);
   tsan_release(&s.block_sync);
@@ -706,7 +729,7 @@ inline void run_block() {
         case kWarp: ++n_warp; ++warp_arrived[i / 32]; break;
         case kFailed:
           tsan_acquire(&s.end_sync);
-          s.pool_dirty = true;
+          abandon_block();
           std::rethrow_exception(f->exc);
         default: break;
       }
@@ -729,7 +752,7 @@ inline void run_block() {
               other = f;
             }
           }
-          s.pool_dirty = true;
+          abandon_block();
           fail("warp collective mismatch (deadlock) in block " + fmt3(s.block_idx) + ", warp " + std::to_string(w) +
                ": thread " + fmt3(waiting->tid) + " " + describe(waiting) + " but thread " + fmt3(other->tid) + " " +
                describe(other) + "; " + std::to_string(warp_arrived[w]) + " of " + std::to_string(nlanes) +
@@ -748,21 +771,22 @@ inline void run_block() {
       Fiber* gone = nullptr;
       for (unsigned i = 0; i < n && !gone; ++i)
         if (rd(s.pool[i]->st) == kExited) gone = s.pool[i].get();
-      s.pool_dirty = true;
+      abandon_block();
       fail("divergent __syncthreads in block " + fmt3(s.block_idx) + ": " + std::to_string(n_bar) +
-           " threads wait at a barrier (e.g. thread " + fmt3(first->tid) + " at " + site(first->file, first->line) +
+           " threads wait at a barrier (e.g. thread " + fmt3(first->tid) + " at " + site(rd(first->file), rd(first->line)) +
            ") but " + std::to_string(n_exited) + " threads have exited (e.g. thread " + fmt3(gone->tid) + ")");
     }
     const unsigned char bop = rd(first->op);
     uint64_t count = 0;
     for (unsigned i = 0; i < n; ++i) {
       Fiber* f = s.pool[i].get();
-      if (f->line != first->line || (f->file != first->file && std::strcmp(f->file, first->file) != 0) ||
+      const char* ff = rd(f->file);
+      if (rd(f->line) != rd(first->line) || (ff != rd(first->file) && std::strcmp(ff, rd(first->file)) != 0) ||
           rd(f->op) != bop) {
-        s.pool_dirty = true;
+        abandon_block();
         fail("divergent __syncthreads in block " + fmt3(s.block_idx) + ": thread " + fmt3(first->tid) +
-             " waits at " + site(first->file, first->line) + ", thread " + fmt3(f->tid) + " at " +
-             site(f->file, f->line));
+             " waits at " + site(rd(first->file), rd(first->line)) + ", thread " + fmt3(f->tid) + " at " +
+             site(rd(f->file), rd(f->line)));
       }
       count += rd(f->val);
     }
@@ -774,7 +798,7 @@ inline void run_block() {
       wr(s.pool[i]->result, r);
       wr(s.pool[i]->st, kReady);
     }
-    ++s.bar_gen;
+    wr(s.bar_gen, rd(s.bar_gen) + 1);
     ++s.stats.block_barriers;
   }
   tsan_acquire(&s.end_sync);
@@ -800,7 +824,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t dyn_smem, void (*invoke)(void
   find_tls_segment();
   prepare_dyn(dyn_smem);
 #if defined(SELK_SIM_TSAN)
-  s.main_tsan_fiber = __tsan_get_current_fiber();
+  wr(s.main_tsan_fiber, __tsan_get_current_fiber());
 #endif
   s.grid = grid;
   s.block = block;
@@ -809,6 +833,10 @@ inline void run_grid(dim3 grid, dim3 block, size_t dyn_smem, void (*invoke)(void
     Fiber* f = s.pool[i].get();
     f->linear = i;
     f->tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+#if defined(SELK_SIM_TSAN)
+    // Race reports then say e.g. "Thread T64 'threadIdx (63,0,0)'".
+    __tsan_set_fiber_name(f->tsan_fiber, ("threadIdx " + fmt3(f->tid)).c_str());
+#endif
   }
   s.invoke = invoke;
   s.invoke_ctx = ctx;

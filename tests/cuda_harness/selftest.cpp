@@ -1,5 +1,6 @@
 // Self-test of the CUDA-semantics harness (cuda_sim.h). Built and run by build.sh in each mode.
 #include "selftest_kernels.cuh"
+#include "api_surface.cuh"
 
 #include <chrono>
 #include <cstdint>
@@ -225,6 +226,23 @@ SELK_TEST(seed_changes_schedule) {
   (void)c2;
 }
 
+SELK_TEST(api_surface_runs) {
+  // Smoke run of every intrinsic (api_surface.cuh is also compiled by nvcc_check.sh).
+  const dim3 grid(2, 1, 1), block(32, 2, 1);
+  const int nthr = 64;
+  std::vector<int> i(1 + 2 * nthr, 0);
+  std::vector<unsigned> u(1, 0);
+  std::vector<unsigned long long> ull(1, 0);
+  std::vector<long long> ll(1, 0);
+  std::vector<float> f(1 + 2 * nthr, 0.0f), cf(nthr, 1.0f);
+  std::vector<double> d(1 + 2 * nthr, 0.0);
+  std::vector<long> cl(nthr, 2);
+  launch(grid, block, nthr * sizeof(double), selk_api_surface::api_surface_kernel, i.data(), u.data(), ull.data(),
+         ll.data(), f.data(), d.data(), cf.data(), cl.data());
+  SELK_CHECK(ll[0] == 3);  // atomicMax(3) then atomicMin(3) from every thread
+  for (int t = 0; t < 2 * nthr; ++t) SELK_CHECK(std::isfinite(f[1 + t]) && std::isfinite(d[1 + t]));
+}
+
 SELK_TEST(launch_configuration_errors) {
   float x = 0;
   SELK_EXPECT_SIM_ERROR("exceeds 1024 threads", launch(1, 1025, 0, divergent_syncthreads_sites, &x));
@@ -237,7 +255,7 @@ SELK_TEST(launch_configuration_errors) {
 
 // ----- negative tests: the harness must catch these bugs ------------------------------------
 SELK_TEST(divergent_syncthreads_is_reported) {
-  std::vector<float> out(64);
+  std::vector<float> out(128);
   const auto msg = SELK_EXPECT_SIM_ERROR("divergent __syncthreads", launch(2, 64, 0, divergent_syncthreads, out.data()));
   SELK_CHECK_MSG(msg.find("have exited") != std::string::npos, msg);
   SELK_CHECK_MSG(msg.find("selftest_kernels.cuh") != std::string::npos, msg);
@@ -381,7 +399,7 @@ SELK_SUBCASE(bench) {
     return best;
   };
   for (int threads : {32, 256, 1024}) {
-    const int blocks = 32768 / threads * 8;
+    const int blocks = 32768 / threads * (kTsan ? 1 : 8) / (kTsan ? 16 : 1);
     const double t_empty = time([&] { launch(blocks, threads, 0, bench_empty, &out); });
     const double t_bar = time([&] { launch(blocks, threads, 0, bench_barriers, &out, 20); });
     const double t_shfl = time([&] { launch(blocks, threads, 0, bench_shuffles, &out, 20); });

@@ -167,9 +167,9 @@ __global__ void barrier_reductions(int* out) {
 // Barrier reached only by threads < 16.
 __global__ void divergent_syncthreads(float* out) {
   __shared__ float s[64];
-  s[threadIdx.x] = 1.0f;
+  s[threadIdx.x] = (float)threadIdx.x;
   if (threadIdx.x < 16) __syncthreads();
-  out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
 }
 
 // Two different barriers in the two branches.
