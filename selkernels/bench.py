@@ -79,7 +79,7 @@ class Workload:
     forward: Dict[str, Callable[[], object]]
     forward_backward: Dict[str, Callable[[], object]] = field(default_factory=dict)
     bandwidth_input: Optional[torch.Tensor] = None
-    notes: Dict[str, str] = field(default_factory=dict)  # variant -> why it is missing (e.g. compile failed)
+    notes: Dict[str, str] = field(default_factory=dict)  # variant -> remark (compile time, or why it is missing)
 
 
 @dataclass
@@ -180,7 +180,9 @@ def _build_selectivity(n: int, c: int, spatial: Tuple[int, ...], k: int, dtype: 
                 compiled = torch.compile(torch_selectivity, dynamic=False)
                 fwd = lambda: compiled(x, labels, k)  # noqa: E731
                 fwd_bwd = lambda: torch.autograd.grad(compiled(xg, labels, k).sum(), xg)  # noqa: E731
+                t0 = time.perf_counter()
                 fwd(), fwd_bwd()  # compile both graphs now, outside the timed region
+                work.notes["compiled"] = f"compiled in {time.perf_counter() - t0:.1f} s (excluded from timings)"
                 work.forward["compiled"] = fwd
                 work.forward_backward["compiled"] = fwd_bwd
             except Exception as err:  # noqa: BLE001 - report any compiler failure as n/a
@@ -498,7 +500,10 @@ def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
     print("ms: medians; x vs V: time(V)/time(fused); best = faster of eager and compiled; "
           "bw/x.sum: t(x.sum())/t(fused fwd); MB: peak extra memory of fwd+bwd.")
     for key, note in notes.items():
-        print(f"n/a {key}: {note}")
+        print(f"{key}: {note}")
+    if env["load_average"] is not None and env["load_average"] > (os.cpu_count() or 1) + 0.5:
+        print(f"warning: load average {env['load_average']} on {os.cpu_count()} CPUs: other processes compete for the "
+              f"cores and inflate CPU timings (multi-threaded ones most); re-run on an idle machine or with --threads 1.")
     if args.out:
         paths = write_outputs(args.out, cfg, results, rows, notes, table)
         print("wrote " + ", ".join(paths.values()))
