@@ -13,26 +13,29 @@ import torch
 
 from selkernels.bench import BenchConfig, selectivity_cases
 
-CONFIG = BenchConfig(dtypes=("float32", "bfloat16"))
+CONFIG = BenchConfig(dtypes=("float32", "bfloat16"), compile=False)
+COMPILE_CONFIG = BenchConfig(dtypes=CONFIG.dtypes, compile=True)
 VARIANTS = ("fused", "paper", "eager", "compiled")
 MODES = ("fwd", "fwd+bwd")
-# Flat and ordered by case, so each case's tensors and compiled graphs are built once.
-PARAMS = [(case, mode, variant) for case in selectivity_cases(CONFIG) for mode in MODES for variant in VARIANTS]
+# Ordered by case, then variant, so each case's tensors are built once and torch.compile runs only
+# when a compiled variant is selected.
+PARAMS = [(case, mode, variant) for case in selectivity_cases(CONFIG) for variant in VARIANTS for mode in MODES]
 
 _current = {}
 
 
-def _workload(case):
-    if _current.get("case") is not case:
+def _workload(case, variant):
+    key = (case.name, case.dtype, variant == "compiled")
+    if _current.get("key") != key:
         _current.clear()
-        _current.update(case=case, work=case.build(CONFIG))
+        _current.update(key=key, work=case.build(COMPILE_CONFIG if key[2] else CONFIG))
     return _current["work"]
 
 
 @pytest.mark.parametrize("case,mode,variant", PARAMS,
                          ids=[f"{c.name.replace(' ', '_')}-{c.dtype}-{m}-{v}" for c, m, v in PARAMS])
 def test_selectivity(benchmark, case, mode, variant):
-    work = _workload(case)
+    work = _workload(case, variant)
     fn = (work.forward if mode == "fwd" else work.forward_backward).get(variant)
     if fn is None:
         pytest.skip(work.notes.get(variant, f"{variant} not available"))
