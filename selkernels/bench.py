@@ -3,8 +3,10 @@
 For every case each *variant* (the fused op and its baselines) is timed forward and forward+backward
 in one process, on one machine, so the ratios are comparable. Reported per case:
 
-* medians (torch.utils.benchmark.Timer.blocked_autorange; an explicit thread count on CPU, device
-  synchronisation around every block on CUDA), forward and forward+backward;
+* medians over short blocks of calls (torch.utils.benchmark.Timer with an explicit thread count on
+  CPU; the Timer synchronises the device around every block on CUDA), forward and forward+backward.
+  The variants of a case are timed round-robin, block by block, so that load from other processes
+  falls on all of them alike;
 * fused speed-up over every baseline;
 * bandwidth as a fraction of ``x.sum()`` on the same tensor in the same run:
   ``t(x.sum()) / t(fused forward)`` (1.0 = the op reads x as fast as torch's own reduction);
@@ -62,7 +64,9 @@ class BenchConfig:
     dtypes: Tuple[str, ...] = ("float32", "bfloat16")
     threads: int = 0  # 0: torch's current setting
     quick: bool = False
-    min_run_time: float = 0.3  # seconds per Timer measurement
+    min_run_time: float = 0.3  # seconds of timed calls per variant and mode, at least
+    block_time: float = 0.0005  # seconds per timed block: short blocks are rarely hit by preemption
+    min_rounds: int = 7
     compile: bool = True
     filter: str = ""
 
@@ -218,12 +222,34 @@ def collect_cases(cfg: BenchConfig, families: Optional[Sequence[str]] = None) ->
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-def _median_seconds(fn: Callable[[], object], cfg: BenchConfig) -> Tuple[float, float, int]:
-    """(median, interquartile range, number of timed runs) of fn, in seconds."""
-    fn()  # warm-up: first-call allocations and lazy initialisation stay out of the timings
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=cfg.threads or torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=cfg.min_run_time)
-    return m.median, m.iqr, len(m.times) * m.number_per_run
+def _interleaved_medians(fns: Dict[str, Callable[[], object]], cfg: BenchConfig) -> Dict[str, Tuple[float, float, int]]:
+    """{name: (median, interquartile range, timed calls)} in seconds per call, measured round-robin.
+
+    Each function is timed in short blocks (``Timer.timeit``, a few ms each) taken in turn, one per
+    function per round, until every function has had ``min_run_time``: load from other processes
+    then falls on all of them alike instead of on whichever ran while the machine was busy.
+    """
+    threads = cfg.threads or torch.get_num_threads()
+    timers, number = {}, {}
+    for name, fn in fns.items():
+        fn()  # warm-up: first-call allocations and lazy initialisation stay out of the timings
+        timers[name] = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        once = timers[name].timeit(1).median
+        number[name] = max(1, min(1000, int(cfg.block_time / max(once, 1e-7))))
+    blocks: Dict[str, List[float]] = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    rounds = 0
+    while rounds < cfg.min_rounds or min(spent.values()) < cfg.min_run_time:
+        for name, timer in timers.items():
+            t = timer.timeit(number[name]).median  # seconds per call over the block
+            blocks[name].append(t)
+            spent[name] += t * number[name]
+        rounds += 1
+    out = {}
+    for name, times in blocks.items():
+        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        out[name] = (float(q[1]), float(q[2] - q[0]), len(times) * number[name])
+    return out
 
 
 def _peak_extra_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
@@ -291,16 +317,15 @@ def run(cfg: BenchConfig, cases: Sequence[Case], *, progress: bool = True) -> Tu
         for variant, note in work.notes.items():
             notes[f"{case.family}/{case.name}/{case.dtype}/{variant}"] = note
         base = dict(family=case.family, case=case.name, dtype=case.dtype, shape=case.shape)
-        if work.bandwidth_input is not None:
-            xin = work.bandwidth_input
-            med, iqr, runs = _median_seconds(lambda: xin.sum(), cfg)
-            results.append(Result(**base, variant="x.sum", mode="x.sum", median_ms=med * 1e3, iqr_ms=iqr * 1e3, runs=runs))
         for mode, table in (("fwd", work.forward), ("fwd+bwd", work.forward_backward)):
-            for variant, fn in table.items():
-                med, iqr, runs = _median_seconds(fn, cfg)
-                peak = _peak_extra_bytes(fn, cfg.device) if mode == "fwd+bwd" else None
-                results.append(Result(**base, variant=variant, mode=mode, median_ms=med * 1e3, iqr_ms=iqr * 1e3,
-                                      runs=runs, peak_extra_mb=None if peak is None else peak / 2**20))
+            fns = dict(table)
+            if mode == "fwd" and work.bandwidth_input is not None:
+                fns["x.sum"] = work.bandwidth_input.sum  # interleaved with the forwards it is compared to
+            for variant, (med, iqr, runs) in _interleaved_medians(fns, cfg).items():
+                peak = _peak_extra_bytes(fns[variant], cfg.device) if mode == "fwd+bwd" else None
+                results.append(Result(**base, variant=variant, mode="x.sum" if variant == "x.sum" else mode,
+                                      median_ms=med * 1e3, iqr_ms=iqr * 1e3, runs=runs,
+                                      peak_extra_mb=None if peak is None else peak / 2**20))
         del work
     return results, notes
 
@@ -485,7 +510,8 @@ def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
         raise SystemExit("selkernels bench: --device cuda requested but torch.cuda.is_available() is False")
     cfg = BenchConfig(device=args.device, dtypes=tuple(args.dtype), threads=args.threads, quick=args.quick,
                       min_run_time=args.min_run_time if args.min_run_time else (0.01 if args.quick else 0.3),
-                      compile=args.compile if args.compile is not None else not args.quick, filter=args.filter)
+                      compile=args.compile if args.compile is not None else not args.quick, filter=args.filter,
+                      block_time=0.0005, min_rounds=3 if args.quick else 7)
     cases = collect_cases(cfg, args.family)
     if not cases:
         raise SystemExit(f"selkernels bench: no case matches --filter {args.filter!r}")
