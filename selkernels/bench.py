@@ -64,7 +64,7 @@ class BenchConfig:
     dtypes: Tuple[str, ...] = ("float32", "bfloat16")
     threads: int = 0  # 0: torch's current setting
     quick: bool = False
-    min_run_time: float = 0.3  # seconds of timed calls per variant and mode, at least
+    min_run_time: float = 0.3  # seconds of timed calls per variant and mode, on average
     block_time: float = 0.0005  # seconds per timed block: short blocks are rarely hit by preemption
     min_rounds: int = 7
     compile: bool = True
@@ -225,9 +225,10 @@ def collect_cases(cfg: BenchConfig, families: Optional[Sequence[str]] = None) ->
 def _interleaved_medians(fns: Dict[str, Callable[[], object]], cfg: BenchConfig) -> Dict[str, Tuple[float, float, int]]:
     """{name: (median, interquartile range, timed calls)} in seconds per call, measured round-robin.
 
-    Each function is timed in short blocks (``Timer.timeit``, a few ms each) taken in turn, one per
-    function per round, until every function has had ``min_run_time``: load from other processes
-    then falls on all of them alike instead of on whichever ran while the machine was busy.
+    Each function is timed in short blocks (``Timer.timeit``, ``block_time`` of calls, at least one
+    call) taken in turn, one per function per round, for at least ``min_rounds`` rounds and
+    ``min_run_time`` per function on average: load from other processes then falls on all of them
+    alike instead of on whichever ran while the machine was busy.
     """
     threads = cfg.threads or torch.get_num_threads()
     timers, number = {}, {}
@@ -239,7 +240,7 @@ def _interleaved_medians(fns: Dict[str, Callable[[], object]], cfg: BenchConfig)
     blocks: Dict[str, List[float]] = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
     rounds = 0
-    while rounds < cfg.min_rounds or min(spent.values()) < cfg.min_run_time:
+    while rounds < cfg.min_rounds or sum(spent.values()) < cfg.min_run_time * len(fns):
         for name, timer in timers.items():
             t = timer.timeit(number[name]).median  # seconds per call over the block
             blocks[name].append(t)
