@@ -20,7 +20,7 @@ Forward+backward always calls ``torch.autograd.grad(out.sum(), x)`` so that no v
 [N, C] tensor; a user accumulating into ``x.grad`` would materialise it (one write of x's size).
 
 Op families plug in through :func:`register_suite`: a function ``(config) -> list[Case]``. A family
-that only has ``(name, callable)`` pairs uses :func:`cases_from_callables`.
+that has ``(title, [(name, callable), ...])`` groups uses :func:`cases_from_groups`.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ __all__ = [
     "Case",
     "Workload",
     "register_suite",
-    "cases_from_callables",
+    "cases_from_groups",
     "selectivity_cases",
     "torch_selectivity",
     "collect_cases",
@@ -108,11 +108,26 @@ def register_suite(family: str):
     return wrap
 
 
-def cases_from_callables(family: str, pairs: Iterable[Tuple[str, Callable[[], object]]], *,
-                         dtype: str = "", shape: str = "") -> List[Case]:
-    """Cases timing only a fused forward, from ``(name, callable)`` pairs."""
-    return [Case(family, name, dtype, shape, (lambda cfg, fn=fn: Workload(forward={FUSED: fn})))
-            for name, fn in pairs]
+def cases_from_groups(family: str, groups: Iterable[Tuple[str, Sequence[Tuple[str, Callable[[], object]]]]], *,
+                      dtype: str = "", mode: str = "fwd") -> List[Case]:
+    """Cases from ``(title, [(name, callable), ...])`` groups, the first callable being the fused op.
+
+    Each group is one case whose variants are timed as given (``mode`` labels what a call does);
+    speed-ups are relative to the first. Callables must finish their own device work (synchronise).
+    """
+    cases = []
+    groups = [(title, list(pairs)) for title, pairs in groups]
+    titles = [title for title, _ in groups]
+    for title, pairs in groups:
+        if titles.count(title) > 1:  # e.g. the same shape timed forward and forward+backward
+            title = f"{title} [{pairs[0][0]}]"
+
+        def build(cfg, pairs=pairs, mode=mode):
+            table = {name: fn for name, fn in pairs}
+            return Workload(forward=table) if mode == "fwd" else Workload(forward={}, forward_backward=table)
+
+        cases.append(Case(family, title, dtype, "", build))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,48 +349,38 @@ def run(cfg: BenchConfig, cases: Sequence[Case], *, progress: bool = True) -> Tu
 # ----------------------------------------------------------------------------------------------
 # Summaries and output
 # ----------------------------------------------------------------------------------------------
-def _variants(results: Sequence[Result]) -> List[str]:
-    seen: List[str] = []
-    for r in results:
-        if r.mode != "x.sum" and r.variant not in seen:
-            seen.append(r.variant)
-    return seen
-
-
 def summarize(results: Sequence[Result]) -> List[dict]:
-    """One row per (case, dtype, mode): medians, fused speed-ups, bandwidth fraction, peak memory."""
+    """One row per (case, dtype, mode): medians, speed-ups of the first variant (the fused op) over
+    each other one, bandwidth fraction and peak memory. ``variants`` lists the row's variants in order.
+    """
     keyed: Dict[tuple, Dict[str, Result]] = {}
     xsum: Dict[tuple, float] = {}
-    order: List[tuple] = []
     for r in results:
         case_key = (r.family, r.case, r.dtype, r.shape)
         if r.mode == "x.sum":
             xsum[case_key] = r.median_ms
-            continue
-        key = case_key + (r.mode,)
-        if key not in keyed:
-            keyed[key] = {}
-            order.append(key)
-        keyed[key][r.variant] = r
-    variants = _variants(results)
+        else:
+            keyed.setdefault(case_key + (r.mode,), {})[r.variant] = r
     rows = []
-    for key in order:
+    for key, by in keyed.items():
         family, case, dtype, shape, mode = key
-        by = keyed[key]
-        row = dict(family=family, case=case, dtype=dtype, shape=shape, mode=mode)
+        variants = list(by)
+        first = by[variants[0]]
+        row = dict(family=family, case=case, dtype=dtype, shape=shape, mode=mode, variants=variants)
         for v in variants:
-            row[f"{v}_ms"] = by[v].median_ms if v in by else None
-        fused = by.get(FUSED)
+            row[f"{v}_ms"] = by[v].median_ms
+        for v in variants[1:]:
+            row[f"speedup_vs_{v}"] = by[v].median_ms / first.median_ms
+        torch_baselines = [by[v].median_ms for v in ("eager", "compiled") if v in by]
+        if torch_baselines:
+            row["speedup_vs_best_torch"] = min(torch_baselines) / first.median_ms
+        if key[:4] in xsum:
+            row["xsum_ms"] = xsum[key[:4]]
+            if mode == "fwd":
+                row["bandwidth_vs_xsum"] = xsum[key[:4]] / first.median_ms
         for v in variants:
-            if v != FUSED:
-                row[f"speedup_vs_{v}"] = (by[v].median_ms / fused.median_ms) if (fused and v in by) else None
-        baselines = [by[v].median_ms for v in ("eager", "compiled") if v in by]
-        row["speedup_vs_best_torch"] = (min(baselines) / fused.median_ms) if (fused and baselines) else None
-        row["xsum_ms"] = xsum.get(key[:4])
-        row["bandwidth_vs_xsum"] = (xsum[key[:4]] / fused.median_ms
-                                    if (mode == "fwd" and fused and key[:4] in xsum) else None)
-        for v in variants:
-            row[f"{v}_peak_mb"] = by[v].peak_extra_mb if v in by else None
+            if by[v].peak_extra_mb is not None:
+                row[f"{v}_peak_mb"] = by[v].peak_extra_mb
         rows.append(row)
     return rows
 
@@ -384,35 +389,56 @@ def _fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    if not rows:
-        return "(no cases)"
-    variants = [k[:-3] for k in rows[0] if k.endswith("_ms") and k not in ("xsum_ms",)]
-    baselines = [v for v in variants if v != FUSED]
-    header = (["case", "dtype", "shape", "mode"] + [f"{v} ms" for v in variants] + ["x.sum ms"]
-              + [f"x vs {v}" for v in baselines] + ["x vs best", "bw/x.sum"] + [f"{v} MB" for v in variants])
-    body = []
-    for r in rows:
-        body.append([r["case"], r["dtype"], r["shape"], r["mode"]]
-                    + [_fmt(r[f"{v}_ms"], ".3f") for v in variants]
-                    + [_fmt(r["xsum_ms"], ".3f") if r["mode"] == "fwd" else ""]
-                    + [_fmt(r[f"speedup_vs_{v}"], ".1f") for v in baselines]
-                    + [_fmt(r["speedup_vs_best_torch"], ".2f"),
-                       _fmt(r["bandwidth_vs_xsum"], ".0%") if r["mode"] == "fwd" else ""]
-                    + [_fmt(r[f"{v}_peak_mb"], ".2f") if r["mode"] == "fwd+bwd" else "" for v in variants])
+def _render(header: List[str], body: List[List[str]], left: int) -> List[str]:
+    """Text columns (the first ``left``) left-aligned, numbers right-aligned."""
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    left = 4  # text columns left-aligned, numbers right-aligned
 
     def line(cells):
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    out = [line(header), "  ".join("-" * w for w in widths)]
-    prev = None
-    for r, b in zip(rows, body):
-        if prev is not None and r["family"] != prev:
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body]
+
+
+def _family_table(rows: Sequence[dict]) -> List[str]:
+    variants = rows[0]["variants"]
+    if all(r["variants"] == variants for r in rows) or rows[0]["family"] == "selectivity":
+        variants = list(dict.fromkeys(v for r in rows for v in r["variants"]))
+        first, baselines = variants[0], variants[1:]
+        has_best = any("speedup_vs_best_torch" in r for r in rows)
+        has_bw = any("xsum_ms" in r for r in rows)
+        has_mem = any(f"{v}_peak_mb" in r for r in rows for v in variants)
+        header = (["case", "dtype", "shape", "mode"] + [f"{v} ms" for v in variants] + (["x.sum ms"] if has_bw else [])
+                  + [f"x vs {v}" for v in baselines] + (["x vs best"] if has_best else [])
+                  + (["bw/x.sum"] if has_bw else []) + ([f"{v} MB" for v in variants] if has_mem else []))
+        body = []
+        for r in rows:
+            fwd = r["mode"] == "fwd"
+            body.append([r["case"], r["dtype"], r["shape"], r["mode"]]
+                        + [_fmt(r.get(f"{v}_ms"), ".3f") for v in variants]
+                        + ([_fmt(r.get("xsum_ms"), ".3f") if fwd else ""] if has_bw else [])
+                        + [_fmt(r.get(f"speedup_vs_{v}"), ".1f") for v in baselines]
+                        + ([_fmt(r.get("speedup_vs_best_torch"), ".2f")] if has_best else [])
+                        + ([_fmt(r.get("bandwidth_vs_xsum"), ".0%") if fwd else ""] if has_bw else [])
+                        + ([_fmt(r.get(f"{v}_peak_mb"), ".2f") if not fwd else "" for v in variants] if has_mem else []))
+        return _render(header, body, 4)
+    # Cases with different variant sets: one line per variant, speed-up of the case's first variant.
+    header = ["case", "dtype", "mode", "variant", "ms", "first vs this"]
+    body = [[r["case"], r["dtype"], r["mode"], v, _fmt(r[f"{v}_ms"], ".3f"),
+             "(first)" if i == 0 else _fmt(r[f"speedup_vs_{v}"], ".1f")]
+            for r in rows for i, v in enumerate(r["variants"])]
+    return _render(header, body, 4)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """One table per op family."""
+    if not rows:
+        return "(no cases)"
+    out: List[str] = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        if out:
             out.append("")
-        prev = r["family"]
-        out.append(line(b))
+        out.append(f"[{family}]")
+        out += _family_table([r for r in rows if r["family"] == family])
     return "\n".join(out)
 
 
@@ -457,9 +483,10 @@ def write_outputs(out_dir: str, cfg: BenchConfig, results: Sequence[Result], row
         for r in results:
             w.writerow(asdict(r))
     with open(paths["summary_csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["case"])
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["case"]
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows([dict(r, variants=" ".join(r["variants"])) for r in rows])
     with open(paths["json"], "w") as f:
         json.dump(dict(config=asdict(cfg), environment=environment(cfg), notes=notes,
                        results=[asdict(r) for r in results], summary=list(rows)), f, indent=1)
@@ -470,30 +497,33 @@ def write_outputs(out_dir: str, cfg: BenchConfig, results: Sequence[Result], row
 
 
 def plot_speedups(rows: Sequence[dict], path: str) -> None:
+    """Speed-up of each case's first variant (the fused op) over every other one: a panel per family and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = ["fwd", "fwd+bwd"]
-    baselines = [k[len("speedup_vs_"):] for k in (rows[0] if rows else {})
-                 if k.startswith("speedup_vs_") and k != "speedup_vs_best_torch"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(13, 5), sharey=True, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        sel = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['case']}\n{r['dtype']}" for r in sel]
+    panels = list(dict.fromkeys((r["family"], r["mode"]) for r in rows)) or [("", "fwd")]
+    cols = 2
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(13, 5 * nrows), squeeze=False)
+    for ax, (family, mode) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["family"], r["mode"]) == (family, mode)]
+        baselines = list(dict.fromkeys(v for r in sel for v in r["variants"][1:]))
         width = 0.8 / max(len(baselines), 1)
         for i, b in enumerate(baselines):
-            vals = [r[f"speedup_vs_{b}"] or float("nan") for r in sel]
-            ax.bar([j + i * width for j in range(len(sel))], vals, width, label=f"fused vs {b}")
+            vals = [r.get(f"speedup_vs_{b}", float("nan")) for r in sel]
+            ax.bar([j + i * width for j in range(len(sel))], vals, width, label=f"vs {b}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.set_title(f"{mode}: speed-up of the fused op (higher is better)")
+        ax.set_title(f"{family} {mode}: speed-up of the fused op (higher is better)", fontsize=10)
         ax.set_xticks([j + width * (len(baselines) - 1) / 2 for j in range(len(sel))])
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([f"{r['case']}\n{r['dtype']}" for r in sel], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("time(baseline) / time(fused)")
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].set_ylabel("time(baseline) / time(fused)")
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

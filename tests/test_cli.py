@@ -100,3 +100,22 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "selkernels", "bench", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_bench_plugs_in_another_family(tmp_path, monkeypatch, capsys):
+    # Another op family registers (title, [(name, callable), ...]) groups, the fused op first.
+    from selkernels import bench
+
+    a = torch.rand(64, 64)
+    groups = [("matmul 64", [("a @ a", lambda: a @ a), ("einsum", lambda: torch.einsum("ij,jk->ik", a, a))]),
+              ("sum 64", [("a.sum()", lambda: a.sum()), ("python sum", lambda: sum(a.flatten().tolist()))])]
+    monkeypatch.setitem(bench._SUITES, "toy", lambda cfg: bench.cases_from_groups("toy", groups, dtype="float32"))
+    assert cli.main(["bench", "--quick", "--no-progress", "--family", "toy", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    assert "[toy]" in stdout and "[selectivity]" not in stdout
+    for name in ("matmul 64", "a @ a", "einsum", "sum 64", "python sum"):
+        assert name in stdout
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert [s["case"] for s in summary] == ["matmul 64", "sum 64"]
+    assert summary[0]["speedup_vs_einsum"] > 0 and summary[1]["speedup_vs_python sum"] > 0
+    assert (tmp_path / "speedups.png").read_bytes()[:8] == PNG_MAGIC
