@@ -64,7 +64,7 @@ class BenchConfig:
     dtypes: Tuple[str, ...] = ("float32", "bfloat16")
     threads: int = 0  # 0: torch's current setting
     quick: bool = False
-    min_run_time: float = 0.3  # seconds of timed calls per variant and mode, on average
+    min_run_time: float = 0.2  # seconds of timed calls per variant and mode, on average
     block_time: float = 0.0005  # seconds per timed block: short blocks are rarely hit by preemption
     min_rounds: int = 7
     compile: bool = True
@@ -540,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("selkernels bench: --device cuda requested but torch.cuda.is_available() is False")
     cfg = BenchConfig(device=args.device, dtypes=tuple(args.dtype), threads=args.threads, quick=args.quick,
-                      min_run_time=args.min_run_time if args.min_run_time else (0.01 if args.quick else 0.3),
+                      min_run_time=args.min_run_time if args.min_run_time else (0.01 if args.quick else 0.2),
                       compile=args.compile if args.compile is not None else not args.quick, filter=args.filter,
                       block_time=0.0005, min_rounds=3 if args.quick else 7)
     cases = collect_cases(cfg, args.family)
@@ -578,7 +578,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--filter", default="", help="only cases whose 'family name dtype' contains this substring")
     parser.add_argument("--family", nargs="+", default=None, help=f"op families to run (default: all)")
     parser.add_argument("--min-run-time", type=float, default=0.0,
-                        help="seconds per timing (default 0.3, 0.01 with --quick)")
+                        help="seconds of timed calls per variant, on average (default 0.2, 0.01 with --quick)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the eager composition (default: on, off with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
