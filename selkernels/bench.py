@@ -560,7 +560,8 @@ def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
         print(f"{key}: {note}")
     if env["load_average"] is not None and env["load_average"] > (os.cpu_count() or 1) + 0.5:
         print(f"warning: load average {env['load_average']} on {os.cpu_count()} CPUs: other processes compete for the "
-              f"cores and inflate CPU timings (multi-threaded ones most); re-run on an idle machine or with --threads 1.")
+              f"cores and inflate CPU timings (multi-threaded ones most); re-run on an idle machine"
+              + (" or with --threads 1." if env["threads"] > 1 else "."))
     if args.out:
         paths = write_outputs(args.out, cfg, results, rows, notes, table)
         print("wrote " + ", ".join(paths.values()))
