@@ -225,6 +225,19 @@ def selectivity_cases(cfg: BenchConfig) -> List[Case]:
     return cases
 
 
+# ----------------------------------------------------------------------------------------------
+# Covariance and spectral penalty suite (case builders in selkernels/bench_covariance.py)
+# ----------------------------------------------------------------------------------------------
+@register_suite("covariance")
+def covariance_cases(cfg: BenchConfig) -> List[Case]:
+    from .bench_covariance import benchmark_groups
+
+    n, d, ks, spectral_n = (64, 16, (4,), 32) if cfg.quick else (1024, 256, (10, 100), 256)
+    return [case for dtype_name in cfg.dtypes if dtype_name == "float32"  # float32 keeps the default run short
+            for case in cases_from_groups("covariance", benchmark_groups(n, d, ks, spectral_n, dtype=_DTYPES[dtype_name],
+                                                                         device=cfg.device), dtype=dtype_name)]
+
+
 def collect_cases(cfg: BenchConfig, families: Optional[Sequence[str]] = None) -> List[Case]:
     cases = []
     for family, suite in _SUITES.items():
@@ -422,11 +435,11 @@ def _family_table(rows: Sequence[dict]) -> List[str]:
                         + ([_fmt(r.get(f"{v}_peak_mb"), ".2f") if not fwd else "" for v in variants] if has_mem else []))
         return _render(header, body, 4)
     # Cases with different variant sets: one line per variant, speed-up of the case's first variant.
-    header = ["case", "dtype", "mode", "variant", "ms", "first vs this"]
-    body = [[r["case"], r["dtype"], r["mode"], v, _fmt(r[f"{v}_ms"], ".3f"),
+    header = ["case", "dtype", "variant", "ms", "first vs this"]
+    body = [[r["case"], r["dtype"], v, _fmt(r[f"{v}_ms"], ".3f"),
              "(first)" if i == 0 else _fmt(r[f"speedup_vs_{v}"], ".1f")]
             for r in rows for i, v in enumerate(r["variants"])]
-    return _render(header, body, 4)
+    return _render(header, body, 3)
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from selkernels import cli, reference
+from selkernels import bench, cli, reference
 from selkernels.bench import BenchConfig, selectivity_cases, torch_selectivity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,6 +47,12 @@ def test_bench_quick_writes_every_case(bench_run):
         for variant in ("fused", "paper", "eager"):
             for mode in ("fwd", "fwd+bwd"):
                 assert (case.name, case.dtype, variant, mode) in measured, (case.name, case.dtype, variant, mode)
+    # Every registered family is in the default run, e.g. the covariance cases.
+    covariance = bench.covariance_cases(BenchConfig(quick=True))
+    assert covariance
+    for case in covariance:
+        assert case.name in stdout
+        assert any(r["family"] == "covariance" and r["case"] == case.name for r in rows)
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["runs"]) > 0
         if r["mode"] == "fwd+bwd":
@@ -55,7 +61,7 @@ def test_bench_quick_writes_every_case(bench_run):
     data = json.loads((out / "results.json").read_text())
     assert len(data["results"]) == len(rows)
     assert data["environment"]["torch"] == torch.__version__
-    summary = data["summary"]
+    summary = [s for s in data["summary"] if s["family"] == "selectivity"]
     assert {(s["case"], s["dtype"]) for s in summary} == {(c.name, c.dtype) for c in cases}
     for s in summary:
         for key in ("speedup_vs_paper", "speedup_vs_eager"):
@@ -104,8 +110,6 @@ def test_module_entry_point():
 
 def test_bench_plugs_in_another_family(tmp_path, monkeypatch, capsys):
     # Another op family registers (title, [(name, callable), ...]) groups, the fused op first.
-    from selkernels import bench
-
     a = torch.rand(64, 64)
     groups = [("matmul 64", [("a @ a", lambda: a @ a), ("einsum", lambda: torch.einsum("ij,jk->ik", a, a))]),
               ("sum 64", [("a.sum()", lambda: a.sum()), ("python sum", lambda: sum(a.flatten().tolist()))])]
