@@ -1,0 +1,4 @@
+"""``python -m selkernels bench|demo``."""
+from .cli import main
+
+raise SystemExit(main())
