@@ -34,7 +34,7 @@ def synthetic_data(n: int, num_classes: int, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     prototypes = torch.randn(num_classes, 3, 16, 16, generator=g)
-    images = prototypes[labels] + 2.0 * torch.randn(n, 3, 16, 16, generator=g)
+    images = prototypes[labels] + 1.0 * torch.randn(n, 3, 16, 16, generator=g)
     return TensorDataset(images, labels)
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts rank 0's)
         model = make_model(args.num_classes).to(device)
         ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         data = synthetic_data(args.steps * args.batch_per_rank * world, args.num_classes)
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
         loader = DataLoader(data, batch_size=args.batch_per_rank, sampler=sampler, drop_last=True)

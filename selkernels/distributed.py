@@ -96,7 +96,7 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     buf = all_reduce_sum(torch.cat(sums + [counts_f]), group)
     widths = [m.shape[1] for m, _ in local]
     parts = torch.split(buf, [num_classes * c for c in widths] + [num_classes])
-    g_counts_f = parts[-1]
+    g_counts_f = parts[-1].detach()  # counts carry no gradient
     g_counts = torch.round(g_counts_f).to(torch.int64)
     # Absent classes: sum 0 / 1 = mean 0, and selectivity_from_means skips count-0 classes.
     denom = g_counts_f.clamp_min(1)[:, None]
