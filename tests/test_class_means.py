@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import selkernels
+from selkernels import reference
+from conftest import make_batch
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def numpy_class_means(x, labels, k, ignore_index=-100):
+    """Independent fp64 oracle: loops over classes in numpy."""
+    a = x.double().numpy().reshape(x.shape[0], x.shape[1], max(1, int(np.prod(x.shape[2:])))).mean(-1)
+    lab = labels.numpy()
+    means = np.zeros((k, x.shape[1]))
+    counts = np.zeros(k, dtype=np.int64)
+    for cls in range(k):
+        rows = a[lab == cls]
+        counts[cls] = len(rows)
+        if len(rows):
+            means[cls] = rows.mean(0)
+    return means, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spatial", [(), (7,), (3, 5), (2, 3, 2)])
+def test_matches_numpy(dtype, spatial):
+    x, labels = make_batch(n=30, c=9, spatial=spatial, k=6, dtype=dtype, relu=False)
+    means, counts = selkernels.class_means(x, labels, 6)
+    ref_means, ref_counts = numpy_class_means(x, labels, 6)
+    assert means.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert counts.dtype == torch.int64
+    np.testing.assert_array_equal(counts.numpy(), ref_counts)
+    np.testing.assert_allclose(means.double().numpy(), ref_means, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_layouts_match_contiguous(layout):
+    x, labels = make_batch(n=20, c=8, spatial=(5, 6), k=4, dtype=torch.float32)
+    if layout == "channels_last":
+        xv = x.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        xv = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        xv = torch.stack([x, x], dim=2)[:, :, 1]
+    assert not xv.is_contiguous()
+    ref, _ = selkernels.class_means(x.contiguous(), labels, 4)
+    out, _ = selkernels.class_means(xv, labels, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_absent_classes_and_ignore_index():
+    x, _ = make_batch(n=10, c=3, k=2)
+    labels = torch.tensor([0, 2, 2, -100, 0, 2, -100, 0, 0, 2])
+    means, counts = selkernels.class_means(x, labels, 5)
+    assert counts.tolist() == [4, 0, 4, 0, 0]
+    assert torch.all(means[[1, 3, 4]] == 0)
+    ref_means, _ = numpy_class_means(x[labels >= 0], labels[labels >= 0], 5)
+    np.testing.assert_allclose(means.numpy(), ref_means, rtol=1e-12)
+    means_ign, counts_ign = selkernels.class_means(x, torch.where(labels < 0, 7, labels), 5, ignore_index=7)
+    torch.testing.assert_close(means_ign, means)
+    assert counts_ign.tolist() == counts.tolist()
+
+
+def test_empty_batch():
+    means, counts = selkernels.class_means(torch.zeros(0, 4, 2, 2), torch.zeros(0, dtype=torch.long), 3)
+    assert means.shape == (3, 4) and torch.all(means == 0) and torch.all(counts == 0)
+
+
+def test_int32_labels_accepted():
+    x, labels = make_batch()
+    a, _ = selkernels.class_means(x, labels.int(), 5)
+    b, _ = selkernels.class_means(x, labels, 5)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("spatial", [(), (3, 4)])
+def test_gradcheck(spatial):
+    x, labels = make_batch(n=12, c=3, spatial=spatial, k=4)
+    labels[5] = -100
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: selkernels.class_means(t, labels, 4)[0], (x,))
+
+
+def test_gradient_matches_reference_and_is_compact():
+    x, labels = make_batch(n=16, c=5, spatial=(4, 4), k=3)
+    x.requires_grad_()
+    w = torch.randn(3, 5, dtype=torch.float64)
+    (g_fused,) = torch.autograd.grad((selkernels.class_means(x, labels, 3)[0] * w).sum(), x)
+    (g_ref,) = torch.autograd.grad((reference.class_means_reference(x, labels, 3)[0] * w).sum(), x)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-12, atol=1e-14)
+    # The gradient is a broadcast view of an [N, C] tensor: no N*C*S buffer is built.
+    assert g_fused.stride()[2:] == (0, 0)
+
+
+def test_opcheck():
+    x, labels = make_batch(n=10, c=4, spatial=(2, 3), k=3, dtype=torch.float32)
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.selkernels.class_means, (x, labels, 3, -100))
+    gm = torch.randn(3, 4)
+    counts = torch.bincount(labels, minlength=3)
+    torch.library.opcheck(torch.ops.selkernels.class_means_backward, (gm, counts, labels, -100, 6, torch.float32))
+
+
+def test_deterministic_bitwise():
+    x, labels = make_batch(n=257, c=33, spatial=(9, 9), k=7, dtype=torch.float32)
+    first, _ = selkernels.class_means(x, labels, 7)
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            again, _ = selkernels.class_means(x, labels, 7)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(first, again)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 40), c=st.integers(1, 9), s=st.sampled_from([(), (1,), (3,), (2, 5)]), k=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_random_shapes(n, c, s, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c) + s, generator=g, dtype=torch.float64)
+    labels = torch.randint(-1, k, (n,), generator=g)
+    means, counts = selkernels.class_means(x, labels, k, ignore_index=-1)
+    keep = labels >= 0
+    ref_means, ref_counts = numpy_class_means(x[keep], labels[keep], k)
+    np.testing.assert_array_equal(counts.numpy(), ref_counts)
+    np.testing.assert_allclose(means.numpy(), ref_means, rtol=1e-12, atol=1e-12)

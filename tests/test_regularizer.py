@@ -1,0 +1,96 @@
+import pytest
+import torch
+from torch import nn
+
+import selkernels
+from selkernels import reference
+
+
+class SmallNet(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(x)).mean((2, 3)))
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("alpha", [-2.0, 0.5])
+def test_drop_in_equals_paper_code(alpha):
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    x = torch.randn(20, 1, 6, 6, dtype=torch.float64)
+    y = torch.arange(20) % 5
+
+    # The published way: keep block outputs with hooks, loop over classes per layer.
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o)) for m in (model.block1, model.block2)]
+    loss_ref = nn.functional.cross_entropy(model(x), y) + reference.paper_selectivity_penalty(acts, y, alpha)
+    loss_ref.backward()
+    grads_ref = _grads(model)
+    for h in hooks:
+        h.remove()
+    model.zero_grad()
+
+    with selkernels.SelectivityRegularizer([model.block1, model.block2], alpha, num_classes=5) as reg:
+        loss = nn.functional.cross_entropy(model(x), y) + reg.penalty(y)
+        loss.backward()
+        assert reg.last_layer_si.shape == (2,)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-12)
+    for g, g_ref in zip(_grads(model), grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sign_convention_negative_alpha_lowers_selectivity():
+    torch.manual_seed(1)
+    model = SmallNet()
+    x = torch.randn(40, 1, 6, 6)
+    y = torch.arange(40) % 5
+    reg = selkernels.SelectivityRegularizer({"b1": model.block1, "b2": model.block2}, alpha=-1.0, num_classes=5)
+    model(x)
+    before = reg.layer_selectivity(y).mean().item()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        model(x)
+        reg.penalty(y).backward()
+        opt.step()
+    model(x)
+    assert reg.layer_selectivity(y).mean().item() < before
+    reg.remove()
+
+
+def test_releases_activations_and_hooks():
+    model = SmallNet()
+    reg = selkernels.SelectivityRegularizer([model.block1], 1.0, 5)
+    y = torch.arange(8) % 5
+    model(torch.randn(8, 1, 4, 4))
+    reg.penalty(y)
+    assert all(o is None for o in reg._outputs)
+    with pytest.raises(RuntimeError, match="produced no output"):
+        reg.penalty(y)
+    reg.remove()
+    model(torch.randn(8, 1, 4, 4))
+    assert all(o is None for o in reg._outputs)
+
+
+def test_eval_mode_no_grad():
+    model = SmallNet().eval()
+    reg = selkernels.SelectivityRegularizer([model.block1, model.block2], 1.0, 5)
+    with torch.no_grad():
+        model(torch.randn(10, 1, 4, 4))
+        value = reg.penalty(torch.arange(10) % 5)
+    assert torch.isfinite(value) and not value.requires_grad
+
+
+def test_bad_modules():
+    with pytest.raises(TypeError, match="modules must be"):
+        selkernels.SelectivityRegularizer([], 1.0, 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        selkernels.SelectivityRegularizer(nn.ReLU(), 1.0, 0)

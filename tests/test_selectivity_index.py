@@ -1,0 +1,169 @@
+import numpy as np
+import pytest
+import torch
+
+import selkernels
+from selkernels import reference
+from conftest import make_batch
+
+# Tolerances vs the fp64 oracle; fp16/bf16 inputs are rounded before accumulation in fp32.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def numpy_selectivity(x, labels, k, eps=1e-7):
+    """Independent fp64 definition (Leavitt & Morcos): loops over units and present classes."""
+    a = x.double().numpy().reshape(x.shape[0], x.shape[1], -1).mean(-1)
+    lab = labels.numpy()
+    present = [cls for cls in range(k) if np.any(lab == cls)]
+    si = np.zeros(x.shape[1])
+    if len(present) < 2:
+        return si
+    for c in range(x.shape[1]):
+        mus = np.array([a[lab == cls, c].mean() for cls in present])
+        top = mus.max()
+        rest = (mus.sum() - top) / (len(mus) - 1)
+        si[c] = (top - rest) / (top + rest + eps)
+    return si
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spatial,k", [((), 3), ((4, 4), 5), ((2, 3), 40)])
+def test_matches_numpy(dtype, spatial, k):
+    x, labels = make_batch(n=60, c=7, spatial=spatial, k=k, dtype=dtype)
+    si = selkernels.selectivity_index(x, labels, k)
+    expected = numpy_selectivity(x, labels, k)
+    np.testing.assert_allclose(si.double().numpy(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_matches_paper_script_forward_and_gradient_fp64():
+    x, labels = make_batch(n=40, c=6, spatial=(3, 3), k=4)
+    x.requires_grad_()
+    si = selkernels.selectivity_index(x, labels, 4)
+    si_paper = reference.paper_class_selectivity(x, labels)
+    torch.testing.assert_close(si, si_paper, rtol=1e-10, atol=1e-12)
+    w = torch.randn(6, dtype=torch.float64)
+    (g,) = torch.autograd.grad((si * w).sum(), x)
+    (g_paper,) = torch.autograd.grad((si_paper * w).sum(), x)
+    torch.testing.assert_close(g, g_paper, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_gradient(dtype):
+    x, labels = make_batch(n=32, c=5, spatial=(4, 4), k=4)
+    x_low = x.to(dtype).requires_grad_()
+    x_ref = x_low.detach().double().requires_grad_()
+    (g,) = torch.autograd.grad(selkernels.selectivity_index(x_low, labels, 4).sum(), x_low)
+    (g_ref,) = torch.autograd.grad(reference.selectivity_index_reference(x_ref, labels, 4).sum(), x_ref)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g.double(), g_ref, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 1e-2)
+
+
+def test_layouts():
+    x, labels = make_batch(n=18, c=6, spatial=(5, 5), k=4, dtype=torch.float32)
+    ref = selkernels.selectivity_index(x, labels, 4)
+    for xv in (x.to(memory_format=torch.channels_last), x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)):
+        xv = xv.clone().requires_grad_()
+        torch.testing.assert_close(selkernels.selectivity_index(xv, labels, 4), ref, rtol=1e-6, atol=1e-6)
+        (g,) = torch.autograd.grad(selkernels.selectivity_index(xv, labels, 4).sum(), xv)
+        assert g.shape == xv.shape
+
+
+def test_fewer_than_two_classes_gives_zero_and_zero_gradient():
+    x, _ = make_batch(n=8, c=4, spatial=(2, 2), k=3)
+    x.requires_grad_()
+    labels = torch.full((8,), 2)
+    si = selkernels.selectivity_index(x, labels, 3)
+    assert torch.all(si == 0)
+    (g,) = torch.autograd.grad(si.sum(), x)
+    assert torch.all(g == 0)
+    # The published script divides by zero here.
+    assert torch.isnan(reference.paper_class_selectivity(x, labels)).all()
+
+
+def test_zero_activations():
+    x = torch.zeros(6, 3, 2, 2)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.all(selkernels.selectivity_index(x, labels, 3) == 0)
+    assert torch.isnan(selkernels.selectivity_index(x, labels, 3, eps=0.0)).all()
+
+
+def test_absent_classes_are_skipped():
+    x, labels = make_batch(n=30, c=4, spatial=(2,), k=3)
+    # Same batch, labels renamed into a larger label space with gaps: SI must not change.
+    remapped = torch.tensor([1, 4, 9])[labels]
+    torch.testing.assert_close(selkernels.selectivity_index(x, remapped, 12), selkernels.selectivity_index(x, labels, 3))
+
+
+def test_ignore_index():
+    x, labels = make_batch(n=20, c=4, spatial=(3,), k=3)
+    labels_ign = labels.clone()
+    labels_ign[::4] = -100
+    keep = labels_ign != -100
+    x.requires_grad_()
+    si = selkernels.selectivity_index(x, labels_ign, 3)
+    torch.testing.assert_close(si, selkernels.selectivity_index(x[keep], labels[keep], 3))
+    (g,) = torch.autograd.grad(si.sum(), x)
+    assert torch.all(g[~keep] == 0)
+
+
+def test_gradcheck_fp64():
+    x, labels = make_batch(n=14, c=3, spatial=(2, 3), k=4)
+    labels[3] = -100
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: selkernels.selectivity_index(t, labels, 4), (x,))
+
+
+def test_raw_op_gradient_includes_means_output():
+    x, labels = make_batch(n=12, c=3, spatial=(2,), k=3)
+    x.requires_grad_()
+    op = torch.ops.selkernels.selectivity_index
+
+    def f(t):
+        si, means, _ = op(t, labels, 3, 1e-7, -100)
+        return si.sum() + (means ** 2).sum()
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_fused_equals_composition():
+    x, labels = make_batch(n=50, c=8, spatial=(3, 3), k=6, dtype=torch.float32)
+    means, counts = selkernels.class_means(x, labels, 6)
+    torch.testing.assert_close(selkernels.selectivity_index(x, labels, 6), selkernels.selectivity_from_means(means, counts))
+
+
+def test_opcheck():
+    x, labels = make_batch(n=12, c=4, spatial=(3, 2), k=3, dtype=torch.float32)
+    x.requires_grad_()
+    ops = torch.ops.selkernels
+    torch.library.opcheck(ops.selectivity_index, (x, labels, 3, 1e-7, -100))
+    si, means, counts = ops.selectivity_index(x.detach(), labels, 3, 1e-7, -100)
+    torch.library.opcheck(ops.selectivity_index_backward,
+                          (torch.randn(4), torch.zeros(3, 4), means, counts, labels, 1e-7, -100, 6, torch.float32))
+
+
+def test_torch_compile_fullgraph():
+    x, labels = make_batch(n=16, c=4, spatial=(3, 3), k=4, dtype=torch.float32)
+    x.requires_grad_()
+
+    def loss(t, lab):
+        return -selkernels.selectivity_index(t.relu(), lab, 4).mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels)
+    (g,) = torch.autograd.grad(out, x)
+    out_eager = loss(x, labels)
+    (g_eager,) = torch.autograd.grad(out_eager, x)
+    torch.testing.assert_close(out, out_eager)
+    torch.testing.assert_close(g, g_eager)
+
+
+def test_deterministic_bitwise():
+    x, labels = make_batch(n=300, c=40, spatial=(6, 6), k=9, dtype=torch.float32)
+    x.requires_grad_()
+    runs = []
+    for _ in range(3):
+        si = selkernels.selectivity_index(x, labels, 9)
+        (g,) = torch.autograd.grad(si.sum(), x)
+        runs.append((si, g.contiguous()))
+    for si, g in runs[1:]:
+        assert torch.equal(si, runs[0][0]) and torch.equal(g, runs[0][1])
