@@ -128,8 +128,10 @@ def _check_moments(count, mean, m2):
     for name, t in (("count", count), ("mean", mean), ("m2", m2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
+        if name != "count" and not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor (float64 recommended), got {t.dtype}")
+    if count.dtype == torch.bool or count.dtype.is_complex:
+        raise TypeError(f"count must be an integer or floating-point tensor, got {count.dtype}")
     batch = tuple(count.shape)
     if mean.dim() != count.dim() + 1 or tuple(mean.shape[:-1]) != batch:
         raise ValueError(f"mean must have shape [*B, D] with B = count.shape = {batch}, got {tuple(mean.shape)}")
@@ -144,7 +146,8 @@ def all_reduce_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
                        group=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact merge of running moments across the ranks of ``group`` (Chan et al.'s parallel formula).
 
-    Each rank holds moments of its own samples: ``count`` [*B] (number of samples), ``mean``
+    Each rank holds moments of its own samples: ``count`` [*B] (number of samples, integer or
+    floating; returned in its dtype), ``mean``
     [*B, D], ``m2`` [*B, D, D] (sum of outer products of deviations from ``mean``). ``*B`` is any
     batch shape: ``[]`` for one stream, ``[K]`` for per-class moments. Returns new tensors
     ``(count, mean, m2)`` of the union of all ranks' samples, identical on every rank:
@@ -177,4 +180,6 @@ def all_reduce_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
         second = m2 + n[..., None, None] * delta[..., :, None] * delta[..., None, :]
         second = second.contiguous()
         dist.all_reduce(second, op=dist.ReduceOp.SUM, group=group)
+        if not count.dtype.is_floating_point:
+            g_n = torch.round(g_n)  # integer counts travel exactly in the float buffer (< 2**53 in float64)
         return g_n.to(count.dtype), g_mean, second

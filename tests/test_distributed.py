@@ -249,6 +249,13 @@ def _check_moments(rank, world, sizes, y):
         _close(m2[k], ref[k][2], f"M2[{k}]", rtol=1e-11)
     assert n[K - 1] == 0 and torch.all(mu[K - 1] == 0) and torch.all(m2[K - 1] == 0)
 
+    # Integer counts (as StreamingCovariance keeps them) come back as exact integers.
+    counts = torch.stack([t[0] for t in per_rank]).long()
+    n_int, mu_int, m2_int = all_reduce_moments(counts, *(torch.stack(t) for t in list(zip(*per_rank))[1:]))
+    assert n_int.dtype == torch.int64 and torch.equal(n_int, n.long())
+    _close(mu_int, mu, "mean, integer counts", rtol=0, atol=0)
+    _close(m2_int, m2, "M2, integer counts", rtol=0, atol=0)
+
 
 # ----------------------------------------------------------------------------------------------
 # Scenarios run in the children
@@ -361,6 +368,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mean"):
         all_reduce_moments(torch.ones(2, dtype=torch.float64), d, torch.zeros(3, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="count"):
-        all_reduce_moments(torch.tensor(1), d, torch.zeros(3, 3, dtype=torch.float64))
+        all_reduce_moments(torch.tensor(True), d, torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="m2"):
+        all_reduce_moments(torch.tensor(1), d, torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one"):
         global_class_means([], torch.zeros(0, dtype=torch.long), K)
