@@ -279,6 +279,18 @@ def scenario_uneven(rank, world):
     _check_selectivity(rank, world, sizes, x, y)
     _check_moments(rank, world, sizes, y.clamp_min(0))
 
+    # process_group: a subgroup of ranks 1 and 2 joins only their samples (x[3:17]).
+    sub = dist.new_group([1, 2])
+    if rank in (1, 2):
+        mine = _slices(sizes)[rank]
+        pens = []
+        for sync, xb, yb, group in (("global", x[mine], y[mine], sub), ("local", x[3:17], y[3:17], None)):
+            model = _net()
+            with SelectivityRegularizer([model.act1, model.act2], ALPHA, K, sync=sync, process_group=group) as reg:
+                model(xb)
+                pens.append(reg.penalty(yb).detach())
+        _close(pens[0], pens[1], "penalty over a subgroup")
+
 
 def scenario_ddp_step(rank, world):
     """DDP step on CE + global penalty == single-process step on the joined batch (equal slices)."""
