@@ -24,6 +24,6 @@ TORCH_LIBRARY(selkernels, m) {
       "selectivity_index(Tensor x, Tensor labels, int num_classes, float eps, int ignore_index) "
       "-> (Tensor si, Tensor means, Tensor counts)");
   m.def(
-      "selectivity_index_backward(Tensor grad_si, Tensor grad_means, Tensor means, Tensor counts, Tensor labels, float eps, "
+      "selectivity_index_backward(Tensor grad_si, Tensor? grad_means, Tensor means, Tensor counts, Tensor labels, float eps, "
       "int ignore_index, SymInt spatial_size, ScalarType out_dtype) -> Tensor");
 }

@@ -61,17 +61,30 @@ def _check_labels(labels, n: int, device: torch.device, num_classes: int, ignore
         raise ValueError(f"labels must be on the same device as x ({device}), got {labels.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    # Reading the values is a host sync on CUDA; skipped while compiling, where the kernels still
-    # refuse (CPU) or skip (CUDA) out-of-range labels without touching memory out of bounds.
-    if not torch.compiler.is_compiling() and labels.numel() > 0:
+    # The CPU kernel checks the values while it counting-sorts the labels, before it reads x
+    # (_run_checked turns its error into a ValueError). On other devices the check is a host
+    # sync, skipped while compiling; the CUDA kernels skip out-of-range labels without touching
+    # memory out of bounds.
+    if device.type != "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             first = int(labels[bad][0])
-            raise ValueError(
-                f"labels must lie in [0, num_classes={num_classes}) or equal ignore_index={ignore_index}; "
-                f"found {first}"
-            )
+            raise ValueError(f"labels must lie in [0, num_classes={num_classes}) or equal "
+                             f"ignore_index={ignore_index}; found {first}")
     return labels.long()
+
+
+_LABEL_ERROR = "selkernels: labels must lie in"
+
+
+def _run_checked(op, *args):
+    try:
+        return op(*args)
+    except RuntimeError as err:
+        message = str(err)
+        if message.startswith(_LABEL_ERROR):
+            raise ValueError(message[len("selkernels: "):].splitlines()[0]) from None
+        raise
 
 
 def _spatial_size(shape) -> int:
@@ -104,7 +117,7 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     _check_activations(x)
     num_classes = _check_num_classes(num_classes)
     labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
-    return _ops.class_means(x, labels, num_classes, ignore_index)
+    return _run_checked(_ops.class_means, x, labels, num_classes, ignore_index)
 
 
 @torch.library.register_fake("selkernels::class_means")
@@ -216,7 +229,7 @@ def selectivity_index(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *
     num_classes = _check_num_classes(num_classes)
     eps = _check_eps(eps)
     labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
-    si, _, _ = _ops.selectivity_index(x, labels, num_classes, eps, ignore_index)
+    si, _, _ = _run_checked(_ops.selectivity_index, x, labels, num_classes, eps, ignore_index)
     return si
 
 
@@ -236,6 +249,9 @@ def _selectivity_index_setup(ctx, inputs, output):
     x, labels, _, eps, ignore_index = inputs
     _, means, counts = output
     ctx.save_for_backward(labels, means, counts)
+    # means/counts exist for the backward; when unused their gradient stays None (not zeros), so
+    # the backward skips the [K, C] term.
+    ctx.set_materialize_grads(False)
     ctx.x_shape = x.shape
     ctx.x_dtype = x.dtype
     ctx.eps = eps
@@ -244,7 +260,9 @@ def _selectivity_index_setup(ctx, inputs, output):
 
 def _selectivity_index_backward(ctx, grad_si, grad_means, grad_counts):
     labels, means, counts = ctx.saved_tensors
-    grad_unit = _ops.selectivity_index_backward(grad_si.contiguous(), grad_means.contiguous(), means, counts, labels, ctx.eps,
+    if grad_si is None:
+        grad_si = means.new_zeros(means.shape[1])
+    grad_unit = _ops.selectivity_index_backward(grad_si.contiguous(), grad_means, means, counts, labels, ctx.eps,
                                                 ctx.ignore_index, _spatial_size(ctx.x_shape), ctx.x_dtype)
     return _broadcast_unit_grad(grad_unit, ctx.x_shape), None, None, None, None
 

@@ -137,8 +137,9 @@ def test_opcheck():
     ops = torch.ops.selkernels
     torch.library.opcheck(ops.selectivity_index, (x, labels, 3, 1e-7, -100))
     si, means, counts = ops.selectivity_index(x.detach(), labels, 3, 1e-7, -100)
-    torch.library.opcheck(ops.selectivity_index_backward,
-                          (torch.randn(4), torch.zeros(3, 4), means, counts, labels, 1e-7, -100, 6, torch.float32))
+    for grad_means in (None, torch.randn(3, 4)):
+        torch.library.opcheck(ops.selectivity_index_backward,
+                              (torch.randn(4), grad_means, means, counts, labels, 1e-7, -100, 6, torch.float32))
 
 
 def test_torch_compile_fullgraph():

@@ -15,6 +15,29 @@
 
 namespace selk {
 
+// SI from the largest present class mean and the mean of the other present class means.
+template <typename acc_t>
+SELK_HOST_DEVICE inline acc_t selectivity_value(acc_t mu_max, acc_t mu_rest, acc_t eps) {
+  return (mu_max - mu_rest) / (mu_max + mu_rest + eps);
+}
+
+// grad_si * dSI/dmu[k] for k = argmax (*g_max) and for every other present class (*g_rest).
+// SI = (a - b) / (a + b + eps): dSI/da = (2b + eps) / denom^2, dSI/db = -(2a + eps) / denom^2,
+// and b averages the present - 1 non-max present classes.
+template <typename acc_t>
+SELK_HOST_DEVICE inline void selectivity_grad_coeffs(acc_t mu_max, acc_t mu_rest, int64_t present, acc_t eps,
+                                                     acc_t grad_si, acc_t* g_max, acc_t* g_rest) {
+  if (present < 2) {
+    *g_max = acc_t(0);
+    *g_rest = acc_t(0);
+    return;
+  }
+  const acc_t denom = mu_max + mu_rest + eps;
+  const acc_t inv_denom2 = acc_t(1) / (denom * denom);
+  *g_max = grad_si * (acc_t(2) * mu_rest + eps) * inv_denom2;
+  *g_rest = -grad_si * (acc_t(2) * mu_max + eps) * inv_denom2 / static_cast<acc_t>(present - 1);
+}
+
 template <typename acc_t>
 struct SelectivityTerms {
   acc_t si;
@@ -48,7 +71,7 @@ SELK_HOST_DEVICE inline SelectivityTerms<acc_t> selectivity_terms(const mean_t* 
     return t;
   }
   t.mu_rest = (sum - t.mu_max) / static_cast<acc_t>(t.present - 1);
-  t.si = (t.mu_max - t.mu_rest) / (t.mu_max + t.mu_rest + eps);
+  t.si = selectivity_value(t.mu_max, t.mu_rest, eps);
   return t;
 }
 
@@ -57,16 +80,8 @@ template <typename acc_t, typename out_t>
 SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si,
                                               const int64_t* counts, int64_t K, acc_t eps,
                                               out_t* grad_means, int64_t stride) {
-  if (t.present < 2) {
-    for (int64_t k = 0; k < K; ++k) grad_means[k * stride] = out_t(0);
-    return;
-  }
-  const acc_t denom = t.mu_max + t.mu_rest + eps;
-  const acc_t inv_denom2 = acc_t(1) / (denom * denom);
-  // SI = (a - b) / (a + b + eps): dSI/da = (2b + eps) / denom^2, dSI/db = -(2a + eps) / denom^2,
-  // and b averages the P - 1 non-max present classes.
-  const acc_t g_max = grad_si * (acc_t(2) * t.mu_rest + eps) * inv_denom2;
-  const acc_t g_rest = -grad_si * (acc_t(2) * t.mu_max + eps) * inv_denom2 / static_cast<acc_t>(t.present - 1);
+  acc_t g_max, g_rest;
+  selectivity_grad_coeffs(t.mu_max, t.mu_rest, t.present, eps, grad_si, &g_max, &g_rest);
   for (int64_t k = 0; k < K; ++k) {
     acc_t g = acc_t(0);
     if (counts[k] > 0) g = (k == t.argmax) ? g_max : g_rest;

@@ -26,30 +26,57 @@ namespace {
 #define SELK_TARGET_CLONES
 #endif
 
+// Each vectorized loop is compiled once per instruction set and called once per chunk of rows, so
+// the dispatch costs one indirect call per chunk, not per row.
+
+// out[r] = scale * sum(p[r * S .. r * S + S)) for r < rows (NCHW: rows are (n, c) pairs).
 template <typename scalar_t, typename acc_t>
-inline __attribute__((always_inline)) acc_t row_sum_body(const scalar_t* __restrict__ p, int64_t len) {
-  acc_t sum = acc_t(0);
+inline __attribute__((always_inline)) void row_means_body(const scalar_t* __restrict__ p, int64_t rows, int64_t S,
+                                                          acc_t scale, acc_t* __restrict__ out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = p + r * S;
+    acc_t sum = acc_t(0);
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < len; ++i) sum += static_cast<acc_t>(p[i]);
-  return sum;
+    for (int64_t i = 0; i < S; ++i) sum += static_cast<acc_t>(row[i]);
+    out[r] = sum * scale;
+  }
 }
 
-// acc[c] += row[c]: the inner loop of the channels_last reduction.
+// out[c] = scale * sum over s of p[s * C + c] (channels_last: one sample's [S, C] block).
 template <typename scalar_t, typename acc_t>
-inline __attribute__((always_inline)) void add_row_body(acc_t* __restrict__ acc, const scalar_t* __restrict__ row,
+inline __attribute__((always_inline)) void column_means_body(const scalar_t* __restrict__ p, int64_t S, int64_t C,
+                                                             acc_t scale, acc_t* __restrict__ out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = acc_t(0);
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* row = p + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] += static_cast<acc_t>(row[c]);
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] *= scale;
+}
+
+#define SELK_MEANS_FOR(scalar_t, acc_t)                                                                        \
+  SELK_TARGET_CLONES void row_means(const scalar_t* p, int64_t rows, int64_t S, acc_t scale, acc_t* out) {     \
+    row_means_body(p, rows, S, scale, out);                                                                    \
+  }                                                                                                            \
+  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale, acc_t* out) {     \
+    column_means_body(p, S, C, scale, out);                                                                    \
+  }
+SELK_MEANS_FOR(double, double)
+SELK_MEANS_FOR(float, float)
+SELK_MEANS_FOR(c10::BFloat16, float)
+SELK_MEANS_FOR(c10::Half, float)
+#undef SELK_MEANS_FOR
+
+template <typename acc_t>
+inline __attribute__((always_inline)) void add_row_body(acc_t* __restrict__ acc, const acc_t* __restrict__ row,
                                                         int64_t len) {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<acc_t>(row[i]);
+  for (int64_t i = 0; i < len; ++i) acc[i] += row[i];
 }
-
-SELK_TARGET_CLONES double row_sum(const double* p, int64_t n) { return row_sum_body<double, double>(p, n); }
-SELK_TARGET_CLONES float row_sum(const float* p, int64_t n) { return row_sum_body<float, float>(p, n); }
-SELK_TARGET_CLONES float row_sum(const c10::BFloat16* p, int64_t n) { return row_sum_body<c10::BFloat16, float>(p, n); }
-SELK_TARGET_CLONES float row_sum(const c10::Half* p, int64_t n) { return row_sum_body<c10::Half, float>(p, n); }
-SELK_TARGET_CLONES void add_row(double* a, const double* r, int64_t n) { add_row_body(a, r, n); }
-SELK_TARGET_CLONES void add_row(float* a, const float* r, int64_t n) { add_row_body(a, r, n); }
-SELK_TARGET_CLONES void add_row(float* a, const c10::BFloat16* r, int64_t n) { add_row_body(a, r, n); }
-SELK_TARGET_CLONES void add_row(float* a, const c10::Half* r, int64_t n) { add_row_body(a, r, n); }
+SELK_TARGET_CLONES void add_row(float* acc, const float* row, int64_t len) { add_row_body(acc, row, len); }
+SELK_TARGET_CLONES void add_row(double* acc, const double* row, int64_t len) { add_row_body(acc, row, len); }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -69,8 +96,9 @@ LabelSegments segment_labels(const at::Tensor& labels, int64_t K, int64_t ignore
   int64_t* counts = seg.counts.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
     if (l[n] == ignore_index) continue;
-    TORCH_CHECK(l[n] >= 0 && l[n] < K, "selkernels: labels[", n, "] = ", l[n], " is outside [0, num_classes=", K,
-                ") and is not ignore_index=", ignore_index);
+    // selkernels/ops.py turns this message into a ValueError: keep its prefix.
+    TORCH_CHECK(l[n] >= 0 && l[n] < K, "selkernels: labels must lie in [0, num_classes=", K,
+                ") or equal ignore_index=", ignore_index, "; found labels[", n, "] = ", l[n]);
     ++counts[l[n]];
   }
   seg.offsets.assign(K + 1, 0);
@@ -107,12 +135,7 @@ void unit_means(const at::Tensor& x_in, acc_t* a) {
     // Memory is [N, S, C]: accumulate rows of C so the inner loop is unit-stride.
     const scalar_t* p = x_in.data_ptr<scalar_t>();
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        acc_t* out = a + n * C;
-        std::fill(out, out + C, acc_t(0));
-        for (int64_t s = 0; s < S; ++s) add_row(out, p + (n * S + s) * C, C);
-        for (int64_t c = 0; c < C; ++c) out[c] *= inv_S;
-      }
+      for (int64_t n = b; n < e; ++n) column_means(p + n * S * C, S, C, inv_S, a + n * C);
     });
     return;
   }
@@ -120,9 +143,7 @@ void unit_means(const at::Tensor& x_in, acc_t* a) {
   const at::Tensor x = x_in.contiguous();
   const scalar_t* p = x.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / S);
-  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) a[r] = row_sum(p + r * S, S) * inv_S;
-  });
+  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) { row_means(p + b * S, e - b, S, inv_S, a + b); });
 }
 
 // Phase 2: means[k, c] from the unit means, in label-sorted order (deterministic).
@@ -170,12 +191,47 @@ std::tuple<at::Tensor, at::Tensor> class_means_impl(const at::Tensor& x, const a
   return {means, seg.counts};
 }
 
+// Per-unit SI terms for units [c0, c1), sweeping the [K, C] means row by row so the inner loop is
+// unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's coalescing instead).
+// Same semantics: present = classes with count > 0, first maximum on ties, NaN propagates.
 template <typename acc_t>
-void selectivity_rows(const acc_t* means, const int64_t* counts, int64_t K, int64_t C, acc_t eps, acc_t* si) {
-  at::parallel_for(0, C, 64, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) si[c] = selectivity_terms<acc_t>(means + c, C, counts, K, eps).si;
-  });
+struct UnitTerms {
+  std::vector<acc_t> mu_max, mu_rest;
+  std::vector<int64_t> argmax;
+  int64_t present = 0;
+};
+
+template <typename acc_t>
+void unit_terms(const acc_t* means, const int64_t* counts, int64_t K, int64_t C, int64_t c0, int64_t c1,
+                UnitTerms<acc_t>& t) {
+  const int64_t len = c1 - c0;
+  t.mu_max.assign(len, acc_t(0));
+  t.mu_rest.assign(len, acc_t(0));
+  t.argmax.assign(len, -1);
+  std::vector<acc_t> sum(len, acc_t(0));
+  t.present = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (counts[k] <= 0) continue;
+    const acc_t* row = means + k * C + c0;
+    for (int64_t c = 0; c < len; ++c) {
+      sum[c] += row[c];
+      if (t.present == 0 || !(row[c] <= t.mu_max[c])) {
+        t.mu_max[c] = row[c];
+        t.argmax[c] = k;
+      }
+    }
+    ++t.present;
+  }
+  if (t.present < 2) {
+    std::fill(t.mu_max.begin(), t.mu_max.end(), acc_t(0));
+    std::fill(t.argmax.begin(), t.argmax.end(), -1);
+    return;
+  }
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(t.present - 1);
+  for (int64_t c = 0; c < len; ++c) t.mu_rest[c] = (sum[c] - t.mu_max[c]) * inv;
 }
+
+constexpr int64_t kUnitBlock = 256;
 
 at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tensor& counts_in, double eps) {
   TORCH_CHECK(means_in.dim() == 2, "selkernels: means must be [K, C]");
@@ -185,8 +241,16 @@ at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tens
   const int64_t K = means.size(0), C = means.size(1);
   at::Tensor si = at::empty({C}, means.options());
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity", [&] {
-    selectivity_rows<scalar_t>(means.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), K, C,
-                               static_cast<scalar_t>(eps), si.data_ptr<scalar_t>());
+    const scalar_t* m = means.data_ptr<scalar_t>();
+    const int64_t* cnt = counts.data_ptr<int64_t>();
+    scalar_t* out = si.data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, C, kUnitBlock, [&](int64_t c0, int64_t c1) {
+      UnitTerms<scalar_t> t;
+      unit_terms(m, cnt, K, C, c0, c1, t);
+      for (int64_t c = c0; c < c1; ++c)
+        out[c] = t.present < 2 ? scalar_t(0) : selectivity_value(t.mu_max[c - c0], t.mu_rest[c - c0], e);
+    });
   });
   return si;
 }
@@ -204,10 +268,17 @@ at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, con
     const int64_t* cnt = counts.data_ptr<int64_t>();
     scalar_t* gm = grad_means.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, C, 64, [&](int64_t b, int64_t end) {
-      for (int64_t c = b; c < end; ++c) {
-        const auto terms = selectivity_terms<scalar_t>(m + c, C, cnt, K, e);
-        selectivity_grad<scalar_t>(terms, g[c], cnt, K, e, gm + c, C);
+    at::parallel_for(0, C, kUnitBlock, [&](int64_t c0, int64_t c1) {
+      UnitTerms<scalar_t> t;
+      unit_terms(m, cnt, K, C, c0, c1, t);
+      std::vector<scalar_t> g_max(c1 - c0), g_rest(c1 - c0);
+      for (int64_t c = c0; c < c1; ++c)
+        selectivity_grad_coeffs(t.mu_max[c - c0], t.mu_rest[c - c0], t.present, e, g[c], &g_max[c - c0],
+                                &g_rest[c - c0]);
+      for (int64_t k = 0; k < K; ++k) {
+        scalar_t* row = gm + k * C;
+        for (int64_t c = c0; c < c1; ++c)
+          row[c] = cnt[k] <= 0 ? scalar_t(0) : (t.argmax[c - c0] == k ? g_max[c - c0] : g_rest[c - c0]);
       }
     });
   });
@@ -253,13 +324,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selectivity_index_cpu(const at::T
   return {selectivity_from_means_cpu(means, counts, eps), means, counts};
 }
 
-at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si, const at::Tensor& grad_means_out,
-                                          const at::Tensor& means,
-                                          const at::Tensor& counts, const at::Tensor& labels, double eps,
-                                          int64_t ignore_index, int64_t spatial_size, at::ScalarType out_dtype) {
-  // grad_means_out: gradient flowing into the op's `means` output, zero when only SI is used.
-  const at::Tensor grad_means = selectivity_from_means_backward_cpu(grad_si, means, counts, eps).add_(grad_means_out);
-  return class_means_backward_cpu(grad_means, counts, labels, ignore_index, spatial_size, out_dtype);
+// Without materialising a [K, C] gradient: d SI_c / d means[k, c] is g_max[c] for k = argmax[c],
+// g_rest[c] for the other present classes, so each sample needs only its unit's argmax.
+// grad_means_out (the gradient reaching the op's `means` output) is undefined when unused.
+at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si_in, const c10::optional<at::Tensor>& grad_means_out,
+                                          const at::Tensor& means_in, const at::Tensor& counts_in,
+                                          const at::Tensor& labels_in, double eps, int64_t ignore_index,
+                                          int64_t spatial_size, at::ScalarType out_dtype) {
+  const at::Tensor means = means_in.contiguous();
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor grad_si = grad_si_in.to(means.scalar_type()).contiguous();
+  const bool has_extra = grad_means_out.has_value() && grad_means_out->defined();
+  const at::Tensor extra = has_extra ? grad_means_out->to(means.scalar_type()).contiguous() : at::Tensor();
+  const int64_t N = labels.size(0), K = means.size(0), C = means.size(1);
+  at::Tensor out = at::empty({N, C}, means.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity_index_backward_acc", [&] {
+    using acc_t = scalar_t;
+    const acc_t* m = means.data_ptr<acc_t>();
+    const acc_t* g = grad_si.data_ptr<acc_t>();
+    const acc_t* gx = has_extra ? extra.data_ptr<acc_t>() : nullptr;
+    const int64_t* cnt = counts.data_ptr<int64_t>();
+    const int64_t* l = labels.data_ptr<int64_t>();
+    const auto e = static_cast<acc_t>(eps);
+    std::vector<acc_t> g_max(C), g_rest(C);
+    std::vector<int64_t> argmax(C);
+    at::parallel_for(0, C, kUnitBlock, [&](int64_t c0, int64_t c1) {
+      UnitTerms<acc_t> t;
+      unit_terms(m, cnt, K, C, c0, c1, t);
+      for (int64_t c = c0; c < c1; ++c) {
+        selectivity_grad_coeffs(t.mu_max[c - c0], t.mu_rest[c - c0], t.present, e, g[c], &g_max[c], &g_rest[c]);
+        argmax[c] = t.argmax[c - c0];
+      }
+    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_selectivity_index_backward", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, N, 16, [&](int64_t b, int64_t end) {
+        for (int64_t n = b; n < end; ++n) {
+          const int64_t k = l[n];
+          scalar_t* row = o + n * C;
+          if (k == ignore_index || k < 0 || k >= K || cnt[k] == 0) {
+            std::fill(row, row + C, scalar_t(0));
+            continue;
+          }
+          const acc_t scale = acc_t(1) / (static_cast<acc_t>(cnt[k]) * static_cast<acc_t>(spatial_size));
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t grad = argmax[c] == k ? g_max[c] : g_rest[c];
+            if (gx != nullptr) grad += gx[k * C + c];
+            row[c] = static_cast<scalar_t>(grad * scale);
+          }
+        }
+      });
+    });
+  });
+  return out;
 }
 
 }  // namespace
