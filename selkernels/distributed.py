@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means
+from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
 __all__ = ["is_distributed", "world_size", "all_reduce_sum", "global_class_means", "global_selectivity_index",
            "all_reduce_moments"]
@@ -80,6 +80,8 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
 
     Communication: one all-reduce of ``K * sum_l C_l + K`` elements forward (the per-class sums of
     every layer and the class counts, once), and one of the same size backward when differentiated.
+    With one rank (or no initialized process group) it is :func:`selkernels.class_means` per layer,
+    no communication.
     """
     xs = list(xs)
     if not xs:
@@ -88,6 +90,8 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     local = [class_means(x, labels, num_classes, ignore_index=ignore_index) for x in xs]
     # The widest accumulation type, so all layers share one buffer and one collective.
     acc = torch.float64 if any(m.dtype == torch.float64 for m, _ in local) else torch.float32
+    if world_size(group) == 1:
+        return [m.to(acc) for m, _ in local], local[0][1]
     counts = local[0][1]
     counts_f = counts.to(acc)
     # Sums, not means, are what add across ranks; counts are exact in the float buffer up to 2**24
@@ -114,10 +118,15 @@ def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], la
     (see :func:`global_class_means`). SI follows :func:`selkernels.selectivity_from_means` on the
     global class means and counts (fewer than two classes present over all ranks: SI = 0).
     Identical on every rank; differentiable w.r.t. ``xs``, every rank must call it and (when
-    differentiated) run the backward.
+    differentiated) run the backward. With one rank (or no initialized process group) it is
+    :func:`selkernels.selectivity_index` per layer exactly, no communication.
     """
     single = isinstance(xs, torch.Tensor)
     eps = _check_eps(eps)
+    if world_size(group) == 1:
+        si = [selectivity_index(x, labels, num_classes, eps=eps, ignore_index=ignore_index)
+              for x in ([xs] if single else xs)]
+        return si[0] if single else si
     means, counts = global_class_means([xs] if single else xs, labels, num_classes, ignore_index=ignore_index,
                                        group=group)
     si = [selectivity_from_means(m, counts, eps) for m in means]

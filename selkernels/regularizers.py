@@ -91,10 +91,10 @@ class SelectivityRegularizer:
         if use_global:
             si = _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
                                                 ignore_index=self.ignore_index, group=self.process_group)
-            return torch.stack([s.mean() for s in si])
-        si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index).mean()
-              for out in outputs]
-        return torch.stack(si)
+        else:
+            si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index)
+                  for out in outputs]
+        return torch.stack([s.mean() for s in si])
 
     def _is_global(self) -> bool:
         """Whether this step joins the ranks' batches: decided per call, so a regularizer built

@@ -368,6 +368,14 @@ def test_without_process_group():
         model(x)
         with pytest.raises(RuntimeError, match="not initialized"):
             reg.penalty(y)
+    # The functional API is the single-device op exactly.
+    a = torch.rand(16, 3, 2, dtype=torch.float64)
+    si = global_selectivity_index([a, a.float()], y, K)
+    assert torch.equal(si[0], selkernels.selectivity_index(a, y, K))
+    assert torch.equal(si[1], selkernels.selectivity_index(a.float(), y, K))
+    means, counts = global_class_means([a], y, K)
+    ref_means, ref_counts = selkernels.class_means(a, y, K)
+    assert torch.equal(means[0], ref_means) and torch.equal(counts, ref_counts)
 
 
 def test_bad_arguments():
