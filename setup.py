@@ -54,8 +54,9 @@ def _cuda_include_dirs():
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # -g0: Python's default -g makes a 12 MB .so and doubles build time.
-    cxx = ["-O3", "-g0", "-std=c++17"]
+    # -g0: Python's default -g makes a 12 MB .so and doubles build time. No -std: cpp_extension
+    # passes the standard the installed torch's headers need (C++20 for torch >= 2.13) to g++ and nvcc.
+    cxx = ["-O3", "-g0"]
     ldflags = []
     if torch.backends.openmp.is_available():
         # cpp_extension adds no OpenMP: without it at::parallel_for runs on one thread.
@@ -73,7 +74,7 @@ def _extension():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("SELKERNELS_WITH_CUDA", None))
         include_dirs += _cuda_include_dirs()
-        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext_cls = cpp_extension.CUDAExtension
     return ext_cls(
         name="selkernels._C",

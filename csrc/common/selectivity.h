@@ -75,17 +75,34 @@ SELK_HOST_DEVICE inline SelectivityTerms<acc_t> selectivity_terms(const mean_t* 
   return t;
 }
 
+// The same coefficients with the class they apply to, for kernels that never materialise the
+// [K, C] gradient (the fused backwards): g_max for k == argmax, g_rest for the other present
+// classes, 0 for absent ones; all zero (argmax = -1) when P < 2.
+template <typename acc_t>
+struct SelectivityGradCoeffs {
+  acc_t g_max;
+  acc_t g_rest;
+  int64_t argmax;
+};
+
+template <typename acc_t>
+SELK_HOST_DEVICE inline SelectivityGradCoeffs<acc_t> selectivity_grad_coeffs(const SelectivityTerms<acc_t>& t,
+                                                                             acc_t grad_si, acc_t eps) {
+  SelectivityGradCoeffs<acc_t> g{acc_t(0), acc_t(0), t.argmax};
+  selectivity_grad_coeffs(t.mu_max, t.mu_rest, t.present, eps, grad_si, &g.g_max, &g.g_rest);
+  return g;
+}
+
 // d SI / d mu[k] scaled by grad_si, written to grad_means[k * stride] for every k (0 if absent).
 template <typename acc_t, typename out_t>
 SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si,
                                               const int64_t* counts, int64_t K, acc_t eps,
                                               out_t* grad_means, int64_t stride) {
-  acc_t g_max, g_rest;
-  selectivity_grad_coeffs(t.mu_max, t.mu_rest, t.present, eps, grad_si, &g_max, &g_rest);
+  const SelectivityGradCoeffs<acc_t> g = selectivity_grad_coeffs(t, grad_si, eps);
   for (int64_t k = 0; k < K; ++k) {
-    acc_t g = acc_t(0);
-    if (counts[k] > 0) g = (k == t.argmax) ? g_max : g_rest;
-    grad_means[k * stride] = static_cast<out_t>(g);
+    acc_t v = acc_t(0);
+    if (counts[k] > 0) v = (k == g.argmax) ? g.g_max : g.g_rest;
+    grad_means[k * stride] = static_cast<out_t>(v);
   }
 }
 

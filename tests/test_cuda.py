@@ -1,0 +1,217 @@
+"""CUDA kernels of the selectivity family against the CPU kernels (themselves tested against fp64
+oracles in test_class_means.py / test_selectivity_index.py). Skipped without a GPU.
+
+Under the CUDA sanitizers (on a GPU machine, from the repository root):
+    compute-sanitizer --tool memcheck  --leak-check full .venv/bin/python -m pytest tests/test_cuda.py -q -x
+    compute-sanitizer --tool racecheck .venv/bin/python -m pytest tests/test_cuda.py -q -x
+    compute-sanitizer --tool synccheck .venv/bin/python -m pytest tests/test_cuda.py -q -x
+    compute-sanitizer --tool initcheck .venv/bin/python -m pytest tests/test_cuda.py -q -x
+"""
+import pytest
+import torch
+
+import selkernels
+from conftest import make_batch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# CUDA and CPU both accumulate in fp32 (fp64) but in different orders; fp16/bf16 inputs are exact
+# in fp32, so the tolerance is that of fp32 summation, not of the storage type.
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+GRAD_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+_ops = torch.ops.selkernels
+
+
+def _layout(x, layout):
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.to(memory_format=torch.channels_last)
+    if layout == "transposed":  # a stride pattern the kernels copy once
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+def _to_cuda(x, layout):
+    return _layout(x.cuda(), layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("spatial,k", [((4, 4), 5), ((7, 7), 40), ((1, 1), 3), ((2, 3), 1500)])
+def test_class_means_matches_cpu(dtype, layout, spatial, k):
+    x, labels = make_batch(n=70, c=37, spatial=spatial, k=min(k, 70), dtype=dtype, relu=False)
+    means_cpu, counts_cpu = selkernels.class_means(x, labels, k)
+    means, counts = selkernels.class_means(_to_cuda(x, layout), labels.cuda(), k)
+    assert means.dtype == means_cpu.dtype and counts.dtype == torch.int64 and means.is_cuda
+    torch.testing.assert_close(counts.cpu(), counts_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(means.cpu(), means_cpu, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(50, 13), (33, 8, 1), (300, 260, 3), (5, 3, 2, 2, 2)])
+def test_other_shapes_match_cpu(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, 7, (shape[0],), generator=g)
+    si_cpu, means_cpu, counts_cpu = _ops.selectivity_index(x, labels, 7, 1e-7, -100)
+    si, means, counts = _ops.selectivity_index(x.cuda(), labels.cuda(), 7, 1e-7, -100)
+    torch.testing.assert_close(counts.cpu(), counts_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(means.cpu(), means_cpu, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(si.cpu(), si_cpu, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-5)
+
+
+def test_strided_2d_input():
+    x, labels = make_batch(n=40, c=24, spatial=(), k=4, dtype=torch.float32)
+    xc = x.cuda().t().contiguous().t()  # [N, C] with stride (1, N): read in place
+    torch.testing.assert_close(selkernels.class_means(xc, labels.cuda(), 4)[0].cpu(),
+                               selkernels.class_means(x, labels, 4)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_misaligned_rows_use_the_scalar_path():
+    # S * 4 bytes = 20 is not a multiple of 16, and a storage offset misaligns the base.
+    base = torch.randn(1 + 30 * 6 * 5, dtype=torch.float32)
+    x = base[1:].view(30, 6, 5)
+    labels = torch.arange(30) % 4
+    torch.testing.assert_close(selkernels.class_means(x.cuda(), labels.cuda(), 4)[0].cpu(),
+                               selkernels.class_means(x, labels, 4)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_ignore_index_absent_classes_and_large_k():
+    x, labels = make_batch(n=300, c=20, spatial=(3, 3), k=9, dtype=torch.float32)
+    labels[::4] = -1
+    labels[1] = 20000  # a class far beyond those seen, K too large for the shared-memory counts
+    k = 20001
+    si_cpu, means_cpu, counts_cpu = _ops.selectivity_index(x, labels, k, 1e-7, -1)
+    si, means, counts = _ops.selectivity_index(x.cuda(), labels.cuda(), k, 1e-7, -1)
+    torch.testing.assert_close(counts.cpu(), counts_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(means.cpu(), means_cpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(si.cpu(), si_cpu, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_range_labels_are_skipped_not_read():
+    # The raw op on CUDA cannot raise without a host sync: it must skip such labels safely.
+    x = torch.randn(16, 4, 3, device="cuda")
+    labels = torch.tensor([0, 1, 5, -7, 1, 0, 2, 99, 0, 1, 2, 2, 1, 0, 1, 2], device="cuda")
+    means, counts = _ops.class_means(x, labels, 3, -100)
+    ok = (labels >= 0) & (labels < 3)
+    a = x.mean(2)
+    for cls in range(3):
+        sel = ok & (labels == cls)
+        assert int(counts[cls]) == int(sel.sum())
+        torch.testing.assert_close(means[cls], a[sel].mean(0), rtol=1e-6, atol=1e-6)
+    g = _ops.class_means_backward(torch.ones(3, 4, device="cuda"), counts, labels, -100, 3, torch.float32)
+    assert torch.all(g[~ok] == 0)
+
+
+def test_fewer_than_two_classes_and_empty_batch():
+    x = torch.randn(8, 5, 2, 2, device="cuda", requires_grad=True)
+    si = selkernels.selectivity_index(x, torch.zeros(8, dtype=torch.long, device="cuda"), 4)
+    assert torch.all(si == 0)
+    (g,) = torch.autograd.grad(si.sum(), x)
+    assert torch.all(g == 0)
+    means, counts = selkernels.class_means(torch.randn(0, 5, 3, device="cuda"),
+                                           torch.zeros(0, dtype=torch.long, device="cuda"), 3)
+    assert torch.all(means == 0) and torch.all(counts == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradients_match_cpu(dtype, layout):
+    x, labels = make_batch(n=48, c=10, spatial=(3, 3), k=6, dtype=dtype)
+    w = torch.randn(10, dtype=torch.float64)
+    wm = torch.randn(6, 10, dtype=torch.float64)
+
+    def grads(xx, lab, ww, wwm):
+        xx = xx.requires_grad_()
+        si, means, _ = _ops.selectivity_index(xx, lab, 6, 1e-7, -100)
+        (g_si,) = torch.autograd.grad((si * ww.to(si.dtype)).sum() + (means * wwm.to(si.dtype)).sum(), xx)
+        means2, _ = selkernels.class_means(xx, lab, 6)
+        (g_cm,) = torch.autograd.grad((means2 * wwm.to(means2.dtype)).sum(), xx)
+        return g_si, g_cm
+
+    cpu = grads(x.clone(), labels, w, wm)
+    gpu = grads(_to_cuda(x, layout), labels.cuda(), w.cuda(), wm.cuda())
+    for a, b in zip(gpu, cpu):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.cpu().double(), b.double(), rtol=GRAD_TOL[dtype], atol=GRAD_TOL[dtype] * 1e-2)
+
+
+def test_selectivity_from_means_and_backward_match_cpu():
+    g = torch.Generator().manual_seed(3)
+    means = torch.randn(30, 50, generator=g, dtype=torch.float64).abs()
+    counts = torch.randint(0, 3, (30,), generator=g)
+    grad_si = torch.randn(50, generator=g, dtype=torch.float64)
+    for dt in (torch.float64, torch.float32):
+        m = means.to(dt)
+        torch.testing.assert_close(_ops.selectivity_from_means(m.cuda(), counts.cuda(), 1e-7).cpu(),
+                                   _ops.selectivity_from_means(m, counts, 1e-7))
+        torch.testing.assert_close(
+            _ops.selectivity_from_means_backward(grad_si.to(dt).cuda(), m.cuda(), counts.cuda(), 1e-7).cpu(),
+            _ops.selectivity_from_means_backward(grad_si.to(dt), m, counts, 1e-7))
+
+
+def test_gradcheck_fp64():
+    x, labels = make_batch(n=12, c=3, spatial=(2, 2), k=3)
+    x = x.cuda().requires_grad_()
+    labels = labels.cuda()
+    assert torch.autograd.gradcheck(lambda t: selkernels.selectivity_index(t, labels, 3), (x,))
+    assert torch.autograd.gradcheck(lambda t: selkernels.class_means(t, labels, 3)[0], (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_deterministic_bitwise(dtype, layout):
+    x, labels = make_batch(n=512, c=64, spatial=(8, 8), k=100, dtype=dtype)
+    x = _to_cuda(x, layout).requires_grad_()
+    labels = labels.cuda()
+    runs = []
+    for _ in range(3):
+        si = selkernels.selectivity_index(x, labels, 100)
+        (g,) = torch.autograd.grad(si.sum(), x)
+        runs.append((si, g))
+    for si, g in runs[1:]:
+        assert torch.equal(si, runs[0][0]) and torch.equal(g, runs[0][1])
+
+
+def test_deterministic_algorithms_mode():
+    x, labels = make_batch(n=32, c=8, spatial=(2, 2), k=4, dtype=torch.float32)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        si = selkernels.selectivity_index(x.cuda(), labels.cuda(), 4)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    torch.testing.assert_close(si.cpu(), selkernels.selectivity_index(x, labels, 4), rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_cuda():
+    x, labels = make_batch(n=20, c=5, spatial=(2, 2), k=4, dtype=torch.float32)
+    x, labels = x.cuda().requires_grad_(), labels.cuda()
+    torch.library.opcheck(_ops.selectivity_index, (x, labels, 4, 1e-7, -100))
+    torch.library.opcheck(_ops.class_means, (x, labels, 4, -100))
+
+
+def test_cuda_graph_capture():
+    x, labels = make_batch(n=64, c=16, spatial=(4, 4), k=10, dtype=torch.float32)
+    x, labels = x.cuda(), labels.cuda()
+    expected = _ops.selectivity_index(x, labels, 10, 1e-7, -100)[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _ops.selectivity_index(x, labels, 10, 1e-7, -100)  # warm-up outside capture
+        with torch.cuda.graph(graph):
+            si = _ops.selectivity_index(x, labels, 10, 1e-7, -100)[0]
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(si, expected, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    x, labels = make_batch(n=32, c=8, spatial=(3, 3), k=5, dtype=torch.float32)
+    x, labels = x.cuda(), labels.cuda()
+    fn = torch.compile(lambda t, lab: selkernels.selectivity_index(t, lab, 5), fullgraph=True)
+    torch.testing.assert_close(fn(x, labels), selkernels.selectivity_index(x, labels, 5), rtol=0, atol=0)
