@@ -1,13 +1,18 @@
 """selkernels: fused kernels for the statistics of neural representations.
 
 Class-conditional means and the class selectivity index (with backward) of activations, and the
-drop-in selectivity regularizer of Leavitt & Morcos (ICLR 2021); ``selkernels.distributed`` computes
-them on the global batch across torch.distributed ranks.
+drop-in selectivity regularizer of Leavitt & Morcos (ICLR 2021); streaming covariance and
+eigen-spectrum statistics, and the 1/n spectral regularizer of Nassar et al. (NeurIPS 2020);
+``selkernels.distributed`` computes them on the global batch across torch.distributed ranks.
 """
-from . import distributed
+from . import analysis, distributed, spectrum
+from .covariance import StreamingCovariance
 from .ops import class_means, selectivity_from_means, selectivity_index
-from .regularizers import SelectivityRegularizer
+from .regularizers import SelectivityRegularizer, SpectralRegularizer
+from .spectral_ops import spectral_penalty
 
 __version__ = "0.1.0"
 
-__all__ = ["class_means", "selectivity_index", "selectivity_from_means", "SelectivityRegularizer"]
+__all__ = ["class_means", "selectivity_index", "selectivity_from_means", "SelectivityRegularizer",
+           "StreamingCovariance", "spectrum", "spectral_penalty", "SpectralRegularizer",
+           "analysis", "distributed"]

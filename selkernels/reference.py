@@ -22,6 +22,7 @@ __all__ = [
     "class_means_reference",
     "selectivity_from_means_reference",
     "selectivity_index_reference",
+    "spectral_penalty_reference",
 ]
 
 
@@ -75,3 +76,35 @@ def selectivity_index_reference(x: torch.Tensor, labels: torch.Tensor, num_class
                                 ignore_index: int = -100) -> torch.Tensor:
     means, counts = class_means_reference(x, labels, num_classes, ignore_index)
     return selectivity_from_means_reference(means, counts, eps)
+
+
+def spectral_penalty_reference(h: torch.Tensor, V: torch.Tensor, slope: float = 1.0, tau: int = 10) -> torch.Tensor:
+    """1/n spectral penalty (Nassar et al., NeurIPS 2020), literally from its definition.
+
+    Centre h [N, D] on its batch mean, form the batch covariance C_b = X^T X / (N - 1), project it on
+    the eigenbasis V (diag(V^T C_b V)), sort descending; anchor b = lambda_hat[tau] (tau + 1)^slope
+    (detached), target gamma_n = b / (n + 1)^slope (0-based n), and sum over n > tau with
+    lambda_hat_n > 0 of (lambda_hat_n / gamma_n - 1)^2 + relu(lambda_hat_n / gamma_n - 1), over D.
+    Returns 0 when N < 2 or D <= tau + 1 (no variance, or no rank above the anchor).
+
+    "lambda_hat_n > 0" is tested against the rounding floor D * eps * lambda_hat_0: in a
+    rank-deficient batch (N - 1 < D, or a low-rank layer) the variances that are exactly zero come
+    out of V^T C_b V as rounding noise of either sign, and counting the positive ones would add an
+    arbitrary multiple of 1 / D to the loss (differently on CPU and GPU).
+    """
+    n_samples, dim = h.shape
+    if n_samples < 2 or dim <= tau + 1:
+        return (h.sum() * 0).to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+    x = h.to(V.dtype)
+    x = x - x.mean(0, keepdim=True)
+    cov = x.t() @ x / (n_samples - 1)
+    lam = torch.diagonal(V.t() @ cov @ V)
+    lam, _ = torch.sort(lam, descending=True, stable=True)
+    anchor = (lam[tau] * (tau + 1) ** slope).detach()
+    ranks = torch.arange(dim, device=h.device, dtype=lam.dtype)
+    gamma = anchor / (ranks + 1) ** slope
+    floor = dim * torch.finfo(lam.dtype).eps * lam[0]
+    keep = (ranks > tau) & (lam > floor) & (lam > 0)
+    ratio = torch.where(keep, lam / torch.where(keep, gamma, torch.ones_like(gamma)), torch.ones_like(lam))
+    terms = (ratio - 1) ** 2 + torch.relu(ratio - 1)
+    return torch.where(keep, terms, torch.zeros_like(terms)).sum() / dim

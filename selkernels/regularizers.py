@@ -9,7 +9,7 @@ from torch import nn
 from . import distributed as _dist
 from .ops import _check_eps, _check_num_classes, selectivity_index
 
-__all__ = ["SelectivityRegularizer"]
+__all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
 
 
 def _as_module_list(modules) -> List[nn.Module]:
@@ -110,6 +110,115 @@ class SelectivityRegularizer:
         layer_si = self.layer_selectivity(labels)
         self.last_layer_si = layer_si.detach()
         return -self.alpha * layer_si.mean()
+
+    __call__ = penalty
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._outputs = [None] * len(self.modules)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class SpectralRegularizer:
+    """1/n spectral regularizer of Nassar et al. (NeurIPS 2020), fused.
+
+    Registers forward hooks on ``modules`` and keeps each one's latest output (flattened to
+    [N, D]: conv outputs [N, C, *spatial] are flattened per sample, D = C * prod(spatial), as the
+    paper regularizes whole-layer representations). ``penalty()`` returns
+
+        beta * sum over layers of spectral_penalty(h_layer, V_layer, slope=slope, tau=tau)
+
+    so that ``loss = cross_entropy + reg.penalty()``. The eigenbases V (float64 eigh of each layer's
+    covariance over the whole training set, descending) are recomputed by
+    ``refresh_basis(model, loader)``, once per epoch in the paper; they are constants for autograd.
+    ``penalty()`` releases the held outputs. Use as a context manager, or call ``remove()``.
+    """
+
+    def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], beta: float, *,
+                 slope: float = 1.0, tau: int = 10):
+        from .spectral_ops import _check_slope_tau
+
+        self.modules = _as_module_list(modules)
+        self.beta = float(beta)
+        self.slope, self.tau = _check_slope_tau(slope, tau)
+        self.bases: List[Optional[torch.Tensor]] = [None] * len(self.modules)
+        self._outputs: List[Optional[torch.Tensor]] = [None] * len(self.modules)
+        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
+
+    def _make_hook(self, index: int):
+        def hook(module, inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            self._outputs[index] = output
+
+        return hook
+
+    @torch.no_grad()
+    def refresh_basis(self, model: nn.Module, loader: Iterable) -> List[torch.Tensor]:
+        """Stream every hooked layer's covariance over ``loader`` (eval mode, no grad) and set V.
+
+        ``loader`` yields batches whose first element (or the batch itself) is the model input; a
+        tensor input is moved to the device of the model's first parameter. The model's training
+        mode is restored afterwards. Returns the new bases (float64 [D, D], columns in descending
+        eigenvalue order, on the layers' devices).
+        """
+        from .covariance import StreamingCovariance
+        from .spectrum import eigenvalues
+
+        was_training = model.training
+        model.eval()
+        stats: List[Optional[StreamingCovariance]] = [None] * len(self.modules)
+        try:
+            for batch in loader:
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                param = next(model.parameters(), None)
+                if isinstance(inputs, torch.Tensor) and param is not None:
+                    inputs = inputs.to(param.device)
+                model(inputs)
+                for i, out in enumerate(self._outputs):
+                    if out is None:
+                        raise RuntimeError(f"module {i} produced no output during refresh_basis")
+                    flat = out.detach().flatten(1)
+                    if stats[i] is None:
+                        stats[i] = StreamingCovariance(flat.shape[1], device=flat.device)
+                    stats[i].update(flat)
+                self._outputs = [None] * len(self.modules)
+        finally:
+            model.train(was_training)
+            self._outputs = [None] * len(self.modules)
+        if any(s is None for s in stats):
+            raise ValueError("loader yielded no batches")
+        self.bases = [eigenvalues(s.covariance(), eigenvectors=True)[1] for s in stats]
+        return self.bases
+
+    def layer_penalties(self) -> torch.Tensor:
+        """spectral_penalty of each hooked module's latest output: a differentiable [L] tensor."""
+        from .spectral_ops import spectral_penalty
+
+        if any(v is None for v in self.bases):
+            raise RuntimeError("no eigenbasis yet: call refresh_basis(model, loader) first")
+        missing = [i for i, out in enumerate(self._outputs) if out is None]
+        if missing:
+            raise RuntimeError(f"modules {missing} produced no output since the last penalty(): run the model's "
+                               "forward pass on this batch first")
+        terms = []
+        for out, V in zip(self._outputs, self.bases):
+            h = out.flatten(1)
+            terms.append(spectral_penalty(h, V.to(h.device), slope=self.slope, tau=self.tau))
+        self._outputs = [None] * len(self.modules)
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+        return torch.stack([t.to(dtype) for t in terms])
+
+    def penalty(self) -> torch.Tensor:
+        """beta * sum over layers of the spectral penalty of the latest forward pass."""
+        return self.beta * self.layer_penalties().sum()
 
     __call__ = penalty
 

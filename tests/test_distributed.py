@@ -257,6 +257,31 @@ def _check_moments(rank, world, sizes, y):
     _close(m2_int, m2, "M2, integer counts", rtol=0, atol=0)
 
 
+def _check_streaming(rank, world, sizes, y):
+    """StreamingCovariance.all_reduce (overall and per class) equals one accumulator fed every sample."""
+    mine = _slices(sizes)[rank]
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(len(y), 3, 2, 2, generator=g, dtype=torch.float64) + 10
+    yk = y.clamp(0, K - 2)  # class K-1 absent everywhere
+    for num_classes in (None, K):
+        ref = selkernels.StreamingCovariance(3, num_classes=num_classes)
+        ref.update(z, None if num_classes is None else yk)
+        stats = selkernels.StreamingCovariance(3, num_classes=num_classes)
+        zm, ym = z[mine], yk[mine]
+        half = zm.shape[0] // 2
+        for part in (slice(0, half), slice(half, None)):  # two local updates
+            if zm[part].shape[0]:
+                stats.update(zm[part], None if num_classes is None else ym[part])
+        assert stats.all_reduce() is stats
+        assert torch.equal(stats.count, ref.count), (stats.count, ref.count)
+        _close(stats.mean, ref.mean, f"StreamingCovariance mean, num_classes={num_classes}", rtol=1e-12)
+        _close(stats.M2, ref.M2, f"StreamingCovariance M2, num_classes={num_classes}", rtol=1e-10, atol=1e-10)
+        if num_classes is None:  # further local updates continue from the global state
+            stats.update(z[:4])
+            ref.update(z[:4])
+            _close(stats.M2, ref.M2, "StreamingCovariance M2 after a further update", rtol=1e-10, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------------------------
 # Scenarios run in the children
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +290,7 @@ def scenario_even(rank, world):
     x, y = _batch(sum(sizes))
     _check_selectivity(rank, world, sizes, x, y)
     _check_moments(rank, world, sizes, y)
+    _check_streaming(rank, world, sizes, y)
 
 
 def scenario_uneven(rank, world):
@@ -278,6 +304,7 @@ def scenario_uneven(rank, world):
     assert set(y[3:17].tolist()) >= {2, 3, 4}
     _check_selectivity(rank, world, sizes, x, y)
     _check_moments(rank, world, sizes, y.clamp_min(0))
+    _check_streaming(rank, world, sizes, y.clamp_min(0))
 
     # process_group: a subgroup of ranks 1 and 2 joins only their samples (x[3:17]).
     sub = dist.new_group([1, 2])
@@ -347,6 +374,11 @@ def test_single_rank_group_is_local_exactly(tmp_path):
         n, mu, m2 = torch.tensor(3.0, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.eye(4)
         out = all_reduce_moments(n, mu, m2)
         assert all(torch.equal(a, b) for a, b in zip(out, (n, mu, m2)))
+        stats = selkernels.StreamingCovariance(4)
+        stats.update(torch.randn(10, 4, dtype=torch.float64))
+        before = [t.clone() for t in (stats.count, stats.mean, stats.M2)]
+        stats.all_reduce()
+        assert all(torch.equal(a, b) for a, b in zip(before, (stats.count, stats.mean, stats.M2)))
     finally:
         dist.destroy_process_group()
     for sync in ("global", None):

@@ -1,0 +1,170 @@
+"""Benchmarks of the streaming covariance and the 1/n spectral penalty.
+
+    python benchmarks/bench_covariance.py --threads 2 --n 1024 --d 256 --k 10
+
+Times, with torch.utils.benchmark (median of blocked_autorange):
+  * StreamingCovariance.update vs a bare ``z.T @ z`` of the same shape and vs ``torch.cov``;
+  * the per-class update (one fused op) vs a Python loop over the classes;
+  * spectral_penalty forward and forward+backward vs spectral_penalty_reference.
+Case builders return lists of (name, callable) pairs, the first being the fused op and the rest
+its baselines, so other drivers (the ``selkernels bench`` CLI) can reuse them.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable, List, Tuple
+
+import torch
+import torch.utils.benchmark as benchmark
+
+import selkernels
+from selkernels import StreamingCovariance, spectral_penalty
+from selkernels.reference import spectral_penalty_reference
+
+Case = Tuple[str, Callable[[], object]]
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def covariance_cases(n: int = 1024, d: int = 256, *, dtype=torch.float32, device="cpu", seed: int = 0) -> List[Case]:
+    """StreamingCovariance.update vs bare z.T @ z vs torch.cov, on one [n, d] batch."""
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = (torch.randn(n, d, generator=g) + 3).to(device=device, dtype=dtype)
+    stats = StreamingCovariance(d, device=device)
+    sync = _sync(device)
+
+    def update():
+        stats.update(z)
+        sync()
+
+    def gram():
+        z.T @ z
+        sync()
+
+    def cov():
+        torch.cov(z.T)
+        sync()
+
+    return [("StreamingCovariance.update", update), ("z.T @ z", gram), ("torch.cov", cov)]
+
+
+def class_covariance_cases(n: int = 1024, d: int = 256, k: int = 10, *, dtype=torch.float32, device="cpu",
+                           seed: int = 0) -> List[Case]:
+    """Per-class update (one fused op) vs a Python loop of per-class updates, and a bare z.T @ z."""
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = (torch.randn(n, d, generator=g) + 3).to(device=device, dtype=dtype)
+    labels = torch.randint(0, k, (n,), generator=g).to(device)
+    fused = StreamingCovariance(d, num_classes=k, device=device)
+    loop = [StreamingCovariance(d, device=device) for _ in range(k)]
+    sync = _sync(device)
+
+    def update_fused():
+        fused.update(z, labels)
+        sync()
+
+    def update_loop():
+        for c in range(k):
+            loop[c].update(z[labels == c])
+        sync()
+
+    def gram():
+        z.T @ z
+        sync()
+
+    return [(f"per-class update (K={k}, fused)", update_fused), (f"Python loop over {k} classes", update_loop),
+            ("z.T @ z", gram)]
+
+
+def spectral_cases(n: int = 256, d: int = 256, *, dtype=torch.float32, device="cpu", backward: bool = False,
+                   tau: int = 10, seed: int = 0) -> List[Case]:
+    """spectral_penalty vs spectral_penalty_reference, forward only or forward + backward."""
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    V = V.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    sync = _sync(device)
+    if backward:
+        h = h.requires_grad_()
+
+    def run(fn):
+        def call():
+            out = fn(h, V, tau=tau)
+            if backward:
+                out.backward()
+            sync()
+        return call
+
+    tag = "fwd+bwd" if backward else "fwd"
+    return [(f"spectral_penalty {tag}", run(spectral_penalty)),
+            (f"spectral_penalty_reference {tag}", run(spectral_penalty_reference))]
+
+
+def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32,
+                     device="cpu") -> List[Tuple[str, List[Case]]]:
+    """Every group this module times, as (title, cases); what main() runs."""
+    groups = [(f"streaming covariance, one batch [{n}, {d}]", covariance_cases(n, d, dtype=dtype, device=device))]
+    for k in ks:
+        groups.append((f"per-class covariance, [{n}, {d}], K={k}",
+                       class_covariance_cases(n, d, k, dtype=dtype, device=device)))
+    for backward in (False, True):
+        groups.append((f"spectral penalty, h [{spectral_n}, {d}]",
+                       spectral_cases(spectral_n, d, dtype=dtype, device=device, backward=backward)))
+    return groups
+
+
+def time_cases(cases: List[Case], *, threads: int, min_run_time: float, rounds: int = 5) -> List[Tuple[str, float]]:
+    """Median seconds of each case (one warm-up call first).
+
+    The cases are timed in interleaved rounds (each round runs every case for min_run_time /
+    rounds) and each case's result is the median over rounds, so a load change on a shared
+    machine shifts all cases alike instead of biasing the ratios.
+    """
+    timers = []
+    for name, fn in cases:
+        fn()
+        timers.append((name, benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)))
+    per_round = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, (_, timer) in enumerate(timers):
+            per_round[i].append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return [(name, statistics.median(times)) for (name, _), times in zip(timers, per_round)]
+
+
+def report(title: str, results: List[Tuple[str, float]]) -> None:
+    """The first result is the fused op; every other row shows baseline / fused."""
+    print(f"\n{title}")
+    base = results[0][1]
+    for name, t in results:
+        ratio = "" if name == results[0][0] else f"   {t / base:6.2f}x the fused time"
+        print(f"  {name:<42s} {t * 1e3:10.3f} ms{ratio}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1024, help="batch size (rows)")
+    parser.add_argument("--d", type=int, default=256, help="units (columns)")
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 100], help="classes of the per-class cases")
+    parser.add_argument("--spectral-n", type=int, default=256, help="batch size of the spectral penalty cases")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per group")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = _DTYPES[args.dtype]
+    print(f"selkernels {selkernels.__version__}, torch {torch.__version__}, device {args.device}, "
+          f"threads {args.threads}, dtype {args.dtype}")
+    timing = dict(threads=args.threads, min_run_time=args.min_run_time, rounds=args.rounds)
+    for title, cases in benchmark_groups(args.n, args.d, args.k, args.spectral_n, dtype=dtype, device=args.device):
+        report(title, time_cases(cases, **timing))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Streaming (mergeable) first and second moments of representations, overall or per class.
+
+State is float64: ``count``, ``mean`` [D] and ``M2`` [D, D], the sum of outer products of the samples
+centred on the running mean. Every batch is centred on its own mean before its Gram matrix is
+formed (no cancellation however large the mean), then folded in with the pairwise merge of Chan,
+Golub & LeVeque (1979):
+
+    delta = mean_b - mean_a,   M2 = M2_a + M2_b + delta delta^T * n_a n_b / (n_a + n_b)
+
+which is exact for any split of the data, so ``merge`` combines shards, ranks or epochs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
+from .distributed import all_reduce_moments
+
+__all__ = ["StreamingCovariance", "batch_moments"]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_REDUCE = ("mean", "flatten")
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The Gram matrix of centred data runs in the input precision (float32 for half types); only
+    # its accumulation into the float64 state is float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
+    """[N, D] or [N, C, *spatial] -> [M, D] rows of samples."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"z must be float64, float32, float16 or bfloat16, got {z.dtype}")
+    if z.dim() < 2:
+        raise ValueError(f"z must have shape [N, D] or [N, C, *spatial], got shape {tuple(z.shape)}")
+    if z.shape[1] != dim:
+        raise ValueError(f"z.shape[1] must equal dim={dim}, got shape {tuple(z.shape)}")
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    z = z.detach()
+    if z.dim() == 2:
+        return z
+    if reduce == "mean":
+        return z.flatten(2).mean(-1, dtype=_gemm_dtype(z.dtype))
+    return z.flatten(2).transpose(1, 2).reshape(-1, dim)
+
+
+def batch_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted moments of the rows of x [N, D]: (n, c, d, S), cancellation-free.
+
+    c is the batch mean computed in the GEMM precision (float64 for float64 x, else float32), so the
+    centred rows x - c are small; S = (x - c)^T (x - c) is their Gram matrix in that precision, and
+    d = mean(x - c) (float64, tiny) the offset left by the rounding of c. In float64:
+    mean = c + d and M2 = S - n d d^T (the first moment about c is n d). Every step but the GEMM
+    is one pass over x in its own precision.
+    """
+    x = x.to(_gemm_dtype(x.dtype))
+    c = x.mean(0)
+    xc = x - c
+    return x.shape[0], c, xc.mean(0).double(), torch.mm(xc.t(), xc)
+
+
+class StreamingCovariance:
+    """Running mean and covariance of D-dimensional representations, mergeable, float64 state.
+
+    Args:
+        dim: D, the number of units (features / channels).
+        num_classes: if given, keep per-class moments instead: ``count`` [K], ``mean`` [K, D],
+            ``M2`` [K, D, D], updated in one fused op per batch (labels required): labels sorted
+            once, rows centred on their class batch mean, then per class present one GEMM on its
+            contiguous rows and the Chan merge of its D x D block. On CPU this is 1.6-6x faster
+            than a torch composition with a padded batched GEMM (K = 10..200, D = 128..512, whose
+            padding and [K, D, D] temporaries dominate); the cost is bounded below by reading and
+            writing the float64 D x D block of every class present in the batch.
+        device: where the state lives (default CPU); updates must come from that device.
+
+    ``update(z, labels=None, *, reduce="mean")`` accepts z [N, D], or z [N, C, *spatial] (C = D)
+    with ``reduce="mean"`` (each sample's per-unit spatial mean is one sample, the usual choice for
+    conv layers) or ``reduce="flatten"`` (every spatial position of every sample is one sample;
+    per-class mode gives each position its sample's label). z is detached: statistics never take
+    part in autograd.
+
+    Edge cases: ``covariance(ddof)`` is NaN where ``count <= ddof`` (like ``numpy.cov``);
+    ``correlation()`` is NaN for units of zero variance. Absent classes have count 0, mean 0, M2 0.
+    """
+
+    def __init__(self, dim: int, *, num_classes: Optional[int] = None, device=None):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+        self.dim = dim
+        self.num_classes = num_classes
+        device = torch.device("cpu") if device is None else torch.device(device)
+        lead = () if num_classes is None else (num_classes,)
+        f64 = dict(dtype=torch.float64, device=device)
+        self._count = torch.zeros(lead, dtype=torch.int64, device=device)
+        self._mean = torch.zeros(lead + (dim,), **f64)
+        self._m2 = torch.zeros(lead + (dim, dim), **f64)
+        self._n = 0  # host copy of the overall count (not used per class)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Samples seen: int64 scalar tensor, or [K] per class."""
+        return self._count
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """float64 [D] (or [K, D])."""
+        return self._mean
+
+    @property
+    def M2(self) -> torch.Tensor:
+        """float64 [D, D] (or [K, D, D]): sum of outer products of the centred samples."""
+        return self._m2
+
+    def covariance(self, ddof: int = 1) -> torch.Tensor:
+        """M2 / (count - ddof), float64 [D, D] (or [K, D, D]); NaN where count <= ddof."""
+        denom = (self._count - ddof).double()
+        denom = torch.where(denom > 0, denom, torch.full_like(denom, float("nan")))
+        return self._m2 / denom[..., None, None]
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation matrix, float64 [D, D] (or [K, D, D]); NaN for zero-variance units."""
+        var = torch.diagonal(self._m2, dim1=-2, dim2=-1)
+        inv_std = torch.where(var > 0, var.rsqrt(), torch.full_like(var, float("nan")))
+        return self._m2 * inv_std[..., :, None] * inv_std[..., None, :]
+
+    # ------------------------------------------------------------------------------------------
+    def update(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *, reduce: str = "mean") -> None:
+        """Fold a batch in (see the class docstring for shapes and ``reduce``)."""
+        x = _as_samples(z, self.dim, reduce)
+        if x.device != self.device:
+            raise ValueError(f"z must be on the statistics' device ({self.device}), got {x.device}")
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels must be None without num_classes")
+            if x.shape[0] == 0:
+                return
+            n, c, d, gram = batch_moments(x)
+            # The Chan merge in place, as rank-1 updates of the float64 state (weights from the
+            # host-side count, so no device sync).
+            n_a = self._n
+            total = n_a + n
+            delta = c.double().add_(d).sub_(self._mean)
+            self._m2.add_(gram).addr_(d, d, alpha=-n).addr_(delta, delta, alpha=n_a * n / total)
+            self._mean.add_(delta, alpha=n / total)
+            self._count.add_(n)
+            self._n = total
+            return
+        labels = self._check_labels(labels, z, x.shape[0])
+        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count, self._mean, self._m2)
+
+    def _check_labels(self, labels, z: torch.Tensor, rows: int) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("labels are required with num_classes")
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
+            raise ValueError(f"labels must have shape [N] = [{z.shape[0]}], got {tuple(labels.shape)}")
+        if labels.device != self.device:
+            raise ValueError(f"labels must be on the statistics' device ({self.device}), got {labels.device}")
+        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes})")
+        labels = labels.long()
+        if rows != z.shape[0]:  # reduce="flatten": every position carries its sample's label
+            labels = labels.repeat_interleave(rows // z.shape[0])
+        return labels.contiguous()
+
+    def _merge_into(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Chan merge of (n_b, mean_b, m2_b) into the state; batched over a leading class dim."""
+        n_a = self._count.double()
+        nb = n_b.double()
+        n = n_a + nb
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        delta = mean_b - self._mean
+        self._mean.add_(delta * (nb / safe)[..., None])
+        coef = n_a * nb / safe
+        self._m2.add_(m2_b)
+        # coef delta delta^T accumulated in place (no [K, D, D] temporary)
+        m2 = self._m2.view(-1, self.dim, self.dim)
+        delta = delta.view(-1, self.dim)
+        m2.baddbmm_((delta * coef.view(-1, 1)).unsqueeze(2), delta.unsqueeze(1))
+        self._count.add_(n_b)
+        if self.num_classes is None:
+            self._n = int(self._count)
+
+    def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
+        """Fold another accumulator's statistics into this one (exact; returns self)."""
+        if not isinstance(other, StreamingCovariance):
+            raise TypeError(f"other must be a StreamingCovariance, got {type(other).__name__}")
+        if other.dim != self.dim or other.num_classes != self.num_classes:
+            raise ValueError(f"other has dim={other.dim}, num_classes={other.num_classes}; expected "
+                             f"dim={self.dim}, num_classes={self.num_classes}")
+        self._merge_into(other._count.to(self.device), other._mean.to(self.device), other._m2.to(self.device))
+        return self
+
+    def all_reduce(self, group=None) -> "StreamingCovariance":
+        """Replace these statistics by those of all ranks' samples joined, over the ranks of
+        ``group`` (default: the default group); exact (Chan merge, see
+        :func:`selkernels.distributed.all_reduce_moments`: two all-reduces, ``B * (D + 1)`` and
+        ``B * D * D`` float64 elements, B = 1 or K). Returns self.
+
+        Every rank must call it, and it turns local statistics into global ones: call it once on
+        local statistics (e.g. at the end of an epoch). To log global statistics while each rank
+        keeps accumulating its own, all-reduce a copy: ``copy.deepcopy(stats).all_reduce()``.
+        With one rank (or no initialized process group) nothing changes.
+        """
+        count, mean, m2 = all_reduce_moments(self._count, self._mean, self._m2, group)
+        self._count.copy_(count)
+        self._mean.copy_(mean)
+        self._m2.copy_(m2)
+        if self.num_classes is None:
+            self._n = int(self._count)
+        return self
+
+    def reset(self) -> None:
+        self._n = 0
+        self._count.zero_()
+        self._mean.zero_()
+        self._m2.zero_()
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"dim": self.dim, "num_classes": self.num_classes, "count": self._count.clone(),
+                "mean": self._mean.clone(), "M2": self._m2.clone()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if state.get("dim") != self.dim or state.get("num_classes") != self.num_classes:
+            raise ValueError(f"state has dim={state.get('dim')}, num_classes={state.get('num_classes')}; expected "
+                             f"dim={self.dim}, num_classes={self.num_classes}")
+        self._count.copy_(state["count"])
+        self._mean.copy_(state["mean"])
+        self._m2.copy_(state["M2"])
+        if self.num_classes is None:
+            self._n = int(self._count)

@@ -1,0 +1,121 @@
+"""Eigen-spectrum statistics of representation covariances.
+
+Every function takes either a covariance matrix [..., D, D] (symmetric PSD; ``eigenvalues`` is
+applied first) or, for the ``*_from_eigvals`` entry points, eigenvalues [..., D] sorted
+descending; leading dims are batch dims (e.g. per-class covariances [K, D, D]). All results are
+float64 and live on the input's device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["eigenvalues", "power_law_alpha", "participation_ratio", "effective_rank", "n_components",
+           "default_fit_range"]
+
+
+def _check_matrix(cov) -> torch.Tensor:
+    if not isinstance(cov, torch.Tensor):
+        raise TypeError(f"cov must be a torch.Tensor, got {type(cov).__name__}")
+    if not cov.dtype.is_floating_point:
+        raise TypeError(f"cov must be a floating-point tensor, got {cov.dtype}")
+    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"cov must have shape [..., D, D], got {tuple(cov.shape)}")
+    return cov
+
+
+def _check_eigvals(eigvals) -> torch.Tensor:
+    if not isinstance(eigvals, torch.Tensor):
+        raise TypeError(f"eigvals must be a torch.Tensor, got {type(eigvals).__name__}")
+    if not eigvals.dtype.is_floating_point:
+        raise TypeError(f"eigvals must be a floating-point tensor, got {eigvals.dtype}")
+    if eigvals.dim() < 1 or eigvals.shape[-1] < 1:
+        raise ValueError(f"eigvals must have shape [..., D] with D >= 1, got {tuple(eigvals.shape)}")
+    return eigvals.double()
+
+
+def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False):
+    """Eigenvalues of a symmetric covariance [..., D, D], float64, descending, clamped at 0.
+
+    Computed with a float64 ``torch.linalg.eigh`` (the matrix is symmetrised first, so rounding
+    asymmetry of an accumulated covariance does not matter). Tiny negative eigenvalues are
+    rounding noise of a PSD matrix and are clamped to 0. With ``eigenvectors=True`` returns
+    ``(eigvals, V)``, the columns of V in the same (descending) order.
+    """
+    cov = _check_matrix(cov).double()
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    if eigenvectors:
+        vals, vecs = torch.linalg.eigh(cov)
+        return vals.flip(-1).clamp_min(0), vecs.flip(-1)
+    return torch.linalg.eigvalsh(cov).flip(-1).clamp_min(0)
+
+
+def default_fit_range(dim: int) -> Tuple[int, int]:
+    """Default 1-based rank range (lo, hi) of the power-law fit for D eigenvalues: (10, D // 2).
+
+    The leading ~10 eigenvalues reflect a few dominant directions (and the mean structure) rather
+    than the tail's power law, and the trailing half is bent down by finite-sample noise (a
+    covariance estimated from finitely many samples underestimates small eigenvalues), so the
+    fit uses the middle of the spectrum, as in Stringer et al. (2019) and Nassar et al. (2020).
+    For small D the range shrinks to (1, D) when (10, D // 2) holds fewer than 2 ranks.
+    """
+    lo, hi = 10, dim // 2
+    return (lo, hi) if hi - lo + 1 >= 2 else (1, dim)
+
+
+def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Exponent alpha of lambda_n ~ n^-alpha: minus the least-squares slope of log lambda_n vs log n.
+
+    ``eigvals`` [..., D], descending; n is 1-based. ``fit_range = (lo, hi)`` selects ranks
+    lo..hi inclusive (default :func:`default_fit_range`). Returns float64 [...]; NaN where a fitted
+    eigenvalue is <= 0 (its log is undefined).
+    """
+    lam = _check_eigvals(eigvals)
+    dim = lam.shape[-1]
+    lo, hi = default_fit_range(dim) if fit_range is None else fit_range
+    if not (isinstance(lo, int) and isinstance(hi, int)) or not 1 <= lo < hi <= dim:
+        raise ValueError(f"fit_range must be (lo, hi) ints with 1 <= lo < hi <= D={dim}, got {fit_range!r}")
+    sel = lam[..., lo - 1:hi]
+    y = torch.where(sel > 0, sel, torch.full_like(sel, float("nan"))).log()
+    x = torch.arange(lo, hi + 1, dtype=torch.float64, device=lam.device).log()
+    xc = x - x.mean()
+    slope = ((y - y.mean(-1, keepdim=True)) * xc).sum(-1) / (xc * xc).sum()
+    return -slope
+
+
+def participation_ratio(eigvals: torch.Tensor) -> torch.Tensor:
+    """(sum lambda)^2 / sum lambda^2, float64 [...]; NaN for an all-zero spectrum."""
+    lam = _check_eigvals(eigvals)
+    return lam.sum(-1) ** 2 / (lam * lam).sum(-1)
+
+
+def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
+    """exp of the Shannon entropy of p = lambda / sum lambda (Roy & Vetterli 2007), float64 [...].
+
+    0 log 0 = 0; NaN for an all-zero spectrum.
+    """
+    lam = _check_eigvals(eigvals)
+    p = lam / lam.sum(-1, keepdim=True)
+    plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
+    return torch.exp(-plogp.sum(-1))
+
+
+def n_components(eigvals: torch.Tensor, frac: float = 0.95) -> torch.Tensor:
+    """Smallest number of leading components whose cumulative variance fraction is >= frac.
+
+    ``eigvals`` [..., D] descending, ``frac`` in (0, 1]. Returns int64 [...]; D for an all-zero
+    spectrum. The comparison allows a relative 1e-12 slack so that frac = 1 is reached despite
+    rounding of the cumulative sum.
+    """
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1 or math.isnan(frac):
+        raise ValueError(f"frac must be a float in (0, 1], got {frac!r}")
+    lam = _check_eigvals(eigvals)
+    cum = lam.cumsum(-1)
+    total = cum[..., -1:]
+    reached = cum >= (frac - 1e-12) * total
+    reached = reached & (total > 0)
+    first = torch.where(reached.any(-1), reached.int().argmax(-1), torch.full(lam.shape[:-1], lam.shape[-1] - 1,
+                                                                              device=lam.device))
+    return first.long() + 1

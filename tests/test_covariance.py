@@ -1,0 +1,238 @@
+"""StreamingCovariance: numpy float64 two-pass oracles, Chan merge exactness, per-class fused op."""
+import numpy as np
+import pytest
+import torch
+
+import selkernels
+from selkernels import StreamingCovariance
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def np_cov(x, ddof=1):
+    x = np.asarray(x, dtype=np.float64)
+    xc = x - x.mean(0)  # two-pass
+    return xc.T @ xc / (x.shape[0] - ddof)
+
+
+def rel_err(a, b):
+    a = a.cpu().numpy() if isinstance(a, torch.Tensor) else a
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_large_offset_matches_two_pass_to_1e9():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 24, generator=g, dtype=torch.float64) + 1e6
+    s = StreamingCovariance(24)
+    for chunk in x.split(97):
+        s.update(chunk)
+    assert int(s.count) == 3000
+    assert rel_err(s.mean, x.numpy().mean(0)) < 1e-14
+    assert rel_err(s.covariance(), np_cov(x.numpy())) < 1e-9
+    assert rel_err(s.covariance(ddof=0), np_cov(x.numpy(), ddof=0)) < 1e-9
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tiny_batches(batch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(301, 8, generator=g, dtype=torch.float64) * 3 + 1e6
+    s = StreamingCovariance(8)
+    for chunk in x.split(batch):
+        s.update(chunk)
+    assert rel_err(s.covariance(), np_cov(x.numpy())) < 1e-9
+
+
+def test_float32_input_gemm_in_float32():
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2000, 32, generator=g) * 2 + 100).float()
+    s = StreamingCovariance(32)
+    for chunk in x.split(128):
+        s.update(chunk)
+    assert s.M2.dtype == torch.float64
+    assert rel_err(s.covariance(), np_cov(x.double().numpy())) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 16, generator=g).to(dtype)
+    s = StreamingCovariance(16)
+    for chunk in x.split(100):
+        s.update(chunk)
+    assert rel_err(s.covariance(), np_cov(x.double().numpy())) < 1e-5
+
+
+def test_correlation_and_edge_cases():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    s = StreamingCovariance(6)
+    s.update(x)
+    np.testing.assert_allclose(s.correlation().numpy(), np.corrcoef(x.numpy(), rowvar=False), rtol=1e-12, atol=1e-13)
+    one = StreamingCovariance(3)
+    one.update(torch.ones(1, 3, dtype=torch.float64))
+    assert torch.isnan(one.covariance()).all()
+    assert torch.equal(one.covariance(ddof=0), torch.zeros(3, 3, dtype=torch.float64))
+    assert torch.isnan(one.correlation()).all()  # zero variance
+
+
+def test_spatial_reduce_modes():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(20, 4, 3, 5, generator=g, dtype=torch.float64)
+    s = StreamingCovariance(4)
+    s.update(z)  # reduce="mean"
+    assert rel_err(s.covariance(), np_cov(z.mean((2, 3)).numpy())) < 1e-12
+    f = StreamingCovariance(4)
+    f.update(z, reduce="flatten")
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+    assert int(f.count) == 20 * 15
+    assert rel_err(f.covariance(), np_cov(rows)) < 1e-12
+
+
+def test_merge_uneven_and_empty():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1001, 10, generator=g, dtype=torch.float64) * 5 + 1e5
+    a, b, empty = StreamingCovariance(10), StreamingCovariance(10), StreamingCovariance(10)
+    a.update(x[:3])
+    b.update(x[3:700])
+    b.update(x[700:])
+    a.merge(b).merge(empty)
+    assert int(a.count) == 1001
+    assert rel_err(a.covariance(), np_cov(x.numpy())) < 1e-9
+    empty.merge(a)
+    assert torch.equal(empty.M2, a.M2) and torch.equal(empty.mean, a.mean)
+
+
+def test_state_dict_round_trip():
+    g = torch.Generator().manual_seed(7)
+    s = StreamingCovariance(5, num_classes=3)
+    s.update(torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g))
+    t = StreamingCovariance(5, num_classes=3)
+    t.load_state_dict(s.state_dict())
+    for name in ("count", "mean", "M2"):
+        assert torch.equal(getattr(t, name), getattr(s, name))
+    with pytest.raises(ValueError, match="dim"):
+        StreamingCovariance(4).load_state_dict(s.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# per-class mode
+# ---------------------------------------------------------------------------------------------
+def per_class_oracle(x, labels, K):
+    x, labels = x.double().numpy(), labels.numpy()
+    out = []
+    for k in range(K):
+        rows = x[labels == k]
+        out.append((len(rows), rows.mean(0) if len(rows) else np.zeros(x.shape[1]),
+                    (rows - rows.mean(0)).T @ (rows - rows.mean(0)) if len(rows) else np.zeros((x.shape[1],) * 2)))
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_per_class_matches_oracle(dtype, tol):
+    g = torch.Generator().manual_seed(8)
+    K, D = 7, 12
+    x = (torch.randn(900, D, generator=g, dtype=torch.float64) + 1e4 * torch.arange(D)).to(dtype)
+    labels = torch.randint(0, K - 1, (900,), generator=g)  # class K-1 never occurs
+    s = StreamingCovariance(D, num_classes=K)
+    for xc, lc in zip(x.split(61), labels.split(61)):
+        s.update(xc, lc)
+    for k, (n, mean, m2) in enumerate(per_class_oracle(x, labels, K)):
+        assert int(s.count[k]) == n
+        if n == 0:
+            assert not s.M2[k].any() and not s.mean[k].any()
+            continue
+        assert rel_err(s.mean[k], mean) < 1e-12
+        assert rel_err(s.M2[k], m2) < tol
+
+
+def test_per_class_tiny_batches_and_merge_with_absent_classes():
+    g = torch.Generator().manual_seed(9)
+    K, D = 4, 6
+    x = torch.randn(120, D, generator=g, dtype=torch.float64) + 1e6
+    labels = torch.randint(0, K, (120,), generator=g)
+    labels[:60][labels[:60] == 3] = 0  # class 3 absent from the first half
+    a, b = StreamingCovariance(D, num_classes=K), StreamingCovariance(D, num_classes=K)
+    for i in range(60):
+        a.update(x[i:i + 1], labels[i:i + 1])
+    b.update(x[60:], labels[60:])
+    assert int(a.count[3]) == 0
+    a.merge(b)
+    for k, (n, mean, m2) in enumerate(per_class_oracle(x, labels, K)):
+        assert int(a.count[k]) == n
+        assert rel_err(a.M2[k], m2) < 1e-9
+
+
+def test_per_class_flatten_repeats_labels():
+    g = torch.Generator().manual_seed(10)
+    z = torch.randn(12, 3, 2, 2, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 2, (12,), generator=g)
+    s = StreamingCovariance(3, num_classes=2)
+    s.update(z, labels, reduce="flatten")
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    oracle = per_class_oracle(rows, labels.repeat_interleave(4), 2)
+    for k in range(2):
+        assert int(s.count[k]) == oracle[k][0]
+        assert rel_err(s.M2[k], oracle[k][2]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_class_moments_update_opcheck(dtype):
+    g = torch.Generator().manual_seed(11)
+    args = (torch.randn(30, 5, generator=g).to(dtype), torch.randint(0, 3, (30,), generator=g),
+            torch.zeros(4, dtype=torch.int64), torch.zeros(4, 5, dtype=torch.float64),
+            torch.zeros(4, 5, 5, dtype=torch.float64))
+    torch.library.opcheck(torch.ops.selkernels.class_moments_update_, args)
+
+
+def test_empty_batch_is_a_no_op():
+    for k in (None, 3):
+        s = StreamingCovariance(4, num_classes=k)
+        s.update(torch.randn(5, 4), None if k is None else torch.tensor([0, 1, 1, 2, 0]))
+        before = s.state_dict()
+        s.update(torch.empty(0, 4), None if k is None else torch.empty(0, dtype=torch.int64))
+        after = s.state_dict()
+        for name in ("count", "mean", "M2"):
+            assert torch.equal(before[name], after[name])
+
+
+def test_bad_inputs():
+    s = StreamingCovariance(4)
+    with pytest.raises(ValueError, match="dim"):
+        StreamingCovariance(0)
+    with pytest.raises(ValueError, match="num_classes"):
+        StreamingCovariance(4, num_classes=0)
+    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
+        s.update([[1.0] * 4])
+    with pytest.raises(TypeError, match="z must be float"):
+        s.update(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"z.shape\[1\]"):
+        s.update(torch.ones(3, 5))
+    with pytest.raises(ValueError, match="reduce"):
+        s.update(torch.ones(3, 4, 2), reduce="max")
+    with pytest.raises(ValueError, match="labels must be None"):
+        s.update(torch.ones(3, 4), torch.zeros(3, dtype=torch.int64))
+    c = StreamingCovariance(4, num_classes=2)
+    with pytest.raises(ValueError, match="labels are required"):
+        c.update(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        c.update(torch.ones(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match="labels must lie"):
+        c.update(torch.ones(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        c.update(torch.ones(3, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="dim=4, num_classes=2"):
+        s.merge(c)
+
+
+@CUDA
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(500, 16, generator=g, dtype=torch.float64) + 1e6
+    labels = torch.randint(0, 5, (500,), generator=g)
+    for K in (None, 5):
+        cpu, gpu = StreamingCovariance(16, num_classes=K), StreamingCovariance(16, num_classes=K, device="cuda")
+        for xc, lc in zip(x.split(50), labels.split(50)):
+            cpu.update(xc, None if K is None else lc)
+            gpu.update(xc.cuda(), None if K is None else lc.cuda())
+        assert torch.equal(cpu.count, gpu.count.cpu())
+        assert rel_err(gpu.M2, cpu.M2.numpy()) < 1e-9
