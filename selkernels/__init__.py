@@ -2,9 +2,10 @@
 
 Class-conditional means and the class selectivity index (with backward) of activations, and the
 drop-in selectivity regularizer of Leavitt & Morcos (ICLR 2021); streaming covariance and
-eigen-spectrum statistics, and the 1/n spectral regularizer of Nassar et al. (NeurIPS 2020).
+eigen-spectrum statistics, and the 1/n spectral regularizer of Nassar et al. (NeurIPS 2020);
+``selkernels.distributed`` computes them on the global batch across torch.distributed ranks.
 """
-from . import analysis, spectrum
+from . import analysis, distributed, spectrum
 from .covariance import StreamingCovariance
 from .ops import class_means, selectivity_from_means, selectivity_index
 from .regularizers import SelectivityRegularizer, SpectralRegularizer
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 
 __all__ = ["class_means", "selectivity_index", "selectivity_from_means", "SelectivityRegularizer",
            "StreamingCovariance", "spectrum", "spectral_penalty", "SpectralRegularizer",
-           "analysis"]
+           "analysis", "distributed"]

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
+from .distributed import all_reduce_moments
 
 __all__ = ["StreamingCovariance", "batch_moments"]
 
@@ -203,6 +204,25 @@ class StreamingCovariance:
             raise ValueError(f"other has dim={other.dim}, num_classes={other.num_classes}; expected "
                              f"dim={self.dim}, num_classes={self.num_classes}")
         self._merge_into(other._count.to(self.device), other._mean.to(self.device), other._m2.to(self.device))
+        return self
+
+    def all_reduce(self, group=None) -> "StreamingCovariance":
+        """Replace these statistics by those of all ranks' samples joined, over the ranks of
+        ``group`` (default: the default group); exact (Chan merge, see
+        :func:`selkernels.distributed.all_reduce_moments`: two all-reduces, ``B * (D + 1)`` and
+        ``B * D * D`` float64 elements, B = 1 or K). Returns self.
+
+        Every rank must call it, and it turns local statistics into global ones: call it once on
+        local statistics (e.g. at the end of an epoch). To log global statistics while each rank
+        keeps accumulating its own, all-reduce a copy: ``copy.deepcopy(stats).all_reduce()``.
+        With one rank (or no initialized process group) nothing changes.
+        """
+        count, mean, m2 = all_reduce_moments(self._count, self._mean, self._m2, group)
+        self._count.copy_(count)
+        self._mean.copy_(mean)
+        self._m2.copy_(m2)
+        if self.num_classes is None:
+            self._n = int(self._count)
         return self
 
     def reset(self) -> None:

@@ -6,6 +6,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .ops import _check_eps, _check_num_classes, selectivity_index
 
 __all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
@@ -39,11 +40,28 @@ class SelectivityRegularizer:
     module is held, and ``penalty()`` releases it, so evaluation loops that never call it hold at
     most one batch of activations.
 
+    Distributed training (DistributedDataParallel, torchrun): ``sync="global"`` computes SI on the
+    batch joined over all ranks of ``process_group`` (default: the default group), so that with
+    8 ranks of 32 samples the statistic is that of the 256-sample batch, not of each rank's slice.
+    Each rank's per-class activation sums and counts of all hooked layers travel in ONE all-reduce
+    forward (``(K * sum_l C_l + K)`` floats, float32 or float64) and one of the same size backward;
+    activations never leave the rank. Every rank gets the same penalty, and the gradients DDP
+    averages over ranks equal the single-process gradient of the penalty on the joined batch.
+    ``sync="local"`` is the published behaviour (each rank's own slice). The default ``sync=None``
+    means global when torch.distributed is initialized, else local; with a single rank both are
+    the local computation exactly. Under global sync every rank must call ``penalty()`` each step
+    and backpropagate through it (collectives must match across ranks).
+
     Use as a context manager, or call ``remove()``, to take the hooks off.
     """
 
     def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], alpha: float,
-                 num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100):
+                 num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
+                 sync: Optional[str] = None, process_group=None):
+        if sync not in (None, "global", "local"):
+            raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
+        self.sync = sync
+        self.process_group = process_group
         self.modules = _as_module_list(modules)
         self.alpha = float(alpha)
         self.num_classes = _check_num_classes(num_classes)
@@ -62,15 +80,30 @@ class SelectivityRegularizer:
         return hook
 
     def layer_selectivity(self, labels: torch.Tensor) -> torch.Tensor:
-        """Mean SI over units for each hooked module's latest output: a differentiable [L] tensor."""
+        """Mean SI over units for each hooked module's latest output: a differentiable [L] tensor
+        (over the global batch under global sync, see the class docstring)."""
         missing = [i for i, out in enumerate(self._outputs) if out is None]
         if missing:
             raise RuntimeError(f"modules {missing} produced no output since the last penalty(): run the model's "
                                "forward pass on this batch first")
-        si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index).mean()
-              for out in self._outputs]
-        self._outputs = [None] * len(self.modules)
-        return torch.stack(si)
+        use_global = self._is_global()
+        outputs, self._outputs = self._outputs, [None] * len(self.modules)
+        if use_global:
+            si = _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
+                                                ignore_index=self.ignore_index, group=self.process_group)
+        else:
+            si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index)
+                  for out in outputs]
+        return torch.stack([s.mean() for s in si])
+
+    def _is_global(self) -> bool:
+        """Whether this step joins the ranks' batches: decided per call, so a regularizer built
+        before init_process_group follows it; one rank is the local computation."""
+        if self.sync == "local" or not _dist.is_distributed():
+            if self.sync == "global":
+                raise RuntimeError('sync="global" but the torch.distributed process group is not initialized')
+            return False
+        return _dist.world_size(self.process_group) > 1
 
     def penalty(self, labels: torch.Tensor) -> torch.Tensor:
         """-alpha * mean SI over units and layers, for the batch of the latest forward pass."""

@@ -1,0 +1,194 @@
+"""Statistics of the global batch across the ranks of a torch.distributed process group.
+
+Everything here is built on the fused single-device ops and plain ``torch.distributed`` collectives,
+so it runs on any backend (NCCL for CUDA tensors, gloo for CPU tensors) with the same code.
+
+* :func:`global_selectivity_index` — class selectivity of the batch joined over all ranks: every
+  rank's per-class activation SUMS and COUNTS for all layers go into one flat buffer and one
+  all-reduce (never the activations), then SI comes from the global class means. Differentiable:
+  the backward all-reduces the buffer's gradient (one more collective of the same size), which is
+  the exact gradient of the joined-batch statistic, so under DistributedDataParallel, whose
+  gradient averaging over ranks divides by the world size, the averaged gradient equals the
+  single-process gradient on the joined batch.
+* :func:`all_reduce_moments` — exact (Chan) merge of count / mean / M2 moments across ranks.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
+
+__all__ = ["is_distributed", "world_size", "all_reduce_sum", "global_class_means", "global_selectivity_index",
+           "all_reduce_moments"]
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is available and its default process group is initialized."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    """Number of ranks in ``group`` (default: the default group); 1 when not distributed."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, with the exact backward: d(sum)/d(own input) is the sum over ranks of the
+    gradients flowing into the result, i.e. an all-reduce-sum of the gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group):
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable sum of ``tensor`` over the ranks of ``group``; returns a new tensor.
+
+    Every rank must call it (same shape and dtype), and, when the result is differentiated, every
+    rank must run the backward too: the backward is itself an all-reduce of the gradient.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    return _AllReduceSum.apply(tensor, group)
+
+
+def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int, *,
+                       ignore_index: int = -100, group=None) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Class means of several activations over the batch joined across the ranks of ``group``.
+
+    Args:
+        xs: this rank's activations, each [N, C_l, *spatial] for the same N samples.
+        labels: this rank's labels [N] (ranks may hold different N, including 0, and may miss
+            classes).
+
+    Returns:
+        ``(means, counts)``: ``means[l]`` [K, C_l] the global class means of ``xs[l]`` (float32, or
+        float64 when any input is float64; 0 for classes absent from every rank), ``counts`` [K]
+        int64 the global class counts. Identical on every rank; differentiable w.r.t. ``xs``.
+
+    Communication: one all-reduce of ``K * sum_l C_l + K`` elements forward (the per-class sums of
+    every layer and the class counts, once), and one of the same size backward when differentiated.
+    With one rank (or no initialized process group) it is :func:`selkernels.class_means` per layer,
+    no communication.
+    """
+    xs = list(xs)
+    if not xs:
+        raise ValueError("xs must hold at least one tensor")
+    num_classes = _check_num_classes(num_classes)
+    local = [class_means(x, labels, num_classes, ignore_index=ignore_index) for x in xs]
+    # The widest accumulation type, so all layers share one buffer and one collective.
+    acc = torch.float64 if any(m.dtype == torch.float64 for m, _ in local) else torch.float32
+    if world_size(group) == 1:
+        return [m.to(acc) for m, _ in local], local[0][1]
+    counts = local[0][1]
+    counts_f = counts.to(acc)
+    # Sums, not means, are what add across ranks; counts are exact in the float buffer up to 2**24
+    # (float32) samples of one class per step.
+    sums = [(m.to(acc) * counts_f[:, None]).reshape(-1) for m, _ in local]
+    buf = all_reduce_sum(torch.cat(sums + [counts_f]), group)
+    widths = [m.shape[1] for m, _ in local]
+    parts = torch.split(buf, [num_classes * c for c in widths] + [num_classes])
+    g_counts_f = parts[-1].detach()  # counts carry no gradient
+    g_counts = torch.round(g_counts_f).to(torch.int64)
+    # Absent classes: sum 0 / 1 = mean 0, and selectivity_from_means skips count-0 classes.
+    denom = g_counts_f.clamp_min(1)[:, None]
+    means = [p.view(num_classes, c) / denom for p, c in zip(parts[:-1], widths)]
+    return means, g_counts
+
+
+def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor,
+                             num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
+                             group=None) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """Class selectivity index of every unit over the batch joined across the ranks of ``group``.
+
+    ``xs`` is one activation tensor [N, C, *spatial] or a list of them (one per layer, same
+    samples): a tensor gives SI [C], a list a list of SI [C_l]. All layers share ONE collective
+    (see :func:`global_class_means`). SI follows :func:`selkernels.selectivity_from_means` on the
+    global class means and counts (fewer than two classes present over all ranks: SI = 0).
+    Identical on every rank; differentiable w.r.t. ``xs``, every rank must call it and (when
+    differentiated) run the backward. With one rank (or no initialized process group) it is
+    :func:`selkernels.selectivity_index` per layer exactly, no communication.
+    """
+    single = isinstance(xs, torch.Tensor)
+    eps = _check_eps(eps)
+    if world_size(group) == 1:
+        si = [selectivity_index(x, labels, num_classes, eps=eps, ignore_index=ignore_index)
+              for x in ([xs] if single else xs)]
+        return si[0] if single else si
+    means, counts = global_class_means([xs] if single else xs, labels, num_classes, ignore_index=ignore_index,
+                                       group=group)
+    si = [selectivity_from_means(m, counts, eps) for m in means]
+    return si[0] if single else si
+
+
+def _check_moments(count, mean, m2):
+    for name, t in (("count", count), ("mean", mean), ("m2", m2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if name != "count" and not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor (float64 recommended), got {t.dtype}")
+    if count.dtype == torch.bool or count.dtype.is_complex:
+        raise TypeError(f"count must be an integer or floating-point tensor, got {count.dtype}")
+    batch = tuple(count.shape)
+    if mean.dim() != count.dim() + 1 or tuple(mean.shape[:-1]) != batch:
+        raise ValueError(f"mean must have shape [*B, D] with B = count.shape = {batch}, got {tuple(mean.shape)}")
+    d = mean.shape[-1]
+    if tuple(m2.shape) != batch + (d, d):
+        raise ValueError(f"m2 must have shape [*B, D, D] = {batch + (d, d)}, got {tuple(m2.shape)}")
+    if not (count.device == mean.device == m2.device):
+        raise ValueError("count, mean and m2 must be on the same device")
+
+
+def all_reduce_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                       group=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact merge of running moments across the ranks of ``group`` (Chan et al.'s parallel formula).
+
+    Each rank holds moments of its own samples: ``count`` [*B] (number of samples, integer or
+    floating; returned in its dtype), ``mean``
+    [*B, D], ``m2`` [*B, D, D] (sum of outer products of deviations from ``mean``). ``*B`` is any
+    batch shape: ``[]`` for one stream, ``[K]`` for per-class moments. Returns new tensors
+    ``(count, mean, m2)`` of the union of all ranks' samples, identical on every rank:
+
+        N = sum_r n_r,   mu = sum_r n_r mu_r / N,
+        M2 = sum_r (M2_r + n_r (mu_r - mu)(mu_r - mu)^T)
+
+    computed as written (two all-reduces: ``B * (D + 1)`` then ``B * D * D`` elements), so no
+    large terms cancel. A rank with count 0 for some entry contributes nothing there, whatever its
+    mean and M2 hold; an entry with global count 0 gets mean 0 and M2 0. Use float64 (the
+    arithmetic is done in the inputs' dtype). Not differentiable (running statistics). With one
+    rank (or no initialized process group) the inputs are returned as copies.
+    """
+    _check_moments(count, mean, m2)
+    if world_size(group) == 1:
+        return count.clone(), mean.clone(), m2.clone()
+    with torch.no_grad():
+        present = count > 0
+        n = torch.where(present, count, torch.zeros_like(count)).to(mean.dtype)
+        mean = torch.where(present[..., None], mean, torch.zeros_like(mean))
+        m2 = torch.where(present[..., None, None], m2, torch.zeros_like(m2))
+        d = mean.shape[-1]
+        first = torch.cat([n.reshape(-1, 1), (n[..., None] * mean).reshape(-1, d)], dim=1)
+        dist.all_reduce(first, op=dist.ReduceOp.SUM, group=group)
+        g_n = first[:, 0:1]
+        g_mean = torch.where(g_n > 0, first[:, 1:] / torch.where(g_n > 0, g_n, torch.ones_like(g_n)),
+                             torch.zeros_like(first[:, 1:])).reshape(mean.shape)
+        g_n = g_n.reshape(count.shape)
+        delta = mean - g_mean
+        second = m2 + n[..., None, None] * delta[..., :, None] * delta[..., None, :]
+        second = second.contiguous()
+        dist.all_reduce(second, op=dist.ReduceOp.SUM, group=group)
+        if not count.dtype.is_floating_point:
+            g_n = torch.round(g_n)  # integer counts travel exactly in the float buffer (< 2**53 in float64)
+        return g_n.to(count.dtype), g_mean, second
