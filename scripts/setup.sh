@@ -11,9 +11,9 @@ venv="${SELKERNELS_VENV:-.venv}"
 torch_spec="${SELKERNELS_TORCH:-torch==2.13.0}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install -q --disable-pip-version-check "$torch_spec" 2>&1 | grep -v "is ignored" || true
-"$py" -c "import torch" || { echo "setup: torch failed to install ($torch_spec)" >&2; exit 1; }
-"$py" -m pip install -q --disable-pip-version-check numpy scipy scikit-learn tqdm matplotlib ninja pybind11 \
-    pytest pytest-benchmark hypothesis 2>&1 | grep -v "is ignored" || true
+"$py" -m pip install -q --disable-pip-version-check "$torch_spec" numpy scipy scikit-learn tqdm matplotlib ninja \
+    pybind11 setuptools wheel pytest pytest-benchmark hypothesis 2>&1 | grep -v "is ignored" || true
+"$py" -c "import torch, numpy, scipy, sklearn, tqdm, matplotlib, pytest, hypothesis" ||
+    { echo "setup: dependencies failed to install ($torch_spec and the packages above)" >&2; exit 1; }
 "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored" || true
 "$py" -c "import selkernels" || { echo "setup: selkernels failed to build" >&2; exit 1; }

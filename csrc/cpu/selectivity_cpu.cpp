@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/selectivity.h"
+#include "cpu/row_means_avx2.h"
 
 namespace selk {
 namespace {
@@ -78,6 +79,10 @@ inline __attribute__((always_inline)) void add_row_body(acc_t* __restrict__ acc,
 SELK_TARGET_CLONES void add_row(float* acc, const float* row, int64_t len) { add_row_body(acc, row, len); }
 SELK_TARGET_CLONES void add_row(double* acc, const double* row, int64_t len) { add_row_body(acc, row, len); }
 
+// Smallest number of items worth a parallel chunk: below ~32K elements of work the cost of waking
+// a second thread exceeds the work (and on a loaded machine it can cost a whole time slice).
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
+
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Counting sort of labels: samples of class k are order[offsets[k] .. offsets[k + 1]).
@@ -121,7 +126,7 @@ void unit_means(const at::Tensor& x_in, acc_t* a) {
     const at::Tensor x2 = x_in.reshape({N, C});  // a view: all trailing dims are 1
     const scalar_t* p = x2.data_ptr<scalar_t>();
     const int64_t sn = x2.stride(0), sc = x2.stride(1);
-    at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n)
         for (int64_t c = 0; c < C; ++c) a[n * C + c] = static_cast<acc_t>(p[n * sn + c * sc]);
     });
@@ -134,7 +139,7 @@ void unit_means(const at::Tensor& x_in, acc_t* a) {
   if (channels_last) {
     // Memory is [N, S, C]: accumulate rows of C so the inner loop is unit-stride.
     const scalar_t* p = x_in.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N, grain_for(S * C), [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) column_means(p + n * S * C, S, C, inv_S, a + n * C);
     });
     return;
@@ -142,8 +147,14 @@ void unit_means(const at::Tensor& x_in, acc_t* a) {
   // Any other stride pattern is copied once to NCHW (documented in the Python docstrings).
   const at::Tensor x = x_in.contiguous();
   const scalar_t* p = x.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / S);
-  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) { row_means(p + b * S, e - b, S, inv_S, a + b); });
+  at::parallel_for(0, N * C, grain_for(S), [&](int64_t b, int64_t e) {
+#ifdef SELK_HAVE_AVX2_ROW_MEANS
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (avx2::supported()) return avx2::row_means(p + b * S, e - b, S, inv_S, a + b);
+    }
+#endif
+    row_means(p + b * S, e - b, S, inv_S, a + b);
+  });
 }
 
 // Phase 2: means[k, c] from the unit means, in label-sorted order (deterministic).
@@ -151,7 +162,9 @@ template <typename acc_t>
 void segment_means(const acc_t* a, int64_t C, const LabelSegments& seg, int64_t K, acc_t* means) {
   constexpr int64_t kChannelBlock = 256;
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, K * blocks, 1, [&](int64_t b, int64_t e) {
+  // Each task owns one (class, channel block): its segment's rows plus its output rows.
+  const int64_t task_work = (seg.offsets[K] / std::max<int64_t>(1, K) + 1) * std::min(C, kChannelBlock);
+  at::parallel_for(0, K * blocks, grain_for(task_work), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t k = task / blocks, c0 = (task % blocks) * kChannelBlock;
       const int64_t c1 = std::min(C, c0 + kChannelBlock);
@@ -245,7 +258,7 @@ at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tens
     const int64_t* cnt = counts.data_ptr<int64_t>();
     scalar_t* out = si.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, C, kUnitBlock, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max(kUnitBlock, grain_for(K)), [&](int64_t c0, int64_t c1) {
       UnitTerms<scalar_t> t;
       unit_terms(m, cnt, K, C, c0, c1, t);
       for (int64_t c = c0; c < c1; ++c)
@@ -268,7 +281,7 @@ at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, con
     const int64_t* cnt = counts.data_ptr<int64_t>();
     scalar_t* gm = grad_means.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, C, kUnitBlock, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max(kUnitBlock, grain_for(K)), [&](int64_t c0, int64_t c1) {
       UnitTerms<scalar_t> t;
       unit_terms(m, cnt, K, C, c0, c1, t);
       std::vector<scalar_t> g_max(c1 - c0), g_rest(c1 - c0);
@@ -302,7 +315,7 @@ at::Tensor class_means_backward_cpu(const at::Tensor& grad_means_in, const at::T
     const int64_t* l = labels.data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_class_means_backward", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
           const int64_t k = l[n];
           if (k == ignore_index || k < 0 || k >= K || cnt[k] == 0) {
@@ -349,7 +362,7 @@ at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si_in, const c1
     const auto e = static_cast<acc_t>(eps);
     std::vector<acc_t> g_max(C), g_rest(C);
     std::vector<int64_t> argmax(C);
-    at::parallel_for(0, C, kUnitBlock, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max(kUnitBlock, grain_for(K)), [&](int64_t c0, int64_t c1) {
       UnitTerms<acc_t> t;
       unit_terms(m, cnt, K, C, c0, c1, t);
       for (int64_t c = c0; c < c1; ++c) {
@@ -359,7 +372,7 @@ at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si_in, const c1
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_selectivity_index_backward", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, N, 16, [&](int64_t b, int64_t end) {
+      at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t end) {
         for (int64_t n = b; n < end; ++n) {
           const int64_t k = l[n];
           scalar_t* row = o + n * C;
