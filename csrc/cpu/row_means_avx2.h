@@ -50,9 +50,38 @@ SELK_AVX2 inline __m256 transpose_sum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+SELK_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// Rows of 64 and more: one sequential stream per row (eight interleaved streams that end every few cache
+// lines defeat the hardware prefetcher), four accumulators to hide the add latency.
+template <typename T>
+SELK_AVX2 void long_row_means(const T* p, int64_t rows, int64_t S, float scale, float* out) {
+  const int64_t full32 = S / 32 * 32, full8 = S / 8 * 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = p + r * S;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i < full32; i += 32) {
+      a0 = _mm256_add_ps(a0, load8(row + i));
+      a1 = _mm256_add_ps(a1, load8(row + i + 8));
+      a2 = _mm256_add_ps(a2, load8(row + i + 16));
+      a3 = _mm256_add_ps(a3, load8(row + i + 24));
+    }
+    for (; i < full8; i += 8) a0 = _mm256_add_ps(a0, load8(row + i));
+    if (full8 < S) a1 = _mm256_add_ps(a1, load_tail(row + full8, S - full8));
+    out[r] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * scale;
+  }
+}
+
 // out[r] = scale * sum of row r, rows r < count of the [rows, S] block starting at p.
 template <typename T>
 SELK_AVX2 void row_means(const T* p, int64_t rows, int64_t S, float scale, float* out) {
+  if (S >= 64) return long_row_means(p, rows, S, scale, out);
   const int64_t full = S / 8 * 8;
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {

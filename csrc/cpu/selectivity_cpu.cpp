@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "common/selectivity.h"
@@ -197,9 +198,10 @@ std::tuple<at::Tensor, at::Tensor> class_means_impl(const at::Tensor& x, const a
   at::Tensor means = at::empty({K, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_means", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    std::vector<acc_t> a(N * C);
-    unit_means<scalar_t, acc_t>(x, a.data());
-    segment_means<acc_t>(a.data(), C, seg, K, means.data_ptr<acc_t>());
+    // Every element is written by unit_means: no zero-fill.
+    std::unique_ptr<acc_t[]> a(new acc_t[N * C]);
+    unit_means<scalar_t, acc_t>(x, a.get());
+    segment_means<acc_t>(a.get(), C, seg, K, means.data_ptr<acc_t>());
   });
   return {means, seg.counts};
 }
@@ -210,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> class_means_impl(const at::Tensor& x, const a
 template <typename acc_t>
 struct UnitTerms {
   std::vector<acc_t> mu_max, mu_rest;
-  std::vector<int64_t> argmax;
+  std::vector<int32_t> argmax;  // int32 (K < 2^31) so the select below vectorizes
   int64_t present = 0;
 };
 
@@ -221,16 +223,27 @@ void unit_terms(const acc_t* means, const int64_t* counts, int64_t K, int64_t C,
   t.mu_max.assign(len, acc_t(0));
   t.mu_rest.assign(len, acc_t(0));
   t.argmax.assign(len, -1);
-  std::vector<acc_t> sum(len, acc_t(0));
+  std::vector<acc_t> sum_buf(len, acc_t(0));
+  acc_t* __restrict__ sum = sum_buf.data();
+  acc_t* __restrict__ mx = t.mu_max.data();
+  int32_t* __restrict__ am = t.argmax.data();
   t.present = 0;
   for (int64_t k = 0; k < K; ++k) {
     if (counts[k] <= 0) continue;
-    const acc_t* row = means + k * C + c0;
-    for (int64_t c = 0; c < len; ++c) {
-      sum[c] += row[c];
-      if (t.present == 0 || !(row[c] <= t.mu_max[c])) {
-        t.mu_max[c] = row[c];
-        t.argmax[c] = k;
+    const acc_t* __restrict__ row = means + k * C + c0;
+    const int32_t kk = static_cast<int32_t>(k);
+    if (t.present == 0) {
+      for (int64_t c = 0; c < len; ++c) {
+        sum[c] = row[c];
+        mx[c] = row[c];
+        am[c] = kk;
+      }
+    } else {
+      for (int64_t c = 0; c < len; ++c) {
+        sum[c] += row[c];
+        const bool take = !(row[c] <= mx[c]);  // strictly greater, or NaN: first max wins ties
+        mx[c] = take ? row[c] : mx[c];
+        am[c] = take ? kk : am[c];
       }
     }
     ++t.present;
@@ -241,7 +254,7 @@ void unit_terms(const acc_t* means, const int64_t* counts, int64_t K, int64_t C,
     return;
   }
   const acc_t inv = acc_t(1) / static_cast<acc_t>(t.present - 1);
-  for (int64_t c = 0; c < len; ++c) t.mu_rest[c] = (sum[c] - t.mu_max[c]) * inv;
+  for (int64_t c = 0; c < len; ++c) t.mu_rest[c] = (sum[c] - mx[c]) * inv;
 }
 
 constexpr int64_t kUnitBlock = 256;
