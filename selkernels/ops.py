@@ -1,7 +1,10 @@
-"""Public ops of selkernels: argument checks, fake kernels and autograd for torch.ops.selkernels.*.
+"""Public selectivity ops of selkernels: argument checks and fake kernels for torch.ops.selkernels.*.
 
 Every op here is a registered custom op (schema in csrc/ops.cpp, CPU kernel in csrc/cpu, CUDA kernel
-in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck.
+in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck. Their
+autograd is registered in C++ (csrc/selectivity_autograd.cpp): it calls the registered backward
+ops, and costs far less per call than a Python autograd formula on the small activations of a
+training step.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def _check_num_classes(num_classes) -> int:
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
+    if not 0.0 <= eps < math.inf:  # also False for NaN
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return float(eps)
 
@@ -87,10 +90,6 @@ def _run_checked(op, *args):
         raise
 
 
-def _spatial_size(shape) -> int:
-    return math.prod(shape[2:])
-
-
 # ----------------------------------------------------------------------------------------------
 # class_means
 # ----------------------------------------------------------------------------------------------
@@ -132,30 +131,6 @@ def _class_means_backward_fake(grad_means, counts, labels, ignore_index, spatial
     return grad_means.new_empty((labels.shape[0], grad_means.shape[1]), dtype=out_dtype)
 
 
-def _broadcast_unit_grad(grad_unit: torch.Tensor, shape) -> torch.Tensor:
-    """[N, C] -> [N, C, *spatial] as a stride-0 view (no copy)."""
-    return grad_unit.reshape(grad_unit.shape + (1,) * (len(shape) - 2)).expand(shape)
-
-
-def _class_means_setup(ctx, inputs, output):
-    x, labels, _, ignore_index = inputs
-    _, counts = output
-    ctx.save_for_backward(labels, counts)
-    ctx.x_shape = x.shape
-    ctx.x_dtype = x.dtype
-    ctx.ignore_index = ignore_index
-
-
-def _class_means_backward(ctx, grad_means, grad_counts):
-    labels, counts = ctx.saved_tensors
-    grad_unit = _ops.class_means_backward(grad_means.contiguous(), counts, labels, ctx.ignore_index,
-                                          _spatial_size(ctx.x_shape), ctx.x_dtype)
-    return _broadcast_unit_grad(grad_unit, ctx.x_shape), None, None, None
-
-
-torch.library.register_autograd("selkernels::class_means", _class_means_backward, setup_context=_class_means_setup)
-
-
 # ----------------------------------------------------------------------------------------------
 # selectivity_from_means
 # ----------------------------------------------------------------------------------------------
@@ -194,22 +169,6 @@ def _selectivity_from_means_backward_fake(grad_si, means, counts, eps):
     return torch.empty_like(means, memory_format=torch.contiguous_format)
 
 
-def _selectivity_from_means_setup(ctx, inputs, output):
-    means, counts, eps = inputs
-    ctx.save_for_backward(means, counts)
-    ctx.eps = eps
-
-
-def _selectivity_from_means_backward(ctx, grad_si):
-    means, counts = ctx.saved_tensors
-    grad_means = _ops.selectivity_from_means_backward(grad_si.contiguous(), means, counts, ctx.eps)
-    return grad_means, None, None
-
-
-torch.library.register_autograd("selkernels::selectivity_from_means", _selectivity_from_means_backward,
-                                setup_context=_selectivity_from_means_setup)
-
-
 # ----------------------------------------------------------------------------------------------
 # selectivity_index: class means + SI in one op, forward and backward
 # ----------------------------------------------------------------------------------------------
@@ -243,29 +202,3 @@ def _selectivity_index_fake(x, labels, num_classes, eps, ignore_index):
 @torch.library.register_fake("selkernels::selectivity_index_backward")
 def _selectivity_index_backward_fake(grad_si, grad_means, means, counts, labels, eps, ignore_index, spatial_size, out_dtype):
     return means.new_empty((labels.shape[0], means.shape[1]), dtype=out_dtype)
-
-
-def _selectivity_index_setup(ctx, inputs, output):
-    x, labels, _, eps, ignore_index = inputs
-    _, means, counts = output
-    ctx.save_for_backward(labels, means, counts)
-    # means/counts exist for the backward; when unused their gradient stays None (not zeros), so
-    # the backward skips the [K, C] term.
-    ctx.set_materialize_grads(False)
-    ctx.x_shape = x.shape
-    ctx.x_dtype = x.dtype
-    ctx.eps = eps
-    ctx.ignore_index = ignore_index
-
-
-def _selectivity_index_backward(ctx, grad_si, grad_means, grad_counts):
-    labels, means, counts = ctx.saved_tensors
-    if grad_si is None:
-        grad_si = means.new_zeros(means.shape[1])
-    grad_unit = _ops.selectivity_index_backward(grad_si.contiguous(), grad_means, means, counts, labels, ctx.eps,
-                                                ctx.ignore_index, _spatial_size(ctx.x_shape), ctx.x_dtype)
-    return _broadcast_unit_grad(grad_unit, ctx.x_shape), None, None, None, None
-
-
-torch.library.register_autograd("selkernels::selectivity_index", _selectivity_index_backward,
-                                setup_context=_selectivity_index_setup)

@@ -142,20 +142,22 @@ def test_opcheck():
                               (torch.randn(4), grad_means, means, counts, labels, 1e-7, -100, 6, torch.float32))
 
 
-def test_torch_compile_fullgraph():
-    x, labels = make_batch(n=16, c=4, spatial=(3, 3), k=4, dtype=torch.float32)
-    x.requires_grad_()
-
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_dynamic(backend):
     def loss(t, lab):
-        return -selkernels.selectivity_index(t.relu(), lab, 4).mean()
+        means, _ = selkernels.class_means(t, lab, 4)
+        return -selkernels.selectivity_index(t.relu(), lab, 4).mean() + means.square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    out = compiled(x, labels)
-    (g,) = torch.autograd.grad(out, x)
-    out_eager = loss(x, labels)
-    (g_eager,) = torch.autograd.grad(out_eager, x)
-    torch.testing.assert_close(out, out_eager)
-    torch.testing.assert_close(g, g_eager)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=backend)
+    for n in (16, 24):  # a second batch size reuses the dynamic graph
+        x, labels = make_batch(n=n, c=4, spatial=(3, 3), k=4, dtype=torch.float32)
+        x.requires_grad_()
+        out = compiled(x, labels)
+        (g,) = torch.autograd.grad(out, x)
+        out_eager = loss(x, labels)
+        (g_eager,) = torch.autograd.grad(out_eager, x)
+        torch.testing.assert_close(out, out_eager)
+        torch.testing.assert_close(g, g_eager)
 
 
 def test_deterministic_bitwise():
