@@ -23,7 +23,45 @@ def _as_module_list(modules) -> List[nn.Module]:
     return modules
 
 
-class SelectivityRegularizer:
+class _LayerOutputHooks:
+    """Forward hooks that keep the latest output of each hooked module (what both regularizers need).
+
+    Only the latest output per module is held; ``_take_outputs()`` hands them over and releases
+    them. Use as a context manager, or call ``remove()``, to take the hooks off.
+    """
+
+    def _hook(self, modules: List[nn.Module]) -> None:
+        self._outputs: List[Optional[torch.Tensor]] = [None] * len(modules)
+        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(modules)]
+
+    def _make_hook(self, index: int):
+        def hook(module, inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            self._outputs[index] = output
+
+        return hook
+
+    def _check_outputs(self) -> None:
+        missing = [i for i, out in enumerate(self._outputs) if out is None]
+        if missing:
+            raise RuntimeError(f"modules {missing} produced no output since the last penalty(): run the model's "
+                               "forward pass on this batch first")
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._outputs = [None] * len(self._outputs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class SelectivityRegularizer(_LayerOutputHooks):
     """Class-selectivity regularizer of Leavitt & Morcos (ICLR 2021), fused.
 
     Registers forward hooks on ``modules`` (e.g. every residual block, as the paper does) and keeps
@@ -68,24 +106,12 @@ class SelectivityRegularizer:
         self.eps = _check_eps(eps)
         self.ignore_index = ignore_index
         self.last_layer_si: Optional[torch.Tensor] = None
-        self._outputs: List[Optional[torch.Tensor]] = [None] * len(self.modules)
-        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
-
-    def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self._outputs[index] = output
-
-        return hook
+        self._hook(self.modules)
 
     def layer_selectivity(self, labels: torch.Tensor) -> torch.Tensor:
         """Mean SI over units for each hooked module's latest output: a differentiable [L] tensor
         (over the global batch under global sync, see the class docstring)."""
-        missing = [i for i, out in enumerate(self._outputs) if out is None]
-        if missing:
-            raise RuntimeError(f"modules {missing} produced no output since the last penalty(): run the model's "
-                               "forward pass on this batch first")
+        self._check_outputs()
         use_global = self._is_global()
         outputs, self._outputs = self._outputs, [None] * len(self.modules)
         if use_global:
@@ -113,20 +139,7 @@ class SelectivityRegularizer:
 
     __call__ = penalty
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._outputs = [None] * len(self.modules)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-class SpectralRegularizer:
+class SpectralRegularizer(_LayerOutputHooks):
     """1/n spectral regularizer of Nassar et al. (NeurIPS 2020), fused.
 
     Registers forward hooks on ``modules`` and keeps each one's latest output (flattened to
@@ -149,16 +162,7 @@ class SpectralRegularizer:
         self.beta = float(beta)
         self.slope, self.tau = _check_slope_tau(slope, tau)
         self.bases: List[Optional[torch.Tensor]] = [None] * len(self.modules)
-        self._outputs: List[Optional[torch.Tensor]] = [None] * len(self.modules)
-        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
-
-    def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self._outputs[index] = output
-
-        return hook
+        self._hook(self.modules)
 
     @torch.no_grad()
     def refresh_basis(self, model: nn.Module, loader: Iterable) -> List[torch.Tensor]:
@@ -204,10 +208,7 @@ class SpectralRegularizer:
 
         if any(v is None for v in self.bases):
             raise RuntimeError("no eigenbasis yet: call refresh_basis(model, loader) first")
-        missing = [i for i, out in enumerate(self._outputs) if out is None]
-        if missing:
-            raise RuntimeError(f"modules {missing} produced no output since the last penalty(): run the model's "
-                               "forward pass on this batch first")
+        self._check_outputs()
         terms = []
         for out, V in zip(self._outputs, self.bases):
             h = out.flatten(1)
@@ -222,14 +223,3 @@ class SpectralRegularizer:
 
     __call__ = penalty
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._outputs = [None] * len(self.modules)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
