@@ -17,10 +17,10 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
 from .distributed import all_reduce_moments
+from .ops import _check_activations
 
 __all__ = ["StreamingCovariance", "batch_moments"]
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCE = ("mean", "flatten")
 
 
@@ -32,12 +32,7 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     """[N, D] or [N, C, *spatial] -> [M, D] rows of samples."""
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-    if z.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"z must be float64, float32, float16 or bfloat16, got {z.dtype}")
-    if z.dim() < 2:
-        raise ValueError(f"z must have shape [N, D] or [N, C, *spatial], got shape {tuple(z.shape)}")
+    _check_activations(z, "z")
     if z.shape[1] != dim:
         raise ValueError(f"z.shape[1] must equal dim={dim}, got shape {tuple(z.shape)}")
     if reduce not in _REDUCE:
