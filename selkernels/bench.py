@@ -416,7 +416,7 @@ def _family_table(rows: Sequence[dict]) -> List[str]:
     variants = rows[0]["variants"]
     if all(r["variants"] == variants for r in rows) or rows[0]["family"] == "selectivity":
         variants = list(dict.fromkeys(v for r in rows for v in r["variants"]))
-        first, baselines = variants[0], variants[1:]
+        baselines = variants[1:]
         has_best = any("speedup_vs_best_torch" in r for r in rows)
         has_bw = any("xsum_ms" in r for r in rows)
         has_mem = any(f"{v}_peak_mb" in r for r in rows for v in variants)
@@ -590,7 +590,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current setting)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions: a smoke run of seconds")
     parser.add_argument("--filter", default="", help="only cases whose 'family name dtype' contains this substring")
-    parser.add_argument("--family", nargs="+", default=None, help=f"op families to run (default: all)")
+    parser.add_argument("--family", nargs="+", default=None, help="op families to run (default: all)")
     parser.add_argument("--min-run-time", type=float, default=0.0,
                         help="seconds of timed calls per variant, on average (default 0.2, 0.01 with --quick)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -14,7 +14,7 @@ so it runs on any backend (NCCL for CUDA tensors, gloo for CPU tensors) with the
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-import selkernels
 from selkernels import StreamingCovariance
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
