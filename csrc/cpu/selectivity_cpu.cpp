@@ -259,6 +259,30 @@ void unit_terms(const acc_t* means, const int64_t* counts, int64_t K, int64_t C,
 
 constexpr int64_t kUnitBlock = 256;
 
+// Per unit: grad_si * dSI/dmeans[k, c] is g_max[c] for k = argmax[c] and g_rest[c] for the other
+// present classes (0 for absent ones), so no backward needs the [K, C] gradient itself.
+template <typename acc_t>
+struct UnitGradCoeffs {
+  std::vector<acc_t> g_max, g_rest;
+  std::vector<int32_t> argmax;
+};
+
+template <typename acc_t>
+UnitGradCoeffs<acc_t> unit_grad_coeffs(const acc_t* means, const int64_t* counts, const acc_t* grad_si, int64_t K,
+                                       int64_t C, acc_t eps) {
+  UnitGradCoeffs<acc_t> out{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<int32_t>(C)};
+  at::parallel_for(0, C, std::max(kUnitBlock, grain_for(K)), [&](int64_t c0, int64_t c1) {
+    UnitTerms<acc_t> t;
+    unit_terms(means, counts, K, C, c0, c1, t);
+    for (int64_t c = c0; c < c1; ++c) {
+      selectivity_grad_coeffs(t.mu_max[c - c0], t.mu_rest[c - c0], t.present, eps, grad_si[c], &out.g_max[c],
+                              &out.g_rest[c]);
+      out.argmax[c] = t.argmax[c - c0];
+    }
+  });
+  return out;
+}
+
 at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tensor& counts_in, double eps) {
   TORCH_CHECK(means_in.dim() == 2, "selkernels: means must be [K, C]");
   TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == means_in.size(0), "selkernels: counts must be [K]");
@@ -293,18 +317,12 @@ at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, con
     const scalar_t* g = grad_si.data_ptr<scalar_t>();
     const int64_t* cnt = counts.data_ptr<int64_t>();
     scalar_t* gm = grad_means.data_ptr<scalar_t>();
-    const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, C, std::max(kUnitBlock, grain_for(K)), [&](int64_t c0, int64_t c1) {
-      UnitTerms<scalar_t> t;
-      unit_terms(m, cnt, K, C, c0, c1, t);
-      std::vector<scalar_t> g_max(c1 - c0), g_rest(c1 - c0);
-      for (int64_t c = c0; c < c1; ++c)
-        selectivity_grad_coeffs(t.mu_max[c - c0], t.mu_rest[c - c0], t.present, e, g[c], &g_max[c - c0],
-                                &g_rest[c - c0]);
-      for (int64_t k = 0; k < K; ++k) {
+    const auto coeffs = unit_grad_coeffs<scalar_t>(m, cnt, g, K, C, static_cast<scalar_t>(eps));
+    at::parallel_for(0, K, grain_for(C), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
         scalar_t* row = gm + k * C;
-        for (int64_t c = c0; c < c1; ++c)
-          row[c] = cnt[k] <= 0 ? scalar_t(0) : (t.argmax[c - c0] == k ? g_max[c - c0] : g_rest[c - c0]);
+        for (int64_t c = 0; c < C; ++c)
+          row[c] = cnt[k] <= 0 ? scalar_t(0) : (coeffs.argmax[c] == k ? coeffs.g_max[c] : coeffs.g_rest[c]);
       }
     });
   });
@@ -372,17 +390,10 @@ at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si_in, const c1
     const acc_t* gx = has_extra ? extra.data_ptr<acc_t>() : nullptr;
     const int64_t* cnt = counts.data_ptr<int64_t>();
     const int64_t* l = labels.data_ptr<int64_t>();
-    const auto e = static_cast<acc_t>(eps);
-    std::vector<acc_t> g_max(C), g_rest(C);
-    std::vector<int64_t> argmax(C);
-    at::parallel_for(0, C, std::max(kUnitBlock, grain_for(K)), [&](int64_t c0, int64_t c1) {
-      UnitTerms<acc_t> t;
-      unit_terms(m, cnt, K, C, c0, c1, t);
-      for (int64_t c = c0; c < c1; ++c) {
-        selectivity_grad_coeffs(t.mu_max[c - c0], t.mu_rest[c - c0], t.present, e, g[c], &g_max[c], &g_rest[c]);
-        argmax[c] = t.argmax[c - c0];
-      }
-    });
+    const auto coeffs = unit_grad_coeffs<acc_t>(m, cnt, g, K, C, static_cast<acc_t>(eps));
+    const acc_t* g_max = coeffs.g_max.data();
+    const acc_t* g_rest = coeffs.g_rest.data();
+    const int32_t* argmax = coeffs.argmax.data();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_selectivity_index_backward", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
       at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t end) {
