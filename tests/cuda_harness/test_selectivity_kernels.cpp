@@ -105,6 +105,21 @@ std::vector<double> ref_si(const std::vector<double>& means, const std::vector<i
   return si;
 }
 
+// grad_si[c] * dSI_c/dmeans[k, c] by central differences of the reference SI, [K, C].
+std::vector<double> fd_si_grad(const std::vector<double>& means, const std::vector<int64_t>& counts,
+                               const std::vector<double>& grad_si, int64_t K, int64_t C, double eps) {
+  const double h = 1e-6;
+  std::vector<double> out(K * C);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) {
+      std::vector<double> hi = means, lo = means;
+      hi[k * C + c] += h;
+      lo[k * C + c] -= h;
+      out[k * C + c] = grad_si[c] * (ref_si(hi, counts, K, C, eps)[c] - ref_si(lo, counts, K, C, eps)[c]) / (2 * h);
+    }
+  return out;
+}
+
 Ref reference(const Problem& p, double eps) {
   Ref r;
   r.a.assign(p.N * p.C, 0.0);
@@ -261,15 +276,8 @@ void check_unit_grad(bool with_si) {
   // Reference: G = grad_means (+ grad_si * dSI/dmeans by central differences of the reference SI).
   std::vector<double> G = gm_d;
   if (with_si) {
-    for (int64_t k = 0; k < p.K; ++k)
-      for (int64_t c = 0; c < p.C; ++c) {
-        const double h = 1e-6;
-        std::vector<double> hi = r.means, lo = r.means;
-        hi[k * p.C + c] += h;
-        lo[k * p.C + c] -= h;
-        const double d = (ref_si(hi, r.counts, p.K, p.C, eps)[c] - ref_si(lo, r.counts, p.K, p.C, eps)[c]) / (2 * h);
-        G[k * p.C + c] += gsi_d[c] * d;
-      }
+    const std::vector<double> d = fd_si_grad(r.means, r.counts, gsi_d, p.K, p.C, eps);
+    for (size_t i = 0; i < G.size(); ++i) G[i] += d[i];
   }
   std::vector<acc_t> g_max(p.C), g_rest(p.C);
   std::vector<int64_t> argmax(p.C);
@@ -419,15 +427,5 @@ SELK_TEST(selectivity_from_means_backward) {
   // 32-thread blocks over 45 units: a partial second block.
   selk_sim::launch(dim3(2), dim3(32), 0, si_backward_kernel<double>, gsi.data(), r.means.data(), r.counts.data(), p.K,
                    p.C, eps, gm.data());
-  std::vector<double> want(p.K * p.C);
-  for (int64_t k = 0; k < p.K; ++k)
-    for (int64_t c = 0; c < p.C; ++c) {
-      const double h = 1e-6;
-      std::vector<double> hi = r.means, lo = r.means;
-      hi[k * p.C + c] += h;
-      lo[k * p.C + c] -= h;
-      want[k * p.C + c] =
-          gsi[c] * (ref_si(hi, r.counts, p.K, p.C, eps)[c] - ref_si(lo, r.counts, p.K, p.C, eps)[c]) / (2 * h);
-    }
-  SELK_CHECK_CLOSE(gm, want, 1e-6, 1e-8);
+  SELK_CHECK_CLOSE(gm, fd_si_grad(r.means, r.counts, gsi, p.K, p.C, eps), 1e-6, 1e-8);
 }
