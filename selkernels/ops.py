@@ -1,10 +1,11 @@
 """Public selectivity ops of selkernels: argument checks and fake kernels for torch.ops.selkernels.*.
 
 Every op here is a registered custom op (schema in csrc/ops.cpp, CPU kernel in csrc/cpu, CUDA kernel
-in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck. Their
-autograd is registered in C++ (csrc/selectivity_autograd.cpp): it calls the registered backward
-ops, and costs far less per call than a Python autograd formula on the small activations of a
-training step.
+in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck. The labels
+of a batch are segmented once (segment_labels); the layer ops take that segmentation and a list of
+layers, so a training step is one call for every hooked layer, forward and backward. Their autograd
+is registered below (one Python call per step for all layers); selectivity_from_means, which runs
+on small [K, C] tensors, has its autograd in C++ (csrc/selectivity_autograd.cpp).
 """
 from __future__ import annotations
 

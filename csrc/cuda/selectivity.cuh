@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
     }
     acc_t m = acc_t(0);
     if (c < C) {
-      for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];
+SELK_UNROLL_4
+      for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];  // loads pipelined across i
       m = m * (acc_t(1) / static_cast<acc_t>(end - begin));
       if (bad) m = nan;
       L.means[k * C + c] = m;
