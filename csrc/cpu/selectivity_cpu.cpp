@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/selectivity.h"
+#include "cpu/pairwise_sum.h"
 #include "cpu/row_means_avx2.h"
 
 namespace selk {
@@ -31,29 +32,46 @@ namespace {
 // Each vectorized loop is compiled once per instruction set and called once per chunk of rows, so
 // the dispatch costs one indirect call per chunk, not per row.
 
-// out[r] = scale * sum(p[r * S .. r * S + S)) for r < rows (NCHW: rows are (n, c) pairs).
+// out[r] = scale * sum(p[r * S .. r * S + S)) for r < rows (NCHW: rows are (n, c) pairs). Rows
+// longer than kRowSumBlock: blocks combined pairwise (error ~ log S).
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void row_means_body(const scalar_t* __restrict__ p, int64_t rows, int64_t S,
                                                           acc_t scale, acc_t* __restrict__ out) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = p + r * S;
-    acc_t sum = acc_t(0);
+    PairwiseScalar<acc_t> total;
+    for (int64_t b = 0; b < S; b += kRowSumBlock) {
+      const int64_t e = std::min(S, b + kRowSumBlock);
+      acc_t sum = acc_t(0);
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < S; ++i) sum += static_cast<acc_t>(row[i]);
-    out[r] = sum * scale;
+      for (int64_t i = b; i < e; ++i) sum += static_cast<acc_t>(row[i]);
+      total.push(sum);
+    }
+    out[r] = total.total() * scale;
   }
 }
 
-// out[c] = scale * sum over s of p[s * C + c] (channels_last: one sample's [S, C] block).
+// out[c] = scale * sum over s of p[s * C + c] (channels_last: one sample's [S, C] block). Blocks of
+// kColumnSumBlock positions combined pairwise in `acc` (error ~ log S).
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void column_means_body(const scalar_t* __restrict__ p, int64_t S, int64_t C,
-                                                             acc_t scale, acc_t* __restrict__ out) {
-  for (int64_t c = 0; c < C; ++c) out[c] = acc_t(0);
-  for (int64_t s = 0; s < S; ++s) {
-    const scalar_t* row = p + s * C;
+                                                             acc_t scale, PairwiseRows<acc_t>& acc,
+                                                             acc_t* __restrict__ out) {
+  acc.reset();
+  for (int64_t s0 = 0; s0 < S; s0 += kColumnSumBlock) {
+    const int64_t s1 = std::min(S, s0 + kColumnSumBlock);
+    acc_t* __restrict__ block = S <= kColumnSumBlock ? out : acc.current();
+    const scalar_t* first = p + s0 * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] += static_cast<acc_t>(row[c]);
+    for (int64_t c = 0; c < C; ++c) block[c] = static_cast<acc_t>(first[c]);
+    for (int64_t s = s0 + 1; s < s1; ++s) {
+      const scalar_t* row = p + s * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) block[c] += static_cast<acc_t>(row[c]);
+    }
+    if (S > kColumnSumBlock) acc.push();
   }
+  if (S > kColumnSumBlock) acc.total(out);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) out[c] *= scale;
 }
@@ -62,8 +80,9 @@ inline __attribute__((always_inline)) void column_means_body(const scalar_t* __r
   SELK_TARGET_CLONES void row_means(const scalar_t* p, int64_t rows, int64_t S, acc_t scale, acc_t* out) {     \
     row_means_body(p, rows, S, scale, out);                                                                    \
   }                                                                                                            \
-  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale, acc_t* out) {     \
-    column_means_body(p, S, C, scale, out);                                                                    \
+  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale,                   \
+                                       PairwiseRows<acc_t>& acc, acc_t* out) {                                 \
+    column_means_body(p, S, C, scale, acc, out);                                                               \
   }
 SELK_MEANS_FOR(double, double)
 SELK_MEANS_FOR(float, float)
@@ -71,14 +90,41 @@ SELK_MEANS_FOR(c10::BFloat16, float)
 SELK_MEANS_FOR(c10::Half, float)
 #undef SELK_MEANS_FOR
 
+// out[0, len) = sum over i < count of a[order[i] * C + (0, len)]: the rows of one class segment, in
+// segment order, in blocks of kColumnSumBlock rows combined pairwise (error ~ log count).
 template <typename acc_t>
-inline __attribute__((always_inline)) void add_row_body(acc_t* __restrict__ acc, const acc_t* __restrict__ row,
-                                                        int64_t len) {
+inline __attribute__((always_inline)) void segment_sum_body(const acc_t* __restrict__ a, int64_t C,
+                                                            const int64_t* __restrict__ order, int64_t count,
+                                                            int64_t len, PairwiseRows<acc_t>& acc,
+                                                            acc_t* __restrict__ out) {
+  if (count == 0) {
+    std::fill(out, out + len, acc_t(0));
+    return;
+  }
+  acc.reset();
+  for (int64_t i0 = 0; i0 < count; i0 += kColumnSumBlock) {
+    const int64_t i1 = std::min(count, i0 + kColumnSumBlock);
+    acc_t* __restrict__ block = count <= kColumnSumBlock ? out : acc.current();
+    const acc_t* __restrict__ first = a + order[i0] * C;
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) acc[i] += row[i];
+    for (int64_t c = 0; c < len; ++c) block[c] = first[c];
+    for (int64_t i = i0 + 1; i < i1; ++i) {
+      const acc_t* __restrict__ row = a + order[i] * C;
+#pragma omp simd
+      for (int64_t c = 0; c < len; ++c) block[c] += row[c];
+    }
+    if (count > kColumnSumBlock) acc.push();
+  }
+  if (count > kColumnSumBlock) acc.total(out);
 }
-SELK_TARGET_CLONES void add_row(float* acc, const float* row, int64_t len) { add_row_body(acc, row, len); }
-SELK_TARGET_CLONES void add_row(double* acc, const double* row, int64_t len) { add_row_body(acc, row, len); }
+SELK_TARGET_CLONES void segment_sum(const float* a, int64_t C, const int64_t* order, int64_t count, int64_t len,
+                                    PairwiseRows<float>& acc, float* out) {
+  segment_sum_body(a, C, order, count, len, acc, out);
+}
+SELK_TARGET_CLONES void segment_sum(const double* a, int64_t C, const int64_t* order, int64_t count, int64_t len,
+                                    PairwiseRows<double>& acc, double* out) {
+  segment_sum_body(a, C, order, count, len, acc, out);
+}
 
 // Smallest number of items worth a parallel chunk: below ~32K elements of work the cost of waking
 // a second thread exceeds the work (and on a loaded machine it can cost a whole time slice).
@@ -117,9 +163,20 @@ LabelSegments segment_labels(const at::Tensor& labels, int64_t K, int64_t ignore
   return seg;
 }
 
+// x without its broadcast spatial dims (stride 0, size > 1), which do not change a spatial mean: an
+// expanded tensor is then read as stored, never materialised (ones expanded to S = 2^31 positions
+// cost one read per sample and unit).
+at::Tensor without_broadcast_positions(const at::Tensor& x) {
+  at::Tensor out = x;
+  for (int64_t d = 2; d < x.dim(); ++d)
+    if (x.stride(d) == 0 && x.size(d) > 1) out = out.narrow(d, 0, 1);
+  return out;
+}
+
 // Phase 1: a[n * C + c] = mean over spatial positions of x[n, c, ...].
 template <typename scalar_t, typename acc_t>
-void unit_means(const at::Tensor& x_in, acc_t* a) {
+void unit_means(const at::Tensor& x_stored, acc_t* a) {
+  const at::Tensor x_in = without_broadcast_positions(x_stored);
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const int64_t S = N * C == 0 ? 1 : x_in.numel() / (N * C);
   const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
@@ -141,7 +198,8 @@ void unit_means(const at::Tensor& x_in, acc_t* a) {
     // Memory is [N, S, C]: accumulate rows of C so the inner loop is unit-stride.
     const scalar_t* p = x_in.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain_for(S * C), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) column_means(p + n * S * C, S, C, inv_S, a + n * C);
+      PairwiseRows<acc_t> acc(C, (S + kColumnSumBlock - 1) / kColumnSumBlock);
+      for (int64_t n = b; n < e; ++n) column_means(p + n * S * C, S, C, inv_S, acc, a + n * C);
     });
     return;
   }
@@ -165,14 +223,16 @@ void segment_means(const acc_t* a, int64_t C, const LabelSegments& seg, int64_t 
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   // Each task owns one (class, channel block): its segment's rows plus its output rows.
   const int64_t task_work = (seg.offsets[K] / std::max<int64_t>(1, K) + 1) * std::min(C, kChannelBlock);
+  int64_t largest = 0;
+  for (int64_t k = 0; k < K; ++k) largest = std::max(largest, seg.offsets[k + 1] - seg.offsets[k]);
   at::parallel_for(0, K * blocks, grain_for(task_work), [&](int64_t b, int64_t e) {
+    PairwiseRows<acc_t> acc(std::min(C, kChannelBlock), (largest + kColumnSumBlock - 1) / kColumnSumBlock);
     for (int64_t task = b; task < e; ++task) {
       const int64_t k = task / blocks, c0 = (task % blocks) * kChannelBlock;
       const int64_t c1 = std::min(C, c0 + kChannelBlock);
       acc_t* out = means + k * C;
-      std::fill(out + c0, out + c1, acc_t(0));
       const int64_t begin = seg.offsets[k], end = seg.offsets[k + 1];
-      for (int64_t i = begin; i < end; ++i) add_row(out + c0, a + seg.order[i] * C + c0, c1 - c0);
+      segment_sum(a + c0, C, seg.order.data() + begin, end - begin, c1 - c0, acc, out + c0);
       if (end > begin) {
         const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
         for (int64_t c = c0; c < c1; ++c) out[c] *= inv;
