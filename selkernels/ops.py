@@ -9,6 +9,7 @@ training step.
 from __future__ import annotations
 
 import math
+import os
 from typing import Tuple
 
 import torch
@@ -28,12 +29,48 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # Argument checks: a clear Python error naming the argument, before any kernel runs.
 # ----------------------------------------------------------------------------------------------
+_MAX_CLASSES = 2**31 - 1  # the kernels index classes with int32 (argmax per unit)
+
+
 def _check_num_classes(num_classes) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 1 <= num_classes <= _MAX_CLASSES:
+        raise ValueError(f"num_classes must be >= 1 and < 2**31, got {num_classes}")
     return num_classes
+
+
+def _device_memory_bytes(device: torch.device):
+    """Total memory of the device the op allocates on; None where unknown (meta, other backends)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+_CLASS_MEMORY_CHECK_BYTES = 1 << 30  # below this the device query is not worth its cost
+
+
+def _check_class_memory(num_classes: int, units: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a num_classes whose per-class buffers cannot fit, before anything is allocated.
+
+    Per class: the [K, C] means and their gradient in the accumulation type, plus three int64
+    label-segmentation entries (counts, offsets and the counting sort's cursors).
+    """
+    if not isinstance(num_classes, int) or not isinstance(units, int):
+        return  # symbolic sizes under torch.compile: checked when the compiled code runs eagerly
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    needed = num_classes * (3 * 8 + 2 * units * acc_bytes)
+    if needed <= _CLASS_MEMORY_CHECK_BYTES:
+        return
+    total = _device_memory_bytes(device)
+    if total is not None and needed > total:
+        raise ValueError(f"num_classes={num_classes} needs about {needed / 2**30:.1f} GiB for the per-class "
+                         f"statistics of C={units} units, more than the {total / 2**30:.1f} GiB of {device}")
 
 
 def _check_eps(eps) -> float:
@@ -51,6 +88,9 @@ def _check_activations(x, name: str = "x") -> None:
         raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape [N, C, *spatial] (at least 2 dims), got shape {tuple(x.shape)}")
+    if x.shape[0] > 0 and x.shape[1] > 0 and math.prod(x.shape[2:]) == 0:
+        raise ValueError(f"{name} has no spatial positions (shape {tuple(x.shape)}): the spatial mean of a unit "
+                         f"is 0/0; an empty batch (N = 0) or no units (C = 0) is accepted")
 
 
 def _check_labels(labels, n: int, device: torch.device, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -64,17 +104,33 @@ def _check_labels(labels, n: int, device: torch.device, num_classes: int, ignore
         raise ValueError(f"labels must be on the same device as x ({device}), got {labels.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     # The CPU kernel checks the values while it counting-sorts the labels, before it reads x
     # (_run_checked turns its error into a ValueError). On other devices the check is a host
-    # sync, skipped while compiling; the CUDA kernels skip out-of-range labels without touching
-    # memory out of bounds.
-    if device.type != "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
+    # sync, skipped while compiling and on the meta device (no values); the CUDA kernels skip
+    # out-of-range labels without touching memory out of bounds. Compared as int64: unsigned
+    # label dtypes have no comparison kernels.
+    labels = labels.long()
+    if device.type not in ("cpu", "meta") and not torch.compiler.is_compiling() and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             first = int(labels[bad][0])
             raise ValueError(f"labels must lie in [0, num_classes={num_classes}) or equal "
                              f"ignore_index={ignore_index}; found {first}")
-    return labels.long()
+    return labels
+
+
+def _check_counts(counts, k: int, device: torch.device) -> torch.Tensor:
+    """Per-class sample counts [K]: an integer tensor (a float count has no meaning: 0.5 samples)."""
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != k:
+        raise ValueError(f"counts must be a 1-D tensor [K] = [{k}] matching means, got "
+                         f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+    if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be an integer tensor (samples per class), got {counts.dtype}")
+    if counts.device != device:
+        raise ValueError(f"counts must be on the same device as means ({device}), got {counts.device}")
+    return counts.long()
 
 
 _LABEL_ERROR = "selkernels: labels must lie in"
@@ -109,12 +165,21 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
         spatial mean (float32, float64 for float64 x; accumulated in that type), ``counts[k]``
         (int64) the number of samples of class k. Absent classes have count 0 and mean 0.
 
+    Edge cases: x with zero spatial positions (e.g. [8, 4, 0, 3]) raises ValueError: a unit's
+    spatial mean would be 0/0, and NaN means for every class would surface only later as a NaN
+    loss with no hint of the layer; an empty batch (N = 0) or C = 0 is a valid empty result.
+    Broadcast (stride-0) spatial dims are read once, never materialised. Sums are pairwise in the
+    accumulation type (rounding error grows as log N and log S). Memory: ~(24 + 8 * C) bytes per
+    class for fp32 (means, their gradient, the label segmentation); a ``num_classes`` that cannot
+    fit on x's device raises ValueError before anything is allocated (``num_classes < 2**31``).
+
     Differentiable w.r.t. ``x``. The backward needs O(N*C) memory: the gradient w.r.t. x is an
     [N, C] tensor broadcast over the spatial positions as a stride-0 view, materialised only if
     autograd must (e.g. when accumulating into a leaf's ``.grad``).
     """
     _check_activations(x)
     num_classes = _check_num_classes(num_classes)
+    _check_class_memory(num_classes, x.shape[1], x.dtype, x.device)
     labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
     return _run_checked(_ops.class_means, x, labels, num_classes, ignore_index)
 
@@ -145,18 +210,17 @@ def selectivity_from_means(means: torch.Tensor, counts: torch.Tensor, eps: float
     A unit whose class means are all zero gives 0 for eps > 0 and NaN for eps = 0. Ties for
     mu_max send the gradient to the first maximal class, as ``torch.max`` does.
 
-    Returns float32 [C] (float64 for float64 means); differentiable w.r.t. ``means``.
+    ``counts`` must be an integer tensor (TypeError for a floating-point one: 0.5 samples would be
+    truncated to an absent class). Returns float32 [C] (float64 for float64 means); differentiable
+    w.r.t. ``means``.
     """
     if not isinstance(means, torch.Tensor) or means.dim() != 2:
         raise ValueError(f"means must be a 2-D tensor [K, C], got {getattr(means, 'shape', type(means).__name__)}")
     if means.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"means must be a floating-point tensor, got {means.dtype}")
-    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != means.shape[0]:
-        raise ValueError(f"counts must be a 1-D tensor [K] = [{means.shape[0]}] matching means")
-    if counts.device != means.device:
-        raise ValueError(f"counts must be on the same device as means ({means.device}), got {counts.device}")
+    counts = _check_counts(counts, means.shape[0], means.device)
     eps = _check_eps(eps)
-    return _ops.selectivity_from_means(means.to(_acc_dtype(means.dtype)), counts.long(), eps)
+    return _ops.selectivity_from_means(means.to(_acc_dtype(means.dtype)), counts, eps)
 
 
 @torch.library.register_fake("selkernels::selectivity_from_means")
@@ -183,9 +247,11 @@ def selectivity_index(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *
 
     Returns float32 [C] (float64 for float64 x). The backward needs O(N*C + K*C) memory and
     returns the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor.
+    x with zero spatial positions raises ValueError, as in :func:`class_means`.
     """
     _check_activations(x)
     num_classes = _check_num_classes(num_classes)
+    _check_class_memory(num_classes, x.shape[1], x.dtype, x.device)
     eps = _check_eps(eps)
     labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
     si, _, _ = _run_checked(_ops.selectivity_index, x, labels, num_classes, eps, ignore_index)
