@@ -119,3 +119,18 @@ def test_labels_of_every_integer_width_match_int64(dtype):
     assert torch.equal(means, ref_means) and torch.equal(counts, ref_counts)
     si = selkernels.selectivity_index(X, LABELS.to(dtype), 3)
     assert torch.equal(si, selkernels.selectivity_index(X, LABELS, 3))
+
+
+def test_segment_labels_refuses_num_classes_that_cannot_fit(monkeypatch):
+    monkeypatch.setattr(ops, "_CLASS_MEMORY_CHECK_BYTES", 0)
+    monkeypatch.setattr(ops, "_device_memory_bytes", lambda device: 2**20)
+    with pytest.raises(ValueError, match=f"num_classes={2**20 // 24 + 1} needs about"):
+        selkernels.segment_labels(LABELS, 2**20 // 24 + 1)
+    assert selkernels.segment_labels(LABELS, 2**20 // 24).counts.shape == (2**20 // 24,)
+
+
+def test_zero_positions_in_one_layer_of_a_list_named():
+    with pytest.raises(ValueError, match=r"x\[1\] has no spatial positions"):
+        selkernels.selectivity_index([X, torch.rand(8, 2, 0)], LABELS, 3)
+    with pytest.raises(ValueError, match=r"x has no spatial positions"):
+        selkernels.class_means(torch.rand(8, 0, 5), LABELS, 3, unit_dim=-1)  # [N, positions, D]
