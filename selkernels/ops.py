@@ -10,6 +10,7 @@ on small [K, C] tensors, has its autograd in C++ (csrc/selectivity_autograd.cpp)
 from __future__ import annotations
 
 import math
+import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,14 +37,55 @@ _MAX_CLASSES = 2**31 - 1  # the CUDA kernels index classes with int32
 def _check_num_classes(num_classes):
     """An int (or, while compiling with dynamic shapes, a SymInt) in [1, 2**31)."""
     if isinstance(num_classes, torch.SymInt):
-        torch._check(num_classes >= 1, lambda: "num_classes must be >= 1")
-        torch._check(num_classes <= _MAX_CLASSES, lambda: "num_classes must be < 2**31")
+        torch._check(num_classes >= 1, lambda: "num_classes must be >= 1 and < 2**31")
+        torch._check(num_classes <= _MAX_CLASSES, lambda: "num_classes must be >= 1 and < 2**31")
         return num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
     if not 1 <= num_classes <= _MAX_CLASSES:
         raise ValueError(f"num_classes must be >= 1 and < 2**31, got {num_classes}")
     return num_classes
+
+
+def _device_memory_bytes(device: torch.device):
+    """Total memory of the device the op allocates on; None where unknown (meta, other backends)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+_CLASS_MEMORY_CHECK_BYTES = 1 << 30  # below this the device query is not worth its cost
+
+
+def _check_class_memory(num_classes, xs: Sequence[torch.Tensor], device: torch.device) -> None:
+    """Refuse a num_classes whose per-class buffers cannot fit, before anything is allocated.
+
+    Per class: three int64 label-segmentation entries (counts, offsets, the counting sort's
+    cursors) and, per layer [N, C, ...], the [K, C] means and their gradient in the accumulation type.
+    """
+    if num_classes is None:
+        return  # the caller reports it
+    if not isinstance(_check_num_classes(num_classes), int):
+        return  # symbolic under torch.compile
+    units_bytes = 0
+    for x in xs:
+        units = x.shape[1]
+        if not isinstance(units, int):
+            return
+        units_bytes += 2 * units * (8 if x.dtype == torch.float64 else 4)
+    needed = num_classes * (3 * 8 + units_bytes)
+    if needed <= _CLASS_MEMORY_CHECK_BYTES:
+        return
+    total = _device_memory_bytes(device)
+    if total is not None and needed > total:
+        units = "+".join(str(x.shape[1]) for x in xs) or "0"
+        raise ValueError(f"num_classes={num_classes} needs about {needed / 2**30:.1f} GiB for the per-class "
+                         f"statistics of C={units} units, more than the {total / 2**30:.1f} GiB of {device}")
 
 
 def _check_eps(eps) -> float:
@@ -62,6 +104,11 @@ def _check_activations(x, name: str = "x", unit_dim: int = 1) -> None:
     if x.dim() < 2:
         layout = "[N, C, *spatial]" if unit_dim == 1 else "[N, *positions, D]"
         raise ValueError(f"{name} must have shape {layout} (at least 2 dims), got shape {tuple(x.shape)}")
+    units, positions = (x.shape[1], x.shape[2:]) if unit_dim == 1 else (x.shape[-1], x.shape[1:-1])
+    if x.shape[0] > 0 and units > 0 and math.prod(positions) == 0:
+        raise ValueError(f"{name} has no spatial positions (shape {tuple(x.shape)}): the spatial mean of a unit "
+                         f"is 0/0; an empty batch (N = 0) or no units (C = 0) is accepted")
+
 
 
 def _check_int(value, name: str) -> int:
@@ -70,6 +117,18 @@ def _check_int(value, name: str) -> int:
     if not -2**63 <= value < 2**63:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value
+
+
+def _check_counts(counts, k: int, device: torch.device) -> torch.Tensor:
+    """Per-class sample counts [K]: an integer tensor (a float count has no meaning: 0.5 samples)."""
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != k:
+        raise ValueError(f"counts must be a 1-D tensor [K] = [{k}] matching means, got "
+                         f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+    if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be an integer tensor (samples per class), got {counts.dtype}")
+    if counts.device != device:
+        raise ValueError(f"counts must be on the same device as means ({device}), got {counts.device}")
+    return counts.long()
 
 
 _LABEL_ERROR = "selkernels: labels must lie in"
@@ -132,6 +191,7 @@ def segment_labels(labels: torch.Tensor, num_classes: int, *, ignore_index: int 
     """
     labels = _check_label_tensor(labels)
     num_classes = _check_num_classes(num_classes)
+    _check_class_memory(num_classes, [], labels.device)
     ignore_index = _check_int(ignore_index, "ignore_index")
     return LabelSegments(*_run_checked(_ops.segment_labels, labels.long(), num_classes, ignore_index))
 
@@ -153,6 +213,10 @@ def check_labels(seg: LabelSegments, labels: Optional[torch.Tensor] = None, *, i
         index = int(mask.nonzero()[0, 0])
         found = f"labels[{index}] = {int(lab[index])} ({bad} such labels)"
     raise ValueError(f"labels must lie in [0, num_classes={k}) or equal ignore_index; found {found}")
+
+
+def _num_classes_of(labels_or_seg, num_classes):
+    return labels_or_seg.counts.shape[0] if isinstance(labels_or_seg, LabelSegments) else num_classes
 
 
 def _segments_for(labels_or_seg, n: int, device: torch.device, num_classes, ignore_index) -> LabelSegments:
@@ -241,11 +305,20 @@ def class_means(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Union[to
         classes have count 0 and mean 0. Invalid labels: see :func:`segment_labels` (CPU:
         ValueError; CUDA: NaN means, no sync).
 
+    Edge cases: x with zero spatial positions (e.g. [8, 4, 0, 3]) raises ValueError: a unit's
+    spatial mean would be 0/0, and NaN means for every class would surface only later as a NaN
+    loss with no hint of the layer; an empty batch (N = 0) or C = 0 is a valid empty result.
+    Broadcast (stride-0) spatial dims are read once, never materialised. Sums are pairwise in the
+    accumulation type (rounding error grows as log N and log S). Memory: ~(24 + 8 * C) bytes per
+    class for fp32 (means, their gradient, the label segmentation); a ``num_classes`` that cannot
+    fit on x's device raises ValueError before anything is allocated (``num_classes < 2**31``).
+
     Differentiable w.r.t. ``x``. The backward needs O(N*C) memory per layer: the gradient w.r.t. x
     is an [N, C] tensor broadcast over the spatial positions as a stride-0 view, materialised only
     if autograd must (e.g. when accumulating into a leaf's ``.grad``).
     """
     xs, single = _layers(x, unit_dim)
+    _check_class_memory(_num_classes_of(labels, num_classes), xs, xs[0].device)
     seg = _segments_for(labels, xs[0].shape[0], xs[0].device, num_classes, ignore_index)
     means = _ops.class_means_segmented(_for_kernel(xs), *seg)
     out = [(m, seg.counts) for m in means]
@@ -266,18 +339,17 @@ def selectivity_from_means(means: torch.Tensor, counts: torch.Tensor, eps: float
     A unit whose class means are all zero gives 0 for eps > 0 and NaN for eps = 0. Ties for
     mu_max send the gradient to the first maximal class, as ``torch.max`` does.
 
-    Returns float32 [C] (float64 for float64 means); differentiable w.r.t. ``means``.
+    ``counts`` must be an integer tensor (TypeError for a floating-point one: 0.5 samples would be
+    truncated to an absent class). Returns float32 [C] (float64 for float64 means); differentiable
+    w.r.t. ``means``.
     """
     if not isinstance(means, torch.Tensor) or means.dim() != 2:
         raise ValueError(f"means must be a 2-D tensor [K, C], got {getattr(means, 'shape', type(means).__name__)}")
     if means.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"means must be a floating-point tensor, got {means.dtype}")
-    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != means.shape[0]:
-        raise ValueError(f"counts must be a 1-D tensor [K] = [{means.shape[0]}] matching means")
-    if counts.device != means.device:
-        raise ValueError(f"counts must be on the same device as means ({means.device}), got {counts.device}")
+    counts = _check_counts(counts, means.shape[0], means.device)
     eps = _check_eps(eps)
-    return _ops.selectivity_from_means(means.to(_acc_dtype(means.dtype)), counts.long(), eps)
+    return _ops.selectivity_from_means(means.to(_acc_dtype(means.dtype)), counts, eps)
 
 
 @torch.library.register_fake("selkernels::selectivity_from_means")
@@ -310,9 +382,11 @@ def selectivity_index(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Un
     O(N*C + K*C) per layer; the backward returns the gradient w.r.t. x as a stride-0 broadcast of
     an [N, C] tensor. Twice differentiable (the second derivative through the class means is
     exact; the choice of the maximal class is piecewise constant).
+    x with zero spatial positions raises ValueError, as in :func:`class_means`.
     """
     eps = _check_eps(eps)
     xs, single = _layers(x, unit_dim)
+    _check_class_memory(_num_classes_of(labels, num_classes), xs, xs[0].device)
     seg = _segments_for(labels, xs[0].shape[0], xs[0].device, num_classes, ignore_index)
     si = _ops.selectivity_index_segmented(_for_kernel(xs), *seg, eps)[0]
     return si[0] if single else list(si)

@@ -5,7 +5,8 @@
 // the per-row horizontal reduction dominates (the compiler spills the vector and adds its lanes one
 // by one). Here eight rows accumulate in eight registers and one transpose-and-add network reduces
 // them together, so every load and add is a full vector op. Each row's result depends only on that
-// row (a fixed order per lane), so chunking rows across threads never changes a bit.
+// row (a fixed order per lane), so chunking rows across threads never changes a bit. Long rows are
+// summed pairwise (PairwiseVector): the error grows as log S, not S.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -57,24 +58,44 @@ SELK_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(h);
 }
 
-// Rows of 64 and more: one sequential stream per row (eight interleaved streams that end every few cache
-// lines defeat the hardware prefetcher), four accumulators to hide the add latency.
+// Pairwise sum of vectors (each the sum of 32 consecutive values), as a binary counter: level j
+// holds the sum of 2^j vectors. A lane then adds O(log S) partial sums, never a long serial chain:
+// with a large common offset (values near 1e6) a chain of 32 additions already drifts by ~4 ULP,
+// since every addend is rounded to the coarse spacing of the growing sum.
+struct PairwiseVector {
+  __m256 level[64];
+  int64_t count = 0;
+
+  SELK_AVX2 inline void push(__m256 v) {
+    int j = 0;
+    for (int64_t b = count++; b & 1; b >>= 1, ++j) v = _mm256_add_ps(level[j], v);
+    level[j] = v;
+  }
+  SELK_AVX2 inline __m256 total() const {
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < 64 && (count >> j) != 0; ++j)
+      if ((count >> j) & 1) sum = _mm256_add_ps(level[j], sum);
+    return sum;
+  }
+};
+
+// Rows of 64 and more: one sequential stream per row (eight interleaved streams that end every few
+// cache lines defeat the hardware prefetcher), 32 values at a time summed as a tree, the groups
+// combined pairwise.
 template <typename T>
 SELK_AVX2 void long_row_means(const T* p, int64_t rows, int64_t S, float scale, float* out) {
-  const int64_t full32 = S / 32 * 32, full8 = S / 8 * 8;
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = p + r * S;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    PairwiseVector sum;
     int64_t i = 0;
-    for (; i < full32; i += 32) {
-      a0 = _mm256_add_ps(a0, load8(row + i));
-      a1 = _mm256_add_ps(a1, load8(row + i + 8));
-      a2 = _mm256_add_ps(a2, load8(row + i + 16));
-      a3 = _mm256_add_ps(a3, load8(row + i + 24));
-    }
-    for (; i < full8; i += 8) a0 = _mm256_add_ps(a0, load8(row + i));
-    if (full8 < S) a1 = _mm256_add_ps(a1, load_tail(row + full8, S - full8));
-    out[r] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * scale;
+    for (; i + 32 <= S; i += 32)
+      sum.push(_mm256_add_ps(_mm256_add_ps(load8(row + i), load8(row + i + 8)),
+                             _mm256_add_ps(load8(row + i + 16), load8(row + i + 24))));
+    __m256 rest = _mm256_setzero_ps();
+    for (; i + 8 <= S; i += 8) rest = _mm256_add_ps(rest, load8(row + i));
+    if (i < S) rest = _mm256_add_ps(rest, load_tail(row + i, S - i));
+    sum.push(rest);
+    out[r] = horizontal_sum(sum.total()) * scale;
   }
 }
 

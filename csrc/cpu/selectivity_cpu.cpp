@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/selectivity.h"
+#include "cpu/pairwise_sum.h"
 #include "cpu/row_means_avx2.h"
 
 namespace selk {
@@ -33,29 +34,46 @@ namespace {
 // Each vectorized loop is compiled once per instruction set and called once per chunk of rows, so
 // the dispatch costs one indirect call per chunk, not per row.
 
-// out[r] = scale * sum(p[r * S .. r * S + S)) for r < rows (NCHW: rows are (n, c) pairs).
+// out[r] = scale * sum(p[r * S .. r * S + S)) for r < rows (NCHW: rows are (n, c) pairs). Rows
+// longer than kRowSumBlock: blocks combined pairwise (error ~ log S).
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void row_means_body(const scalar_t* __restrict__ p, int64_t rows, int64_t S,
                                                           acc_t scale, acc_t* __restrict__ out) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = p + r * S;
-    acc_t sum = acc_t(0);
+    PairwiseScalar<acc_t> total;
+    for (int64_t b = 0; b < S; b += kRowSumBlock) {
+      const int64_t e = std::min(S, b + kRowSumBlock);
+      acc_t sum = acc_t(0);
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < S; ++i) sum += static_cast<acc_t>(row[i]);
-    out[r] = sum * scale;
+      for (int64_t i = b; i < e; ++i) sum += static_cast<acc_t>(row[i]);
+      total.push(sum);
+    }
+    out[r] = total.total() * scale;
   }
 }
 
-// out[c] = scale * sum over s of p[s * C + c] (channels_last: one sample's [S, C] block).
+// out[c] = scale * sum over s of p[s * C + c] (channels_last: one sample's [S, C] block). Blocks of
+// kColumnSumBlock positions combined pairwise in `acc` (error ~ log S).
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void column_means_body(const scalar_t* __restrict__ p, int64_t S, int64_t C,
-                                                             acc_t scale, acc_t* __restrict__ out) {
-  for (int64_t c = 0; c < C; ++c) out[c] = acc_t(0);
-  for (int64_t s = 0; s < S; ++s) {
-    const scalar_t* row = p + s * C;
+                                                             acc_t scale, PairwiseRows<acc_t>& acc,
+                                                             acc_t* __restrict__ out) {
+  acc.reset();
+  for (int64_t s0 = 0; s0 < S; s0 += kColumnSumBlock) {
+    const int64_t s1 = std::min(S, s0 + kColumnSumBlock);
+    acc_t* __restrict__ block = S <= kColumnSumBlock ? out : acc.current();
+    const scalar_t* first = p + s0 * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] += static_cast<acc_t>(row[c]);
+    for (int64_t c = 0; c < C; ++c) block[c] = static_cast<acc_t>(first[c]);
+    for (int64_t s = s0 + 1; s < s1; ++s) {
+      const scalar_t* row = p + s * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) block[c] += static_cast<acc_t>(row[c]);
+    }
+    if (S > kColumnSumBlock) acc.push();
   }
+  if (S > kColumnSumBlock) acc.total(out);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) out[c] *= scale;
 }
@@ -64,8 +82,9 @@ inline __attribute__((always_inline)) void column_means_body(const scalar_t* __r
   SELK_TARGET_CLONES void row_means(const scalar_t* p, int64_t rows, int64_t S, acc_t scale, acc_t* out) {     \
     row_means_body(p, rows, S, scale, out);                                                                    \
   }                                                                                                            \
-  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale, acc_t* out) {     \
-    column_means_body(p, S, C, scale, out);                                                                    \
+  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale,                   \
+                                       PairwiseRows<acc_t>& acc, acc_t* out) {                                 \
+    column_means_body(p, S, C, scale, acc, out);                                                               \
   }
 SELK_MEANS_FOR(double, double)
 SELK_MEANS_FOR(float, float)
@@ -73,14 +92,41 @@ SELK_MEANS_FOR(c10::BFloat16, float)
 SELK_MEANS_FOR(c10::Half, float)
 #undef SELK_MEANS_FOR
 
+// out[0, len) = sum over i < count of a[order[i] * C + (0, len)]: the rows of one class segment, in
+// segment order, in blocks of kColumnSumBlock rows combined pairwise (error ~ log count).
 template <typename acc_t>
-inline __attribute__((always_inline)) void add_row_body(acc_t* __restrict__ acc, const acc_t* __restrict__ row,
-                                                        int64_t len) {
+inline __attribute__((always_inline)) void segment_sum_body(const acc_t* __restrict__ a, int64_t C,
+                                                            const int64_t* __restrict__ order, int64_t count,
+                                                            int64_t len, PairwiseRows<acc_t>& acc,
+                                                            acc_t* __restrict__ out) {
+  if (count == 0) {
+    std::fill(out, out + len, acc_t(0));
+    return;
+  }
+  acc.reset();
+  for (int64_t i0 = 0; i0 < count; i0 += kColumnSumBlock) {
+    const int64_t i1 = std::min(count, i0 + kColumnSumBlock);
+    acc_t* __restrict__ block = count <= kColumnSumBlock ? out : acc.current();
+    const acc_t* __restrict__ first = a + order[i0] * C;
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) acc[i] += row[i];
+    for (int64_t c = 0; c < len; ++c) block[c] = first[c];
+    for (int64_t i = i0 + 1; i < i1; ++i) {
+      const acc_t* __restrict__ row = a + order[i] * C;
+#pragma omp simd
+      for (int64_t c = 0; c < len; ++c) block[c] += row[c];
+    }
+    if (count > kColumnSumBlock) acc.push();
+  }
+  if (count > kColumnSumBlock) acc.total(out);
 }
-SELK_TARGET_CLONES void add_row(float* acc, const float* row, int64_t len) { add_row_body(acc, row, len); }
-SELK_TARGET_CLONES void add_row(double* acc, const double* row, int64_t len) { add_row_body(acc, row, len); }
+SELK_TARGET_CLONES void segment_sum(const float* a, int64_t C, const int64_t* order, int64_t count, int64_t len,
+                                    PairwiseRows<float>& acc, float* out) {
+  segment_sum_body(a, C, order, count, len, acc, out);
+}
+SELK_TARGET_CLONES void segment_sum(const double* a, int64_t C, const int64_t* order, int64_t count, int64_t len,
+                                    PairwiseRows<double>& acc, double* out) {
+  segment_sum_body(a, C, order, count, len, acc, out);
+}
 
 // Smallest number of items worth a parallel chunk: below ~32K elements of work the cost of waking
 // a second thread exceeds the work (and on a loaded machine it can cost a whole time slice).
@@ -288,11 +334,21 @@ Segmentation check_segmentation(const at::Tensor& labels, const at::Tensor& coun
           offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(), invalid.item<int64_t>() > 0};
 }
 
+// x without its broadcast spatial dims (stride 0, size > 1), which do not change a spatial mean: an
+// expanded tensor is then read as stored, never materialised (ones expanded to S = 2^31 positions
+// cost one read per sample and unit).
+at::Tensor without_broadcast_positions(const at::Tensor& x) {
+  at::Tensor out = x;
+  for (int64_t d = 2; d < x.dim(); ++d)
+    if (x.stride(d) == 0 && x.size(d) > 1) out = out.narrow(d, 0, 1);
+  return out;
+}
+
 std::vector<Layer> prepare_layers(at::TensorList xs, int64_t N) {
   std::vector<Layer> layers;
   layers.reserve(xs.size());
   for (size_t l = 0; l < xs.size(); ++l) {
-    const at::Tensor& x = xs[l];
+    const at::Tensor x = without_broadcast_positions(xs[l]);
     TORCH_CHECK(x.dim() >= 2, "selkernels: xs[", l, "] must be [N, C, *spatial], got ", x.dim(), " dims");
     TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: xs[", l, "] must be floating point");
     TORCH_CHECK(x.size(0) == N, "selkernels: xs[", l, "] has ", x.size(0), " samples, the labels ", N);
@@ -331,9 +387,11 @@ void layer_means_chunk(Layer& L, int64_t begin, int64_t end) {
         for (int64_t c = 0; c < C; ++c) a[n * C + c] = static_cast<acc_t>(p[n * sn + c * sc]);
       return;
     }
-    case Layout::kPositionsMajor:
-      for (int64_t n = begin; n < end; ++n) column_means(p + n * S * C, S, C, inv_S, a + n * C);
+    case Layout::kPositionsMajor: {
+      PairwiseRows<acc_t> acc(C, (S + kColumnSumBlock - 1) / kColumnSumBlock);
+      for (int64_t n = begin; n < end; ++n) column_means(p + n * S * C, S, C, inv_S, acc, a + n * C);
       return;
+    }
     case Layout::kRows:
 #ifdef SELK_HAVE_AVX2_ROW_MEANS
       if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -390,16 +448,19 @@ std::vector<ChannelTask> channel_tasks(const std::vector<Layer>& layers) {
 }
 
 // Phase 2 for channels [c0, c1) of one layer: means[k, c] over the class-k segment of the sorted
-// samples, in that order (deterministic).
+// samples, in that order (deterministic), summed pairwise (segment_sum).
 template <typename acc_t>
 void segment_means(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg, acc_t* means) {
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  PairwiseRows<acc_t> acc(c1 - c0, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
   for (int64_t k = 0; k < seg.K; ++k) {
     acc_t* out = means + k * C;
-    std::fill(out + c0, out + c1, seg.invalid ? nan : acc_t(0));
     const int64_t begin = seg.offsets[k], end = seg.offsets[k + 1];
-    if (seg.invalid || end == begin) continue;
-    for (int64_t i = begin; i < end; ++i) add_row(out + c0, a + seg.order[i] * C + c0, c1 - c0);
+    if (seg.invalid || end == begin) {
+      std::fill(out + c0, out + c1, seg.invalid ? nan : acc_t(0));
+      continue;
+    }
+    segment_sum(a + c0, C, seg.order + begin, end - begin, c1 - c0, acc, out + c0);
     const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
     for (int64_t c = c0; c < c1; ++c) out[c] *= inv;
   }
