@@ -11,6 +11,8 @@ which is exact for any split of the data, so ``merge`` combines shards, ranks or
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -22,12 +24,20 @@ from .ops import _check_activations
 __all__ = ["StreamingCovariance", "batch_moments"]
 
 _REDUCE = ("mean", "flatten")
+_INT64_MAX = 2**63 - 1
 
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     # The Gram matrix of centred data runs in the input precision (float32 for half types); only
     # its accumulation into the float64 state is float64.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(device: torch.device):
+    """A context in which autocast cannot lower the precision of the moments' GEMMs on device."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
@@ -37,6 +47,10 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
         raise ValueError(f"z.shape[1] must equal dim={dim}, got shape {tuple(z.shape)}")
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    if reduce == "mean" and z.dim() > 2 and z.shape[0] > 0 and z[0, 0].numel() == 0:
+        # the per-sample spatial mean over no positions is 0/0; folding it in would poison the state
+        raise ValueError(f"z has no spatial positions (shape {tuple(z.shape)}), so reduce=\"mean\" has no "
+                         "per-sample mean; pass reduce=\"flatten\" (0 samples) or skip the batch")
     z = z.detach()
     if z.dim() == 2:
         return z
@@ -73,6 +87,8 @@ class StreamingCovariance:
             padding and [K, D, D] temporaries dominate); the cost is bounded below by reading and
             writing the float64 D x D block of every class present in the batch.
         device: where the state lives (default CPU); updates must come from that device.
+        ignore_index: per-class mode: samples with this label are skipped (as in
+            :func:`selkernels.class_means`); any integer label dtype is accepted.
 
     ``update(z, labels=None, *, reduce="mean")`` accepts z [N, D], or z [N, C, *spatial] (C = D)
     with ``reduce="mean"`` (each sample's per-unit spatial mean is one sample, the usual choice for
@@ -82,16 +98,29 @@ class StreamingCovariance:
 
     Edge cases: ``covariance(ddof)`` is NaN where ``count <= ddof`` (like ``numpy.cov``);
     ``correlation()`` is NaN for units of zero variance. Absent classes have count 0, mean 0, M2 0.
+    An empty batch (N = 0, or no spatial positions with ``reduce="flatten"``) changes nothing;
+    ``reduce="mean"`` of z with no spatial positions raises (a sample's mean would be 0/0). NaN or
+    Inf in z propagates into the statistics it touches (the class's, per class).
+
+    Precision: ``update`` computes in float32 (float64 for float64 z) whatever the autocast state:
+    inside an autocast region the Gram matrices are not lowered to bfloat16/float16.
+    Memory: the state is (D^2 + D + 1) float64 per class; an update needs O(M * D) temporaries.
+    Copies: ``copy.deepcopy`` and ``pickle`` copy the state (plain tensors).
     """
 
-    def __init__(self, dim: int, *, num_classes: Optional[int] = None, device=None):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+    def __init__(self, dim: int, *, num_classes: Optional[int] = None, device=None, ignore_index: int = -100):
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= _INT64_MAX:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
+                                        or not 1 <= num_classes <= _INT64_MAX):
             raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if not -_INT64_MAX - 1 <= ignore_index <= _INT64_MAX:
+            raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
         self.dim = dim
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         device = torch.device("cpu") if device is None else torch.device(device)
         lead = () if num_classes is None else (num_classes,)
         f64 = dict(dtype=torch.float64, device=device)
@@ -135,6 +164,10 @@ class StreamingCovariance:
     # ------------------------------------------------------------------------------------------
     def update(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *, reduce: str = "mean") -> None:
         """Fold a batch in (see the class docstring for shapes and ``reduce``)."""
+        with _autocast_off(self.device):
+            self._update(z, labels, reduce)
+
+    def _update(self, z: torch.Tensor, labels: Optional[torch.Tensor], reduce: str) -> None:
         x = _as_samples(z, self.dim, reduce)
         if x.device != self.device:
             raise ValueError(f"z must be on the statistics' device ({self.device}), got {x.device}")
@@ -154,24 +187,38 @@ class StreamingCovariance:
             self._count.add_(n)
             self._n = total
             return
-        labels = self._check_labels(labels, z, x.shape[0])
+        labels, keep = self._check_labels(labels, z, x.shape[0])
+        if keep is not None:
+            x, labels = x[keep], labels[keep]
         torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count, self._mean, self._m2)
 
-    def _check_labels(self, labels, z: torch.Tensor, rows: int) -> torch.Tensor:
+    def _check_labels(self, labels, z: torch.Tensor, rows: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """int64 labels of the rows of x, and the mask of rows to keep (None: all of them)."""
         if labels is None:
             raise ValueError("labels are required with num_classes")
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex
+                or labels.dtype == torch.bool):
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
             raise ValueError(f"labels must have shape [N] = [{z.shape[0]}], got {tuple(labels.shape)}")
         if labels.device != self.device:
             raise ValueError(f"labels must be on the statistics' device ({self.device}), got {labels.device}")
-        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes})")
-        labels = labels.long()
+        # Comparisons are not implemented for uint16/32/64, so check in int64; uint64 values >= 2**63
+        # wrap to negative there and are flagged (never mistaken for a negative ignore_index).
+        wide = labels.view(torch.int64) if labels.dtype == torch.uint64 else labels.long()
+        wrapped = wide < 0 if labels.dtype == torch.uint64 else torch.zeros_like(wide, dtype=torch.bool)
+        keep = (wide != self.ignore_index) | wrapped
+        bad = keep & ((wide < 0) | (wide >= self.num_classes))
+        any_bad, any_ignored = torch.stack([bad.any(), (~keep).any()]).tolist() if wide.numel() else (False, False)
+        if any_bad:
+            index = int(bad.nonzero()[0, 0])
+            value = int(wide[index]) + (2**64 if bool(wrapped[index]) else 0)
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}) or equal "
+                             f"ignore_index={self.ignore_index}; found labels[{index}] = {value}")
         if rows != z.shape[0]:  # reduce="flatten": every position carries its sample's label
-            labels = labels.repeat_interleave(rows // z.shape[0])
-        return labels.contiguous()
+            repeats = rows // z.shape[0] if z.shape[0] else 0
+            wide, keep = wide.repeat_interleave(repeats), keep.repeat_interleave(repeats)
+        return wide.contiguous(), keep if any_ignored else None
 
     def _merge_into(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Chan merge of (n_b, mean_b, m2_b) into the state; batched over a leading class dim."""
@@ -231,11 +278,48 @@ class StreamingCovariance:
                 "mean": self._mean.clone(), "M2": self._m2.clone()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state.get("dim") != self.dim or state.get("num_classes") != self.num_classes:
-            raise ValueError(f"state has dim={state.get('dim')}, num_classes={state.get('num_classes')}; expected "
+        """Replace the statistics by ``state`` (from :meth:`state_dict`), validated first: a state
+        that fails a check raises (naming the entry) and leaves these statistics unchanged."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [key for key in ("dim", "num_classes", "count", "mean", "M2") if key not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}: expected a dict from state_dict()")
+        if state["dim"] != self.dim or state["num_classes"] != self.num_classes:
+            raise ValueError(f"state has dim={state['dim']}, num_classes={state['num_classes']}; expected "
                              f"dim={self.dim}, num_classes={self.num_classes}")
-        self._count.copy_(state["count"])
-        self._mean.copy_(state["mean"])
-        self._m2.copy_(state["M2"])
+        lead = tuple(self._count.shape)
+        count = _checked_state_tensor(state, "count", lead, integer=True)
+        mean = _checked_state_tensor(state, "mean", lead + (self.dim,), integer=False)
+        m2 = _checked_state_tensor(state, "M2", lead + (self.dim, self.dim), integer=False)
+        self._count.copy_(count)
+        self._mean.copy_(mean)
+        self._m2.copy_(m2)
         if self.num_classes is None:
             self._n = int(self._count)
+
+
+def _checked_state_tensor(state, key: str, shape: Tuple[int, ...], *, integer: bool) -> torch.Tensor:
+    """state[key] if it is a tensor of exactly ``shape`` holding valid moments, else a ValueError."""
+    value = state[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"state[{key!r}] must have shape {list(shape)}, got {list(value.shape)}")
+    if integer:
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"state[{key!r}] must be an integer tensor (sample counts), got {value.dtype}")
+        if value.numel() and bool((value.long() < 0).any()):
+            raise ValueError(f"state[{key!r}] must be >= 0, got {value.tolist()}")
+        return value
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"state[{key!r}] must be a floating-point tensor, got {value.dtype}")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"state[{key!r}] has NaN or Inf entries: a corrupt or diverged state")
+    return value
+
+
+# Autocast policy of the per-class update: float32 (float64 for float64 z). Without it an autocast
+# region would reach the kernel with autocast on, lowering its per-class GEMMs to bfloat16/float16.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("selkernels::class_moments_update_", _device_type, torch.float32)
