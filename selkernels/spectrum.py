@@ -40,16 +40,30 @@ def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False):
     """Eigenvalues of a symmetric covariance [..., D, D], float64, descending, clamped at 0.
 
     Computed with a float64 ``torch.linalg.eigh`` (the matrix is symmetrised first, so rounding
-    asymmetry of an accumulated covariance does not matter). Tiny negative eigenvalues are
+    asymmetry of an accumulated covariance does not matter, and scaled by its largest entry, so
+    entries near the float64 range neither overflow nor underflow). Tiny negative eigenvalues are
     rounding noise of a PSD matrix and are clamped to 0. With ``eigenvectors=True`` returns
     ``(eigvals, V)``, the columns of V in the same (descending) order.
+
+    A matrix with a NaN or Inf entry (e.g. the covariance of a class never seen, see
+    :meth:`selkernels.StreamingCovariance.covariance`) gets all-NaN eigenvalues (and eigenvectors);
+    the other matrices of the batch are unaffected. Memory: a few float64 copies of cov.
     """
     cov = _check_matrix(cov).double()
     cov = 0.5 * (cov + cov.transpose(-1, -2))
+    finite = torch.isfinite(cov).flatten(-2).all(-1)
+    scale = cov.abs().flatten(-2).amax(-1) if cov.shape[-1] else torch.zeros(cov.shape[:-2], dtype=cov.dtype,
+                                                                                  device=cov.device)
+    scale = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
+    # eigh fails for the whole batch on one non-finite matrix; decompose zeros there, then mark NaN
+    cov = torch.where(finite[..., None, None], cov, torch.zeros_like(cov)) / scale[..., None, None]
+    nan = torch.full((), float("nan"), dtype=cov.dtype, device=cov.device)
     if eigenvectors:
         vals, vecs = torch.linalg.eigh(cov)
-        return vals.flip(-1).clamp_min(0), vecs.flip(-1)
-    return torch.linalg.eigvalsh(cov).flip(-1).clamp_min(0)
+        vals = torch.where(finite[..., None], vals.flip(-1).clamp_min(0) * scale[..., None], nan)
+        return vals, torch.where(finite[..., None, None], vecs.flip(-1), nan)
+    vals = torch.linalg.eigvalsh(cov).flip(-1).clamp_min(0) * scale[..., None]
+    return torch.where(finite[..., None], vals, nan)
 
 
 def default_fit_range(dim: int) -> Tuple[int, int]:
@@ -85,28 +99,41 @@ def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] 
     return -slope
 
 
+def _scaled(lam: torch.Tensor) -> torch.Tensor:
+    """lam divided by its largest magnitude along the last dim (where that is positive and finite), so
+    sums and squares neither overflow nor underflow; the ratios below are scale-invariant."""
+    top = lam.abs().amax(-1, keepdim=True)
+    return lam / torch.where((top > 0) & (top < math.inf), top, torch.ones_like(top))
+
+
 def participation_ratio(eigvals: torch.Tensor) -> torch.Tensor:
-    """(sum lambda)^2 / sum lambda^2, float64 [...]; NaN for an all-zero spectrum."""
-    lam = _check_eigvals(eigvals)
+    """(sum lambda)^2 / sum lambda^2, float64 [...], scale-invariant (computed on lambda / max |lambda|,
+    so 1e-200 or 1e200 spectra are fine). NaN for an all-zero spectrum, or one with NaN or Inf."""
+    lam = _scaled(_check_eigvals(eigvals))
     return lam.sum(-1) ** 2 / (lam * lam).sum(-1)
 
 
 def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
     """exp of the Shannon entropy of p = lambda / sum lambda (Roy & Vetterli 2007), float64 [...].
 
-    0 log 0 = 0; NaN for an all-zero spectrum.
+    0 log 0 = 0; scale-invariant (computed on lambda / max lambda). NaN for an all-zero spectrum,
+    and for one with a NaN, Inf or negative entry (clamp rounding noise first;
+    :func:`eigenvalues` does).
     """
-    lam = _check_eigvals(eigvals)
-    p = lam / lam.sum(-1, keepdim=True)
+    raw = _check_eigvals(eigvals)
+    lam = _scaled(raw)
+    total = lam.sum(-1, keepdim=True)
+    p = lam / total
     plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
-    return torch.exp(-plogp.sum(-1))
+    valid = ((raw >= 0) & (raw < math.inf)).all(-1) & (total.squeeze(-1) > 0)
+    return torch.where(valid, torch.exp(-plogp.sum(-1)), torch.full_like(total.squeeze(-1), float("nan")))
 
 
 def n_components(eigvals: torch.Tensor, frac: float = 0.95) -> torch.Tensor:
     """Smallest number of leading components whose cumulative variance fraction is >= frac.
 
     ``eigvals`` [..., D] descending, ``frac`` in (0, 1]. Returns int64 [...]; D for an all-zero
-    spectrum. The comparison allows a relative 1e-12 slack so that frac = 1 is reached despite
+    spectrum, -1 (not a count) for a spectrum with a NaN entry. The comparison allows a relative 1e-12 slack so that frac = 1 is reached despite
     rounding of the cumulative sum.
     """
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1 or math.isnan(frac):
@@ -118,4 +145,4 @@ def n_components(eigvals: torch.Tensor, frac: float = 0.95) -> torch.Tensor:
     reached = reached & (total > 0)
     first = torch.where(reached.any(-1), reached.int().argmax(-1), torch.full(lam.shape[:-1], lam.shape[-1] - 1,
                                                                               device=lam.device))
-    return first.long() + 1
+    return torch.where(torch.isnan(lam).any(-1), -1, first.long() + 1)
