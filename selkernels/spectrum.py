@@ -50,13 +50,13 @@ def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False):
     the other matrices of the batch are unaffected. Memory: a few float64 copies of cov.
     """
     cov = _check_matrix(cov).double()
-    cov = 0.5 * (cov + cov.transpose(-1, -2))
     finite = torch.isfinite(cov).flatten(-2).all(-1)
     scale = cov.abs().flatten(-2).amax(-1) if cov.shape[-1] else torch.zeros(cov.shape[:-2], dtype=cov.dtype,
                                                                                   device=cov.device)
     scale = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
     # eigh fails for the whole batch on one non-finite matrix; decompose zeros there, then mark NaN
     cov = torch.where(finite[..., None, None], cov, torch.zeros_like(cov)) / scale[..., None, None]
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
     nan = torch.full((), float("nan"), dtype=cov.dtype, device=cov.device)
     if eigenvectors:
         vals, vecs = torch.linalg.eigh(cov)
