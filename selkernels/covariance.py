@@ -104,7 +104,10 @@ class StreamingCovariance:
 
     Precision: ``update`` computes in float32 (float64 for float64 z) whatever the autocast state:
     inside an autocast region the Gram matrices are not lowered to bfloat16/float16.
-    Memory: the state is (D^2 + D + 1) float64 per class; an update needs O(M * D) temporaries.
+    Memory: the state is (D^2 + D + 1) float64 per class, plus one spare class (where samples
+    labelled ``ignore_index`` go); an update needs O(M * D) temporaries.
+    torch.compile(fullgraph=True, dynamic=True) traces ``update``; while compiled the label check
+    runs in the kernel (a RuntimeError instead of the eager ValueError).
     Copies: ``copy.deepcopy`` and ``pickle`` copy the state (plain tensors).
     """
 
@@ -122,12 +125,28 @@ class StreamingCovariance:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         device = torch.device("cpu") if device is None else torch.device(device)
-        lead = () if num_classes is None else (num_classes,)
+        # Per class, the state has one spare row past the last class: samples labelled
+        # ignore_index are routed there by the update (a torch.where, no data-dependent filtering,
+        # so it traces under torch.compile) and it is never read.
+        lead = () if num_classes is None else (num_classes + 1,)
         f64 = dict(dtype=torch.float64, device=device)
-        self._count = torch.zeros(lead, dtype=torch.int64, device=device)
-        self._mean = torch.zeros(lead + (dim,), **f64)
-        self._m2 = torch.zeros(lead + (dim, dim), **f64)
+        self._state = (torch.zeros(lead, dtype=torch.int64, device=device), torch.zeros(lead + (dim,), **f64),
+                       torch.zeros(lead + (dim, dim), **f64))
+        self._bind_views()
         self._n = 0  # host copy of the overall count (not used per class)
+
+    def _bind_views(self) -> None:
+        """count/mean/M2: the state without its spare row."""
+        self._count, self._mean, self._m2 = (self._state if self.num_classes is None
+                                             else tuple(t[:self.num_classes] for t in self._state))
+
+    def __getstate__(self):
+        # Views are rebuilt on load: pickle does not keep a view sharing its base's storage.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_count", "_mean", "_m2")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._bind_views()
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -187,13 +206,11 @@ class StreamingCovariance:
             self._count.add_(n)
             self._n = total
             return
-        labels, keep = self._check_labels(labels, z, x.shape[0])
-        if keep is not None:
-            x, labels = x[keep], labels[keep]
-        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count, self._mean, self._m2)
+        labels = self._check_labels(labels, z, x.shape[0])
+        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._state)
 
-    def _check_labels(self, labels, z: torch.Tensor, rows: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """int64 labels of the rows of x, and the mask of rows to keep (None: all of them)."""
+    def _check_labels(self, labels, z: torch.Tensor, rows: int) -> torch.Tensor:
+        """int64 labels of the rows of x, ignore_index mapped to the spare state row."""
         if labels is None:
             raise ValueError("labels are required with num_classes")
         if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex
@@ -206,19 +223,22 @@ class StreamingCovariance:
         # Comparisons are not implemented for uint16/32/64, so check in int64; uint64 values >= 2**63
         # wrap to negative there and are flagged (never mistaken for a negative ignore_index).
         wide = labels.view(torch.int64) if labels.dtype == torch.uint64 else labels.long()
-        wrapped = wide < 0 if labels.dtype == torch.uint64 else torch.zeros_like(wide, dtype=torch.bool)
-        keep = (wide != self.ignore_index) | wrapped
-        bad = keep & ((wide < 0) | (wide >= self.num_classes))
-        any_bad, any_ignored = torch.stack([bad.any(), (~keep).any()]).tolist() if wide.numel() else (False, False)
-        if any_bad:
+        ignored = wide == self.ignore_index
+        if labels.dtype == torch.uint64:
+            ignored = ignored & (wide >= 0)
+        bad = ~ignored & ((wide < 0) | (wide >= self.num_classes))
+        if torch.compiler.is_compiling() or labels.device.type == "meta":
+            # No host check while tracing: bad labels become -1, which the kernel refuses (RuntimeError).
+            wide = torch.where(bad, -1, wide)
+        elif wide.numel() and bool(bad.any()):
             index = int(bad.nonzero()[0, 0])
-            value = int(wide[index]) + (2**64 if bool(wrapped[index]) else 0)
+            value = int(wide[index]) + (2**64 if labels.dtype == torch.uint64 and int(wide[index]) < 0 else 0)
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}) or equal "
                              f"ignore_index={self.ignore_index}; found labels[{index}] = {value}")
+        wide = torch.where(ignored, self.num_classes, wide)
         if rows != z.shape[0]:  # reduce="flatten": every position carries its sample's label
-            repeats = rows // z.shape[0] if z.shape[0] else 0
-            wide, keep = wide.repeat_interleave(repeats), keep.repeat_interleave(repeats)
-        return wide.contiguous(), keep if any_ignored else None
+            wide = wide.repeat_interleave(rows // z.shape[0] if z.shape[0] else 0)
+        return wide.contiguous()
 
     def _merge_into(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Chan merge of (n_b, mean_b, m2_b) into the state; batched over a leading class dim."""
@@ -269,9 +289,8 @@ class StreamingCovariance:
 
     def reset(self) -> None:
         self._n = 0
-        self._count.zero_()
-        self._mean.zero_()
-        self._m2.zero_()
+        for tensor in self._state:
+            tensor.zero_()
 
     def state_dict(self) -> Dict[str, object]:
         return {"dim": self.dim, "num_classes": self.num_classes, "count": self._count.clone(),
@@ -317,6 +336,11 @@ def _checked_state_tensor(state, key: str, shape: Tuple[int, ...], *, integer: b
     if value.numel() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"state[{key!r}] has NaN or Inf entries: a corrupt or diverged state")
     return value
+
+
+@torch.library.register_fake("selkernels::class_moments_update_")
+def _class_moments_update_fake(z, labels, count, mean, M2):
+    return None
 
 
 # Autocast policy of the per-class update: float32 (float64 for float64 z). Without it an autocast

@@ -369,3 +369,19 @@ def test_streaming_covariance_bad_labels_name_the_value(labels, match):
 def test_streaming_covariance_constructor_ranges(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         StreamingCovariance(3, **{"num_classes": 2, **kwargs})
+
+
+def test_per_class_update_compiles_with_ignored_labels():
+    torch._dynamo.reset()
+    eager, compiled = StreamingCovariance(4, num_classes=3), StreamingCovariance(4, num_classes=3)
+    step = torch.compile(lambda z, y: compiled.update(z, y), fullgraph=True, dynamic=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(8)
+    for n in (20, 27):
+        z, labels = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.arange(n) % 3
+        labels[::5] = -100
+        eager.update(z, labels)
+        step(z, labels)
+    assert torch.equal(eager.count, compiled.count)
+    torch.testing.assert_close(eager.M2, compiled.M2, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="labels"):
+        step(torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1]))
