@@ -139,6 +139,10 @@ class SelectivityRegularizer(_LayerOutputHooks):
     the local computation exactly. Under global sync every rank must call ``penalty()`` each step
     and backpropagate through it (collectives must match across ranks).
 
+    Copies: a copy of the hooked model (``copy.deepcopy`` for an EMA or teacher, ``pickle``,
+    ``torch.save``) carries inert hooks and never writes into this regularizer; copying the model
+    and the regularizer together (``copy.deepcopy((model, reg))``) binds the copy to the copy.
+
     Use as a context manager, or call ``remove()``, to take the hooks off.
     """
 
@@ -200,7 +204,8 @@ class SpectralRegularizer(_LayerOutputHooks):
     so that ``loss = cross_entropy + reg.penalty()``. The eigenbases V (float64 eigh of each layer's
     covariance over the whole training set, descending) are recomputed by
     ``refresh_basis(model, loader)``, once per epoch in the paper; they are constants for autograd.
-    ``penalty()`` releases the held outputs. Use as a context manager, or call ``remove()``.
+    ``penalty()`` releases the held outputs. Copies behave as for :class:`SelectivityRegularizer`
+    (a copied model's hooks are inert). Use as a context manager, or call ``remove()``.
     """
 
     def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], beta: float, *,
