@@ -11,7 +11,7 @@ which is exact for any split of the data, so ``merge`` combines shards, ranks or
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -19,7 +19,7 @@ from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
 from .distributed import all_reduce_moments
 from .ops import _check_activations
 
-__all__ = ["StreamingCovariance", "batch_moments"]
+__all__ = ["StreamingCovariance"]
 
 _REDUCE = ("mean", "flatten")
 
@@ -43,21 +43,6 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     if reduce == "mean":
         return z.flatten(2).mean(-1, dtype=_gemm_dtype(z.dtype))
     return z.flatten(2).transpose(1, 2).reshape(-1, dim)
-
-
-def batch_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted moments of the rows of x [N, D]: (n, c, d, S), cancellation-free.
-
-    c is the batch mean computed in the GEMM precision (float64 for float64 x, else float32), so the
-    centred rows x - c are small; S = (x - c)^T (x - c) is their Gram matrix in that precision, and
-    d = mean(x - c) (float64, tiny) the offset left by the rounding of c. In float64:
-    mean = c + d and M2 = S - n d d^T (the first moment about c is n d). Every step but the GEMM
-    is one pass over x in its own precision.
-    """
-    x = x.to(_gemm_dtype(x.dtype))
-    c = x.mean(0)
-    xc = x - c
-    return x.shape[0], c, xc.mean(0).double(), torch.mm(xc.t(), xc)
 
 
 class StreamingCovariance:
@@ -98,7 +83,6 @@ class StreamingCovariance:
         self._count = torch.zeros(lead, dtype=torch.int64, device=device)
         self._mean = torch.zeros(lead + (dim,), **f64)
         self._m2 = torch.zeros(lead + (dim, dim), **f64)
-        self._n = 0  # host copy of the overall count (not used per class)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -143,16 +127,12 @@ class StreamingCovariance:
                 raise ValueError("labels must be None without num_classes")
             if x.shape[0] == 0:
                 return
-            n, c, d, gram = batch_moments(x)
-            # The Chan merge in place, as rank-1 updates of the float64 state (weights from the
-            # host-side count, so no device sync).
-            n_a = self._n
-            total = n_a + n
-            delta = c.double().add_(d).sub_(self._mean)
-            self._m2.add_(gram).addr_(d, d, alpha=-n).addr_(delta, delta, alpha=n_a * n / total)
-            self._mean.add_(delta, alpha=n / total)
-            self._count.add_(n)
-            self._n = total
+            # The one-set update is the per-class op with a single class: one fused pass (batch
+            # mean, centring, symmetric product, Chan merge) on the device, no host sync.
+            labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count.view(1),
+                                                       self._mean.view(1, self.dim),
+                                                       self._m2.view(1, self.dim, self.dim))
             return
         labels = self._check_labels(labels, z, x.shape[0])
         torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count, self._mean, self._m2)
@@ -188,8 +168,6 @@ class StreamingCovariance:
         delta = delta.view(-1, self.dim)
         m2.baddbmm_((delta * coef.view(-1, 1)).unsqueeze(2), delta.unsqueeze(1))
         self._count.add_(n_b)
-        if self.num_classes is None:
-            self._n = int(self._count)
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Fold another accumulator's statistics into this one (exact; returns self)."""
@@ -216,12 +194,9 @@ class StreamingCovariance:
         self._count.copy_(count)
         self._mean.copy_(mean)
         self._m2.copy_(m2)
-        if self.num_classes is None:
-            self._n = int(self._count)
         return self
 
     def reset(self) -> None:
-        self._n = 0
         self._count.zero_()
         self._mean.zero_()
         self._m2.zero_()
@@ -237,5 +212,3 @@ class StreamingCovariance:
         self._count.copy_(state["count"])
         self._mean.copy_(state["mean"])
         self._m2.copy_(state["M2"])
-        if self.num_classes is None:
-            self._n = int(self._count)

@@ -26,10 +26,12 @@ SELK_HOST_DEVICE inline ChanWeights chan_weights(int64_t n_a, int64_t n_b) {
 }
 
 // One entry of the merged M2. The batch's Gram matrix s_ij is taken about a shift c (the batch
-// mean rounded to the GEMM precision), d = mean_b - c, so M2_b = s - n_b d d^T exactly.
+// mean rounded to the GEMM precision), d = mean_b - c, so M2_b = s - n_b d d^T exactly. The
+// products d_i d_j and delta_i delta_j are formed first, so swapping (i, j) gives the same bits:
+// entries (i, j) and (j, i) of a symmetric state stay equal.
 SELK_HOST_DEVICE inline double chan_m2_entry(double m2_a, double s_ij, double n_b, double d_i, double d_j,
                                              double m2_coef, double delta_i, double delta_j) {
-  return m2_a + (s_ij - n_b * d_i * d_j) + m2_coef * delta_i * delta_j;
+  return m2_a + (s_ij - n_b * (d_i * d_j)) + m2_coef * (delta_i * delta_j);
 }
 
 }  // namespace selk
