@@ -87,31 +87,32 @@ def _spectral_penalty_fake(h, V, slope, tau):
 
 
 @torch.library.register_fake("selkernels::spectral_penalty_backward")
-def _spectral_penalty_backward_fake(grad_loss, P, lam, V, slope, tau, out_dtype):
+def _spectral_penalty_backward_fake(grad_loss, P, grad_lam, V, out_dtype):
     return P.new_empty(P.shape, dtype=out_dtype)
 
 
 @torch.library.register_fake("selkernels::spectral_penalty_backward_basis")
-def _spectral_penalty_backward_basis_fake(grad_loss, h, P, lam, slope, tau):
+def _spectral_penalty_backward_basis_fake(grad_loss, h, P, grad_lam):
     return P.new_empty((P.shape[1], P.shape[1]))
 
 
 def _spectral_penalty_setup(ctx, inputs, output):
-    h, V, slope, tau = inputs
-    _, P, lam = output
-    ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, V, P, lam)
-    ctx.slope, ctx.tau, ctx.h_dtype = slope, tau, h.dtype
+    h, V, _, _ = inputs
+    _, P, grad_lam = output
+    ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, V, P, grad_lam)
+    ctx.h_dtype = h.dtype
 
 
-def _spectral_penalty_backward(ctx, grad_loss, grad_P, grad_lam):
-    # P and lam are outputs only for the backward; the wrapper never exposes them.
-    h, V, P, lam = ctx.saved_tensors
+def _spectral_penalty_backward(ctx, grad_loss, grad_P, grad_grad_lam):
+    # P and grad_lam (dL/dlam from the forward's one sort) are outputs only for the backward; the
+    # wrapper never exposes them.
+    h, V, P, grad_lam = ctx.saved_tensors
     grad_loss = grad_loss.contiguous()
     grad_h = grad_V = None
     if ctx.needs_input_grad[0]:
-        grad_h = _ops.spectral_penalty_backward(grad_loss, P, lam, V, ctx.slope, ctx.tau, ctx.h_dtype)
+        grad_h = _ops.spectral_penalty_backward(grad_loss, P, grad_lam, V, ctx.h_dtype)
     if ctx.needs_input_grad[1]:
-        grad_V = _ops.spectral_penalty_backward_basis(grad_loss, h, P, lam, ctx.slope, ctx.tau)
+        grad_V = _ops.spectral_penalty_backward_basis(grad_loss, h, P, grad_lam)
     return grad_h, grad_V, None, None
 
 
