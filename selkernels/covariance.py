@@ -11,6 +11,7 @@ which is exact for any split of the data, so ``merge`` combines shards, ranks or
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 import torch
@@ -45,6 +46,36 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2).reshape(-1, dim)
 
 
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of the device, or None where it cannot be known (e.g. meta)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _check_class_state_fits(dim: int, num_classes: int, device: torch.device) -> None:
+    """Refuse per-class state that cannot fit, before allocating it (instead of an OOM kill)."""
+    need = 8 * num_classes * (dim * dim + dim + 1)
+    free = _available_bytes(device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"StreamingCovariance(dim={dim}, num_classes={num_classes}) needs num_classes * dim * dim float64 "
+            f"= {need / 2**30:.2f} GiB of per-class state (M2 [K, D, D]), but only {free / 2**30:.2f} GiB are "
+            f"available on {device}; use fewer classes, a smaller dim, or several accumulators over class subsets")
+
+
 class StreamingCovariance:
     """Running mean and covariance of D-dimensional representations, mergeable, float64 state.
 
@@ -52,11 +83,16 @@ class StreamingCovariance:
         dim: D, the number of units (features / channels).
         num_classes: if given, keep per-class moments instead: ``count`` [K], ``mean`` [K, D],
             ``M2`` [K, D, D], updated in one fused op per batch (labels required): labels sorted
-            once, rows centred on their class batch mean, then per class present one GEMM on its
-            contiguous rows and the Chan merge of its D x D block. On CPU this is 1.6-6x faster
-            than a torch composition with a padded batched GEMM (K = 10..200, D = 128..512, whose
-            padding and [K, D, D] temporaries dominate); the cost is bounded below by reading and
-            writing the float64 D x D block of every class present in the batch.
+            once, rows centred on their class batch mean, then each present class's Gram matrix
+            computed tile by tile and Chan-merged into its D x D block in the same pass (CPU:
+            register-blocked products per block of state rows, BLAS for classes of 64+ rows;
+            CUDA: one kernel over (class, tile) pairs, no host sync, no per-class launches). The
+            cost is bounded below by reading and writing the float64 D x D block of every class
+            present in the batch (``selkernels bench --filter covariance`` measures it).
+            Memory: the state is ``8 * K * (D * D + D + 1)`` bytes, K*D*D float64 for M2 (K = 1000,
+            D = 2048: 33.6 GB); the constructor raises ``MemoryError`` naming num_classes and dim
+            when that exceeds the device's available memory. Each update also needs an [N, D]
+            centred copy of the batch (GEMM precision) and O(min(N, K) * D) float64 temporaries.
         device: where the state lives (default CPU); updates must come from that device.
 
     ``update(z, labels=None, *, reduce="mean")`` accepts z [N, D], or z [N, C, *spatial] (C = D)
@@ -78,6 +114,8 @@ class StreamingCovariance:
         self.dim = dim
         self.num_classes = num_classes
         device = torch.device("cpu") if device is None else torch.device(device)
+        if num_classes is not None:
+            _check_class_state_fits(dim, num_classes, device)
         lead = () if num_classes is None else (num_classes,)
         f64 = dict(dtype=torch.float64, device=device)
         self._count = torch.zeros(lead, dtype=torch.int64, device=device)

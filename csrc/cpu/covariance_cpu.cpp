@@ -100,6 +100,11 @@ struct ClassMerge {
   const double* delta;
 };
 
+// No FMA contraction in the merge: a vectorized loop body and its remainder may contract
+// differently, and entries (i, j) and (j, i) land in different ones; uncontracted, both are the same
+// operations on the same values (moments.h), so M2 stays exactly symmetric.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 // out[b] = Chan merge of row i of the product (s[b] = S_ij, j = j0 + b) into row i of the state,
 // for b < len; d_row / delta_row point at d[j0], delta[j0].
 template <typename gemm_t>
@@ -119,6 +124,7 @@ SELK_TARGET_CLONES void merge_row(double* out, const double* s, int64_t len, dou
                                   const double* d_row, double m2_coef, double delta_i, const double* delta_row) {
   merge_row_body(out, s, len, n_b, d_i, d_row, m2_coef, delta_i, delta_row);
 }
+#pragma GCC pop_options
 
 // Chan merge of the product tile s (rows i0 .. i0 + ti, columns j0 .. j0 + tj of S_k, row stride
 // lds) into the state block m2 [D, D]: entries (i, j) and, for i0 != j0, the mirror (j, i), both
