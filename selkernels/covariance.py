@@ -12,6 +12,7 @@ which is exact for any split of the data, so ``merge`` combines shards, ranks or
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
 
@@ -21,7 +22,7 @@ from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
 from .distributed import all_reduce_moments
 from .ops import _check_activations
 
-__all__ = ["StreamingCovariance", "batch_moments"]
+__all__ = ["StreamingCovariance"]
 
 _REDUCE = ("mean", "flatten")
 _INT64_MAX = 2**63 - 1
@@ -59,19 +60,34 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2).reshape(-1, dim)
 
 
-def batch_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted moments of the rows of x [N, D]: (n, c, d, S), cancellation-free.
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of the device, or None where it cannot be known (e.g. meta)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
 
-    c is the batch mean computed in the GEMM precision (float64 for float64 x, else float32), so the
-    centred rows x - c are small; S = (x - c)^T (x - c) is their Gram matrix in that precision, and
-    d = mean(x - c) (float64, tiny) the offset left by the rounding of c. In float64:
-    mean = c + d and M2 = S - n d d^T (the first moment about c is n d). Every step but the GEMM
-    is one pass over x in its own precision.
-    """
-    x = x.to(_gemm_dtype(x.dtype))
-    c = x.mean(0)
-    xc = x - c
-    return x.shape[0], c, xc.mean(0).double(), torch.mm(xc.t(), xc)
+
+def _check_class_state_fits(dim: int, num_classes: int, device: torch.device) -> None:
+    """Refuse per-class state that cannot fit, before allocating it (instead of an OOM kill)."""
+    need = 8 * num_classes * (dim * dim + dim + 1)
+    free = _available_bytes(device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"StreamingCovariance(dim={dim}, num_classes={num_classes}) needs num_classes * dim * dim float64 "
+            f"= {need / 2**30:.2f} GiB of per-class state (M2 [K, D, D]), but only {free / 2**30:.2f} GiB are "
+            f"available on {device}; use fewer classes, a smaller dim, or several accumulators over class subsets")
 
 
 class StreamingCovariance:
@@ -81,11 +97,16 @@ class StreamingCovariance:
         dim: D, the number of units (features / channels).
         num_classes: if given, keep per-class moments instead: ``count`` [K], ``mean`` [K, D],
             ``M2`` [K, D, D], updated in one fused op per batch (labels required): labels sorted
-            once, rows centred on their class batch mean, then per class present one GEMM on its
-            contiguous rows and the Chan merge of its D x D block. On CPU this is 1.6-6x faster
-            than a torch composition with a padded batched GEMM (K = 10..200, D = 128..512, whose
-            padding and [K, D, D] temporaries dominate); the cost is bounded below by reading and
-            writing the float64 D x D block of every class present in the batch.
+            once, rows centred on their class batch mean, then each present class's Gram matrix
+            computed tile by tile and Chan-merged into its D x D block in the same pass (CPU:
+            register-blocked products per block of state rows, BLAS for classes of 64+ rows;
+            CUDA: one kernel over (class, tile) pairs, no host sync, no per-class launches). The
+            cost is bounded below by reading and writing the float64 D x D block of every class
+            present in the batch (``selkernels bench --filter covariance`` measures it).
+            Memory: the state is ``8 * K * (D * D + D + 1)`` bytes, K*D*D float64 for M2 (K = 1000,
+            D = 2048: 33.6 GB); the constructor raises ``MemoryError`` naming num_classes and dim
+            when that exceeds the device's available memory. Each update also needs an [N, D]
+            centred copy of the batch (GEMM precision) and O(min(N, K) * D) float64 temporaries.
         device: where the state lives (default CPU); updates must come from that device.
         ignore_index: per-class mode: samples with this label are skipped (as in
             :func:`selkernels.class_means`); any integer label dtype is accepted.
@@ -125,6 +146,8 @@ class StreamingCovariance:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         device = torch.device("cpu") if device is None else torch.device(device)
+        if num_classes is not None:
+            _check_class_state_fits(dim, num_classes, device)
         # Per class, the state has one spare row past the last class: samples labelled
         # ignore_index are routed there by the update (a torch.where, no data-dependent filtering,
         # so it traces under torch.compile) and it is never read.
@@ -133,7 +156,6 @@ class StreamingCovariance:
         self._state = (torch.zeros(lead, dtype=torch.int64, device=device), torch.zeros(lead + (dim,), **f64),
                        torch.zeros(lead + (dim, dim), **f64))
         self._bind_views()
-        self._n = 0  # host copy of the overall count (not used per class)
 
     def _bind_views(self) -> None:
         """count/mean/M2: the state without its spare row."""
@@ -195,16 +217,12 @@ class StreamingCovariance:
                 raise ValueError("labels must be None without num_classes")
             if x.shape[0] == 0:
                 return
-            n, c, d, gram = batch_moments(x)
-            # The Chan merge in place, as rank-1 updates of the float64 state (weights from the
-            # host-side count, so no device sync).
-            n_a = self._n
-            total = n_a + n
-            delta = c.double().add_(d).sub_(self._mean)
-            self._m2.add_(gram).addr_(d, d, alpha=-n).addr_(delta, delta, alpha=n_a * n / total)
-            self._mean.add_(delta, alpha=n / total)
-            self._count.add_(n)
-            self._n = total
+            # The one-set update is the per-class op with a single class: one fused pass (batch
+            # mean, centring, symmetric product, Chan merge) on the device, no host sync.
+            labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count.view(1),
+                                                       self._mean.view(1, self.dim),
+                                                       self._m2.view(1, self.dim, self.dim))
             return
         labels = self._check_labels(labels, z, x.shape[0])
         torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._state)
@@ -255,8 +273,6 @@ class StreamingCovariance:
         delta = delta.view(-1, self.dim)
         m2.baddbmm_((delta * coef.view(-1, 1)).unsqueeze(2), delta.unsqueeze(1))
         self._count.add_(n_b)
-        if self.num_classes is None:
-            self._n = int(self._count)
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Fold another accumulator's statistics into this one (exact; returns self)."""
@@ -283,12 +299,9 @@ class StreamingCovariance:
         self._count.copy_(count)
         self._mean.copy_(mean)
         self._m2.copy_(m2)
-        if self.num_classes is None:
-            self._n = int(self._count)
         return self
 
     def reset(self) -> None:
-        self._n = 0
         for tensor in self._state:
             tensor.zero_()
 
@@ -314,8 +327,6 @@ class StreamingCovariance:
         self._count.copy_(count)
         self._mean.copy_(mean)
         self._m2.copy_(m2)
-        if self.num_classes is None:
-            self._n = int(self._count)
 
 
 def _checked_state_tensor(state, key: str, shape: Tuple[int, ...], *, integer: bool) -> torch.Tensor:

@@ -94,16 +94,23 @@ def spectral_penalty(h: torch.Tensor, V: torch.Tensor, *, slope: float = 1.0, ta
     if V.device != h.device:
         raise ValueError(f"V must be on the same device as h ({h.device}), got {V.device}")
     slope, tau = _check_slope_tau(slope, tau)
-    loss, _, lam = _ops.spectral_penalty(h, V.to(_acc_dtype(h.dtype)), slope, tau)
+    loss, P, _ = _ops.spectral_penalty(h, V.to(_acc_dtype(h.dtype)), slope, tau)
     # The kernel skips ranks whose variance is not above the rounding floor, so a NaN or an
-    # overflowed variance would drop out as a 0 term; adding 0 * sum(lam) makes the loss NaN then
-    # (a [D] reduction, no sync). The backward does the same to the gradient.
-    return loss + _nan_if_not_finite(lam)
+    # overflowed variance would drop out as a 0 term; this makes the loss NaN then (one read of P,
+    # no sync). The backward does the same to the gradient.
+    return loss + _nan_if_not_finite(P)
 
 
-def _nan_if_not_finite(lam: torch.Tensor) -> torch.Tensor:
-    """0 (a 0-dim tensor, no autograd) when every entry of lam is finite, else NaN."""
-    return lam.detach().sum().mul(0)
+def _nan_if_not_finite(P: torch.Tensor) -> torch.Tensor:
+    """0 (a 0-dim tensor, no autograd) when every column variance of P [N, D] is finite, else NaN."""
+    P = P.detach()
+    if P.numel() == 0:
+        return P.new_zeros(())
+    # column norms are computed without overflow; the kernel's sum of squares overflows when norm^2 does
+    norms = torch.linalg.vector_norm(P, dim=0).double()
+    limit = torch.finfo(P.dtype).max
+    ok = (norms * norms <= limit).all()
+    return torch.where(ok, P.new_zeros(()), P.new_full((), float("nan")))
 
 
 @torch.library.register_fake("selkernels::spectral_penalty")
@@ -113,31 +120,31 @@ def _spectral_penalty_fake(h, V, slope, tau):
 
 
 @torch.library.register_fake("selkernels::spectral_penalty_backward")
-def _spectral_penalty_backward_fake(grad_loss, P, lam, V, slope, tau, out_dtype):
+def _spectral_penalty_backward_fake(grad_loss, P, grad_lam, V, out_dtype):
     return P.new_empty(P.shape, dtype=out_dtype)
 
 
 @torch.library.register_fake("selkernels::spectral_penalty_backward_basis")
-def _spectral_penalty_backward_basis_fake(grad_loss, h, P, lam, slope, tau):
+def _spectral_penalty_backward_basis_fake(grad_loss, h, P, grad_lam):
     return P.new_empty((P.shape[1], P.shape[1]))
 
 
 def _spectral_penalty_setup(ctx, inputs, output):
     h, V, slope, tau = inputs
-    _, P, lam = output
+    _, P, grad_lam = output
     # h is kept (a reference to the input) for the V gradient and for double backward.
-    ctx.save_for_backward(h, V, P, lam)
+    ctx.save_for_backward(h, V, P, grad_lam)
     ctx.slope, ctx.tau, ctx.h_dtype = slope, tau, h.dtype
 
 
-def _rank_weights(lam: torch.Tensor, lam_const: torch.Tensor, slope: float, tau: int) -> torch.Tensor:
+def _rank_weights(lam: torch.Tensor, slope: float, tau: int) -> torch.Tensor:
     """dL/dlam [D] (unsorted order) as a differentiable function of lam: the closed form of
-    csrc/common/spectral.h, with the sort order, anchor, targets and floor taken from lam_const."""
+    csrc/common/spectral.h, with the sort order, anchor, targets and floor constants (from lam's value)."""
     dim = lam.shape[0]
     weights = torch.zeros_like(lam)
     if dim <= tau + 1:
         return weights
-    sorted_const, order = torch.sort(lam_const, descending=True, stable=True)
+    sorted_const, order = torch.sort(lam.detach(), descending=True, stable=True)
     ranks = torch.arange(dim, device=lam.device, dtype=lam.dtype)
     gamma = sorted_const[tau] * (tau + 1) ** slope / (ranks + 1) ** slope
     floor = dim * torch.finfo(lam.dtype).eps * sorted_const[0]
@@ -148,35 +155,34 @@ def _rank_weights(lam: torch.Tensor, lam_const: torch.Tensor, slope: float, tau:
     return weights.index_put((order,), torch.where(keep, grad_sorted, torch.zeros_like(grad_sorted)))
 
 
-def _differentiable_backward(ctx, grad_loss, h, V, lam_kernel):
-    """The backward as torch ops on h, V and grad_loss, so that autograd can differentiate it; the
-    kernel's lam fixes the constants (order, anchor, floor) exactly as the fused backward does."""
+def _differentiable_backward(ctx, grad_loss, h, V):
+    """The backward as torch ops on h, V and grad_loss, so that autograd can differentiate it."""
     x = h.to(V.dtype)
     xc = x - x.mean(0, keepdim=True)
     P = xc @ V
     n = h.shape[0]
     if n < 2:
         return torch.zeros_like(h), torch.zeros_like(V)
-    lam = (P * P).sum(0) / (n - 1)
-    weights = _rank_weights(lam, lam_kernel.detach(), ctx.slope, ctx.tau)
+    weights = _rank_weights((P * P).sum(0) / (n - 1), ctx.slope, ctx.tau)
     grad_P = P * (weights * (2 * grad_loss.to(V.dtype) / (n - 1)))
     return (grad_P @ V.t()).to(ctx.h_dtype), xc.t() @ grad_P
 
 
-def _spectral_penalty_backward(ctx, grad_loss, grad_P, grad_lam):
-    # P and lam are outputs only for the backward; the wrapper never exposes them.
-    h, V, P, lam = ctx.saved_tensors
+def _spectral_penalty_backward(ctx, grad_loss, grad_P, grad_grad_lam):
+    # P and grad_lam (dL/dlam from the forward's one sort) are outputs only for the backward; the
+    # wrapper never exposes them.
+    h, V, P, grad_lam = ctx.saved_tensors
     # A non-finite spectrum makes the gradient NaN too (the forward's loss is NaN then).
-    grad_loss = (grad_loss + _nan_if_not_finite(lam)).contiguous()
+    grad_loss = (grad_loss + _nan_if_not_finite(P)).contiguous()
     if torch.is_grad_enabled():  # create_graph=True: the fused backward ops have no derivative
-        grad_h, grad_V = _differentiable_backward(ctx, grad_loss, h, V, lam)
+        grad_h, grad_V = _differentiable_backward(ctx, grad_loss, h, V)
         return (grad_h if ctx.needs_input_grad[0] else None,
                 grad_V if ctx.needs_input_grad[1] else None, None, None)
     grad_h = grad_V = None
     if ctx.needs_input_grad[0]:
-        grad_h = _ops.spectral_penalty_backward(grad_loss, P, lam, V, ctx.slope, ctx.tau, ctx.h_dtype)
+        grad_h = _ops.spectral_penalty_backward(grad_loss, P, grad_lam, V, ctx.h_dtype)
     if ctx.needs_input_grad[1]:
-        grad_V = _ops.spectral_penalty_backward_basis(grad_loss, h, P, lam, ctx.slope, ctx.tau)
+        grad_V = _ops.spectral_penalty_backward_basis(grad_loss, h, P, grad_lam)
     return grad_h, grad_V, None, None
 
 

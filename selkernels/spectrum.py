@@ -73,18 +73,36 @@ def default_fit_range(dim: int) -> Tuple[int, int]:
     than the tail's power law, and the trailing half is bent down by finite-sample noise (a
     covariance estimated from finitely many samples underestimates small eigenvalues), so the
     fit uses the middle of the spectrum, as in Stringer et al. (2019) and Nassar et al. (2020).
-    For small D the range shrinks to (1, D) when (10, D // 2) holds fewer than 2 ranks.
+    For small D the range shrinks to (1, D) when (10, D // 2) holds fewer than 2 ranks. The
+    published code of Stringer et al. and reptrix fit ranks 11..100 instead, weighted by 1/n:
+    see :func:`power_law_alpha`.
     """
     lo, hi = 10, dim // 2
     return (lo, hi) if hi - lo + 1 >= 2 else (1, dim)
 
 
-def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] = None, *, weighted: bool = False,
+                    return_r2: bool = False):
     """Exponent alpha of lambda_n ~ n^-alpha: minus the least-squares slope of log lambda_n vs log n.
 
     ``eigvals`` [..., D], descending; n is 1-based. ``fit_range = (lo, hi)`` selects ranks
-    lo..hi inclusive (default :func:`default_fit_range`). Returns float64 [...]; NaN where a fitted
-    eigenvalue is <= 0 (its log is undefined).
+    lo..hi inclusive. Two conventions are in use, and their alphas differ:
+
+    * default (:func:`default_fit_range`): ranks 10..D/2, unweighted (Stringer et al. 2019 and
+      Nassar et al. 2020 as described in the papers);
+    * ``fit_range=(11, 100), weighted=True``: the fit of the Stringer et al. code and of reptrix
+      (alpha-ReQ, Agrawal et al. 2022), 0-based indices 10..99, each point weighted by 1/n
+      (reptrix's ``get_alpha`` defaults to 0-based indices 5..99, i.e. ``fit_range=(6, 100)``).
+
+    ``weighted=True`` minimises sum_n (1/n) (log lambda_n - b + alpha log n)^2 (weighted least
+    squares, weights 1/n: the low ranks, few and well estimated, count as much as the many high
+    ones); ``weighted=False`` gives every rank weight 1.
+
+    Returns float64 [...] alpha, or ``(alpha, r2)`` with ``return_r2=True``: r2 = 1 - SS_res / SS_tot,
+    the coefficient of determination of the fitted line for log lambda_n over the fitted ranks
+    (unweighted sums, as ``sklearn.metrics.r2_score``; 1 for an exact power law). NaN where a
+    fitted eigenvalue is <= 0 (its log is undefined); r2 is NaN when log lambda is constant over
+    the range (SS_tot = 0).
     """
     lam = _check_eigvals(eigvals)
     dim = lam.shape[-1]
@@ -93,10 +111,19 @@ def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] 
         raise ValueError(f"fit_range must be (lo, hi) ints with 1 <= lo < hi <= D={dim}, got {fit_range!r}")
     sel = lam[..., lo - 1:hi]
     y = torch.where(sel > 0, sel, torch.full_like(sel, float("nan"))).log()
-    x = torch.arange(lo, hi + 1, dtype=torch.float64, device=lam.device).log()
-    xc = x - x.mean()
-    slope = ((y - y.mean(-1, keepdim=True)) * xc).sum(-1) / (xc * xc).sum()
-    return -slope
+    ranks = torch.arange(lo, hi + 1, dtype=torch.float64, device=lam.device)
+    x = ranks.log()
+    w = ranks.reciprocal() if weighted else torch.ones_like(ranks)
+    w = w / w.sum()
+    xc = x - (w * x).sum()
+    y_mean_w = (w * y).sum(-1, keepdim=True)
+    slope = (w * xc * (y - y_mean_w)).sum(-1) / (w * xc * xc).sum()
+    if not return_r2:
+        return -slope
+    residual = y - y_mean_w - slope[..., None] * xc
+    ss_res = (residual * residual).sum(-1)
+    yc = y - y.mean(-1, keepdim=True)
+    return -slope, 1 - ss_res / (yc * yc).sum(-1)
 
 
 def _scaled(lam: torch.Tensor) -> torch.Tensor:
