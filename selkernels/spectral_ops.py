@@ -78,7 +78,7 @@ def spectral_penalty(h: torch.Tensor, V: torch.Tensor, *, slope: float = 1.0, ta
 
     Double backward (``create_graph=True``) is supported: the backward is then a differentiable
     torch composition of the same closed form (the sort order and the anchor are constants, as in
-    the forward). Memory: the op saves P [N, D] (compute dtype), lam [D] and h (a reference).
+    the forward). Memory: the op saves P [N, D] (compute dtype), dL/dlam [D] and h (a reference).
     """
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")

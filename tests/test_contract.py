@@ -13,7 +13,9 @@ how to call it (returning its output tensors), and an independent float64 refere
 * nonfinite -- a NaN or Inf in the input shows up in the output (never hidden as a finite value);
 * empty     -- N = 0 and zero-size feature / spatial dims: no crash, the documented result;
 * meta, fake -- meta-device and FakeTensorMode inputs give the real call's shapes and dtypes;
-* label_widths -- integer labels of every width (int8..int64, uint8..uint64) equal int64 labels.
+* label_widths -- integer labels of every width (int8..int64, uint8..uint64) equal int64 labels;
+* label_range, uint64_labels -- labels outside [0, K) (including uint64 values that wrap to
+  ignore_index in int64) raise ValueError.
 
 A mode that a case does not yet pass because another change is fixing it is listed in the case's
 ``xfail`` with the reason (strict: it fails the suite once the fix lands, so the entry is removed).
