@@ -47,10 +47,10 @@ TORCH_LIBRARY(selkernels, m) {
   // labels int64 [N] in [0, K), count int64 [K], mean [K, D], M2 [K, D, D].
   m.def("class_moments_update_(Tensor z, Tensor labels, Tensor(a!) count, Tensor(b!) mean, Tensor(c!) M2) -> ()");
   // 1/n spectral regularizer (Nassar et al. 2020): h [N, D], V [D, D]. Returns the loss, the
-  // projections P = (h - mean) V and the unsorted column variances lam of P (saved for backward).
-  m.def("spectral_penalty(Tensor h, Tensor V, float slope, int tau) -> (Tensor loss, Tensor P, Tensor lam)");
-  m.def("spectral_penalty_backward(Tensor grad_loss, Tensor P, Tensor lam, Tensor V, float slope, int tau, "
-        "ScalarType out_dtype) -> Tensor");
-  m.def("spectral_penalty_backward_basis(Tensor grad_loss, Tensor h, Tensor P, Tensor lam, float slope, int tau) "
+  // projections P = (h - mean) V and dL/dlam (lam the column variances of P, unsorted order), both
+  // saved for the backward, which is then elementwise + one GEMM: the variances are sorted once.
+  m.def("spectral_penalty(Tensor h, Tensor V, float slope, int tau) -> (Tensor loss, Tensor P, Tensor grad_lam)");
+  m.def("spectral_penalty_backward(Tensor grad_loss, Tensor P, Tensor grad_lam, Tensor V, ScalarType out_dtype) "
         "-> Tensor");
+  m.def("spectral_penalty_backward_basis(Tensor grad_loss, Tensor h, Tensor P, Tensor grad_lam) -> Tensor");
 }

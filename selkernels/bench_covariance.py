@@ -1,10 +1,11 @@
 """Benchmarks of the streaming covariance and the 1/n spectral penalty.
 
-    python benchmarks/bench_covariance.py --threads 2 --n 1024 --d 256 --k 10
+    python benchmarks/bench_covariance.py --threads 2 --n 1024 --d 256 --k 10 100 [--device cuda]
 
 Times, with torch.utils.benchmark (median of blocked_autorange):
-  * StreamingCovariance.update vs a bare ``z.T @ z`` of the same shape and vs ``torch.cov``;
-  * the per-class update (one fused op) vs a Python loop over the classes;
+  * StreamingCovariance.update vs a bare ``z.T @ z`` of the same shape (its floor) and vs ``torch.cov``;
+  * the per-class update (one fused op) vs its floor (one GEMM over all rows + one read-write pass
+    over the float64 [K, D, D] state), a Python loop over the classes, and ``z.T @ z``;
   * spectral_penalty forward and forward+backward vs spectral_penalty_reference.
 Case builders return lists of (name, callable) pairs, the first being the fused op and the rest
 its baselines, so other drivers (the ``selkernels bench`` CLI) can reuse them.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -31,7 +32,7 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 
 def covariance_cases(n: int = 1024, d: int = 256, *, dtype=torch.float32, device="cpu", seed: int = 0) -> List[Case]:
-    """StreamingCovariance.update vs bare z.T @ z vs torch.cov, on one [n, d] batch."""
+    """StreamingCovariance.update vs bare z.T @ z (the floor: the update's one GEMM) vs torch.cov, on one [n, d] batch."""
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     z = (torch.randn(n, d, generator=g) + 3).to(device=device, dtype=dtype)
@@ -50,22 +51,32 @@ def covariance_cases(n: int = 1024, d: int = 256, *, dtype=torch.float32, device
         torch.cov(z.T)
         sync()
 
-    return [("StreamingCovariance.update", update), ("z.T @ z", gram), ("torch.cov", cov)]
+    return [("StreamingCovariance.update", update), ("z.T @ z (floor)", gram), ("torch.cov", cov)]
 
 
 def class_covariance_cases(n: int = 1024, d: int = 256, k: int = 10, *, dtype=torch.float32, device="cpu",
                            seed: int = 0) -> List[Case]:
-    """Per-class update (one fused op) vs a Python loop of per-class updates, and a bare z.T @ z."""
+    """Per-class update (one fused op) vs its floor, a Python loop of per-class updates, and a bare z.T @ z.
+
+    The floor is what any per-class update must do: the per-class products add up to one GEMM over
+    all rows (``z.T @ z``), plus one read-write pass over the classes' float64 [K, D, D] state.
+    """
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     z = (torch.randn(n, d, generator=g) + 3).to(device=device, dtype=dtype)
     labels = torch.randint(0, k, (n,), generator=g).to(device)
     fused = StreamingCovariance(d, num_classes=k, device=device)
     loop = [StreamingCovariance(d, device=device) for _ in range(k)]
+    state = torch.zeros(k, d, d, dtype=torch.float64, device=device)
     sync = _sync(device)
 
     def update_fused():
         fused.update(z, labels)
+        sync()
+
+    def floor():
+        z.T @ z
+        state.add_(1.0)
         sync()
 
     def update_loop():
@@ -77,8 +88,9 @@ def class_covariance_cases(n: int = 1024, d: int = 256, k: int = 10, *, dtype=to
         z.T @ z
         sync()
 
-    return [(f"per-class update (K={k}, fused)", update_fused), (f"Python loop over {k} classes", update_loop),
-            ("z.T @ z", gram)]
+    return [(f"per-class update (K={k}, fused)", update_fused),
+            ("floor: z.T @ z + one pass over [K, D, D] fp64", floor),
+            (f"Python loop over {k} classes", update_loop), ("z.T @ z", gram)]
 
 
 def spectral_cases(n: int = 256, d: int = 256, *, dtype=torch.float32, device="cpu", backward: bool = False,
@@ -108,8 +120,10 @@ def spectral_cases(n: int = 256, d: int = 256, *, dtype=torch.float32, device="c
 
 def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32,
                      device="cpu") -> List[Tuple[str, List[Case]]]:
-    """Every group this module times, as (title, cases); what main() runs."""
-    groups = [(f"streaming covariance, one batch [{n}, {d}]", covariance_cases(n, d, dtype=dtype, device=device))]
+    """Every group this module times, as (title, cases); what main() runs. The one-set update runs
+    at [n / 2, d] and [n, 2 d] ([512, 256] and [1024, 512] by default), the per-class one at [n, d]."""
+    groups = [(f"streaming covariance, one batch [{m}, {w}]", covariance_cases(m, w, dtype=dtype, device=device))
+              for m, w in ((n // 2, d), (n, 2 * d))]
     for k in ks:
         groups.append((f"per-class covariance, [{n}, {d}], K={k}",
                        class_covariance_cases(n, d, k, dtype=dtype, device=device)))
@@ -117,6 +131,51 @@ def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int 
         groups.append((f"spectral penalty, h [{spectral_n}, {d}]",
                        spectral_cases(spectral_n, d, dtype=dtype, device=device, backward=backward)))
     return groups
+
+
+def run_kernels_once(device="cuda", *, seed: int = 0) -> Dict[str, float]:
+    """Run every streaming-moments and spectral-penalty kernel once on small inputs on ``device`` and
+    return each result's largest error relative to the same computation on the CPU (float64).
+
+    For a GPU check (parity, compute-sanitizer): the one-set update (cuBLAS GEMM + merge kernel), the
+    per-class update (offsets, present classes, batch means, centring, fused tile product + merge,
+    mean/count; D = 70 gives partial and off-diagonal tiles, one class absent), and the spectral
+    penalty forward (split column reduction, loss kernel) and backward (w.r.t. h and V), all through
+    the dispatcher. Float64 parity should be ~1e-12 or better.
+    """
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    errors: Dict[str, float] = {}
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.detach().cpu().double(), b.detach().cpu().double()
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+    z = torch.randn(300, 70, generator=g, dtype=torch.float64) * 2 + 1e3
+    labels = torch.randint(0, 4, (300,), generator=g)  # class 4 of 5 absent
+    for k in (None, 5):
+        ref, dev = StreamingCovariance(70, num_classes=k), StreamingCovariance(70, num_classes=k, device=device)
+        for zc, lc in zip(z.split(97), labels.split(97)):
+            ref.update(zc, None if k is None else lc)
+            dev.update(zc.to(device), None if k is None else lc.to(device))
+        name = "update" if k is None else "per-class update"
+        errors[f"{name} M2"] = rel(dev.M2, ref.M2)
+        errors[f"{name} mean"] = rel(dev.mean, ref.mean)
+        errors[f"{name} count"] = float((dev.count.cpu() != ref.count).sum())
+    h = torch.randn(200, 48, generator=g, dtype=torch.float64) @ torch.randn(48, 48, generator=g, dtype=torch.float64)
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    outs = {}
+    for where in ("cpu", device):
+        hh, VV = h.to(where).requires_grad_(), V.to(where).requires_grad_()
+        loss = spectral_penalty(hh, VV, tau=3)
+        loss.backward()
+        outs[str(where)] = (loss, hh.grad, VV.grad)
+    (lc, hc, vc), (ld, hd, vd) = outs["cpu"], outs[str(device)]
+    errors["spectral_penalty loss"] = rel(ld, lc)
+    errors["spectral_penalty grad h"] = rel(hd, hc)
+    errors["spectral_penalty grad V"] = rel(vd, vc)
+    _sync(device)()
+    return errors
 
 
 def time_cases(cases: List[Case], *, threads: int, min_run_time: float, rounds: int = 5) -> List[Tuple[str, float]]:
@@ -142,7 +201,12 @@ def report(title: str, results: List[Tuple[str, float]]) -> None:
     print(f"\n{title}")
     base = results[0][1]
     for name, t in results:
-        ratio = "" if name == results[0][0] else f"   {t / base:6.2f}x the fused time"
+        if name == results[0][0]:
+            ratio = ""
+        elif "floor" in name:
+            ratio = f"   fused = {base / t:5.2f}x this floor"
+        else:
+            ratio = f"   {t / base:6.2f}x the fused time"
         print(f"  {name:<42s} {t * 1e3:10.3f} ms{ratio}")
 
 

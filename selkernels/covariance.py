@@ -11,6 +11,9 @@ which is exact for any split of the data, so ``merge`` combines shards, ranks or
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -19,15 +22,23 @@ from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
 from .distributed import all_reduce_moments
 from .ops import _check_activations
 
-__all__ = ["StreamingCovariance", "batch_moments"]
+__all__ = ["StreamingCovariance"]
 
 _REDUCE = ("mean", "flatten")
+_INT64_MAX = 2**63 - 1
 
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     # The Gram matrix of centred data runs in the input precision (float32 for half types); only
     # its accumulation into the float64 state is float64.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(device: torch.device):
+    """A context in which autocast cannot lower the precision of the moments' GEMMs on device."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
@@ -37,6 +48,10 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
         raise ValueError(f"z.shape[1] must equal dim={dim}, got shape {tuple(z.shape)}")
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    if reduce == "mean" and z.dim() > 2 and z.shape[0] > 0 and z[0, 0].numel() == 0:
+        # the per-sample spatial mean over no positions is 0/0; folding it in would poison the state
+        raise ValueError(f"z has no spatial positions (shape {tuple(z.shape)}), so reduce=\"mean\" has no "
+                         "per-sample mean; pass reduce=\"flatten\" (0 samples) or skip the batch")
     z = z.detach()
     if z.dim() == 2:
         return z
@@ -45,19 +60,34 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2).reshape(-1, dim)
 
 
-def batch_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted moments of the rows of x [N, D]: (n, c, d, S), cancellation-free.
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of the device, or None where it cannot be known (e.g. meta)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
 
-    c is the batch mean computed in the GEMM precision (float64 for float64 x, else float32), so the
-    centred rows x - c are small; S = (x - c)^T (x - c) is their Gram matrix in that precision, and
-    d = mean(x - c) (float64, tiny) the offset left by the rounding of c. In float64:
-    mean = c + d and M2 = S - n d d^T (the first moment about c is n d). Every step but the GEMM
-    is one pass over x in its own precision.
-    """
-    x = x.to(_gemm_dtype(x.dtype))
-    c = x.mean(0)
-    xc = x - c
-    return x.shape[0], c, xc.mean(0).double(), torch.mm(xc.t(), xc)
+
+def _check_class_state_fits(dim: int, num_classes: int, device: torch.device) -> None:
+    """Refuse per-class state that cannot fit, before allocating it (instead of an OOM kill)."""
+    need = 8 * num_classes * (dim * dim + dim + 1)
+    free = _available_bytes(device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"StreamingCovariance(dim={dim}, num_classes={num_classes}) needs num_classes * dim * dim float64 "
+            f"= {need / 2**30:.2f} GiB of per-class state (M2 [K, D, D]), but only {free / 2**30:.2f} GiB are "
+            f"available on {device}; use fewer classes, a smaller dim, or several accumulators over class subsets")
 
 
 class StreamingCovariance:
@@ -67,12 +97,19 @@ class StreamingCovariance:
         dim: D, the number of units (features / channels).
         num_classes: if given, keep per-class moments instead: ``count`` [K], ``mean`` [K, D],
             ``M2`` [K, D, D], updated in one fused op per batch (labels required): labels sorted
-            once, rows centred on their class batch mean, then per class present one GEMM on its
-            contiguous rows and the Chan merge of its D x D block. On CPU this is 1.6-6x faster
-            than a torch composition with a padded batched GEMM (K = 10..200, D = 128..512, whose
-            padding and [K, D, D] temporaries dominate); the cost is bounded below by reading and
-            writing the float64 D x D block of every class present in the batch.
+            once, rows centred on their class batch mean, then each present class's Gram matrix
+            computed tile by tile and Chan-merged into its D x D block in the same pass (CPU:
+            register-blocked products per block of state rows, BLAS for classes of 64+ rows;
+            CUDA: one kernel over (class, tile) pairs, no host sync, no per-class launches). The
+            cost is bounded below by reading and writing the float64 D x D block of every class
+            present in the batch (``selkernels bench --filter covariance`` measures it).
+            Memory: the state is ``8 * K * (D * D + D + 1)`` bytes, K*D*D float64 for M2 (K = 1000,
+            D = 2048: 33.6 GB); the constructor raises ``MemoryError`` naming num_classes and dim
+            when that exceeds the device's available memory. Each update also needs an [N, D]
+            centred copy of the batch (GEMM precision) and O(min(N, K) * D) float64 temporaries.
         device: where the state lives (default CPU); updates must come from that device.
+        ignore_index: per-class mode: samples with this label are skipped (as in
+            :func:`selkernels.class_means`); any integer label dtype is accepted.
 
     ``update(z, labels=None, *, reduce="mean")`` accepts z [N, D], or z [N, C, *spatial] (C = D)
     with ``reduce="mean"`` (each sample's per-unit spatial mean is one sample, the usual choice for
@@ -82,23 +119,56 @@ class StreamingCovariance:
 
     Edge cases: ``covariance(ddof)`` is NaN where ``count <= ddof`` (like ``numpy.cov``);
     ``correlation()`` is NaN for units of zero variance. Absent classes have count 0, mean 0, M2 0.
+    An empty batch (N = 0, or no spatial positions with ``reduce="flatten"``) changes nothing;
+    ``reduce="mean"`` of z with no spatial positions raises (a sample's mean would be 0/0). NaN or
+    Inf in z propagates into the statistics it touches (the class's, per class).
+
+    Precision: ``update`` computes in float32 (float64 for float64 z) whatever the autocast state:
+    inside an autocast region the Gram matrices are not lowered to bfloat16/float16.
+    Memory: the state is (D^2 + D + 1) float64 per class, plus one spare class (where samples
+    labelled ``ignore_index`` go); an update needs O(M * D) temporaries.
+    torch.compile(fullgraph=True, dynamic=True) traces ``update``; while compiled the label check
+    runs in the kernel (a RuntimeError instead of the eager ValueError).
+    Copies: ``copy.deepcopy`` and ``pickle`` copy the state (plain tensors).
     """
 
-    def __init__(self, dim: int, *, num_classes: Optional[int] = None, device=None):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+    def __init__(self, dim: int, *, num_classes: Optional[int] = None, device=None, ignore_index: int = -100):
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= _INT64_MAX:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
+                                        or not 1 <= num_classes <= _INT64_MAX):
             raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if not -_INT64_MAX - 1 <= ignore_index <= _INT64_MAX:
+            raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
         self.dim = dim
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         device = torch.device("cpu") if device is None else torch.device(device)
-        lead = () if num_classes is None else (num_classes,)
+        if num_classes is not None:
+            _check_class_state_fits(dim, num_classes, device)
+        # Per class, the state has one spare row past the last class: samples labelled
+        # ignore_index are routed there by the update (a torch.where, no data-dependent filtering,
+        # so it traces under torch.compile) and it is never read.
+        lead = () if num_classes is None else (num_classes + 1,)
         f64 = dict(dtype=torch.float64, device=device)
-        self._count = torch.zeros(lead, dtype=torch.int64, device=device)
-        self._mean = torch.zeros(lead + (dim,), **f64)
-        self._m2 = torch.zeros(lead + (dim, dim), **f64)
-        self._n = 0  # host copy of the overall count (not used per class)
+        self._state = (torch.zeros(lead, dtype=torch.int64, device=device), torch.zeros(lead + (dim,), **f64),
+                       torch.zeros(lead + (dim, dim), **f64))
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        """count/mean/M2: the state without its spare row."""
+        self._count, self._mean, self._m2 = (self._state if self.num_classes is None
+                                             else tuple(t[:self.num_classes] for t in self._state))
+
+    def __getstate__(self):
+        # Views are rebuilt on load: pickle does not keep a view sharing its base's storage.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_count", "_mean", "_m2")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._bind_views()
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -135,6 +205,10 @@ class StreamingCovariance:
     # ------------------------------------------------------------------------------------------
     def update(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *, reduce: str = "mean") -> None:
         """Fold a batch in (see the class docstring for shapes and ``reduce``)."""
+        with _autocast_off(self.device):
+            self._update(z, labels, reduce)
+
+    def _update(self, z: torch.Tensor, labels: Optional[torch.Tensor], reduce: str) -> None:
         x = _as_samples(z, self.dim, reduce)
         if x.device != self.device:
             raise ValueError(f"z must be on the statistics' device ({self.device}), got {x.device}")
@@ -143,35 +217,46 @@ class StreamingCovariance:
                 raise ValueError("labels must be None without num_classes")
             if x.shape[0] == 0:
                 return
-            n, c, d, gram = batch_moments(x)
-            # The Chan merge in place, as rank-1 updates of the float64 state (weights from the
-            # host-side count, so no device sync).
-            n_a = self._n
-            total = n_a + n
-            delta = c.double().add_(d).sub_(self._mean)
-            self._m2.add_(gram).addr_(d, d, alpha=-n).addr_(delta, delta, alpha=n_a * n / total)
-            self._mean.add_(delta, alpha=n / total)
-            self._count.add_(n)
-            self._n = total
+            # The one-set update is the per-class op with a single class: one fused pass (batch
+            # mean, centring, symmetric product, Chan merge) on the device, no host sync.
+            labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count.view(1),
+                                                       self._mean.view(1, self.dim),
+                                                       self._m2.view(1, self.dim, self.dim))
             return
         labels = self._check_labels(labels, z, x.shape[0])
-        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count, self._mean, self._m2)
+        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._state)
 
     def _check_labels(self, labels, z: torch.Tensor, rows: int) -> torch.Tensor:
+        """int64 labels of the rows of x, ignore_index mapped to the spare state row."""
         if labels is None:
             raise ValueError("labels are required with num_classes")
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex
+                or labels.dtype == torch.bool):
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
             raise ValueError(f"labels must have shape [N] = [{z.shape[0]}], got {tuple(labels.shape)}")
         if labels.device != self.device:
             raise ValueError(f"labels must be on the statistics' device ({self.device}), got {labels.device}")
-        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes})")
-        labels = labels.long()
+        # Comparisons are not implemented for uint16/32/64, so check in int64; uint64 values >= 2**63
+        # wrap to negative there and are flagged (never mistaken for a negative ignore_index).
+        wide = labels.view(torch.int64) if labels.dtype == torch.uint64 else labels.long()
+        ignored = wide == self.ignore_index
+        if labels.dtype == torch.uint64:
+            ignored = ignored & (wide >= 0)
+        bad = ~ignored & ((wide < 0) | (wide >= self.num_classes))
+        if torch.compiler.is_compiling() or labels.device.type == "meta":
+            # No host check while tracing: bad labels become -1, which the kernel refuses (RuntimeError).
+            wide = torch.where(bad, -1, wide)
+        elif wide.numel() and bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])
+            value = int(wide[index]) + (2**64 if labels.dtype == torch.uint64 and int(wide[index]) < 0 else 0)
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}) or equal "
+                             f"ignore_index={self.ignore_index}; found labels[{index}] = {value}")
+        wide = torch.where(ignored, self.num_classes, wide)
         if rows != z.shape[0]:  # reduce="flatten": every position carries its sample's label
-            labels = labels.repeat_interleave(rows // z.shape[0])
-        return labels.contiguous()
+            wide = wide.repeat_interleave(rows // z.shape[0] if z.shape[0] else 0)
+        return wide.contiguous()
 
     def _merge_into(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Chan merge of (n_b, mean_b, m2_b) into the state; batched over a leading class dim."""
@@ -188,8 +273,6 @@ class StreamingCovariance:
         delta = delta.view(-1, self.dim)
         m2.baddbmm_((delta * coef.view(-1, 1)).unsqueeze(2), delta.unsqueeze(1))
         self._count.add_(n_b)
-        if self.num_classes is None:
-            self._n = int(self._count)
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Fold another accumulator's statistics into this one (exact; returns self)."""
@@ -216,26 +299,62 @@ class StreamingCovariance:
         self._count.copy_(count)
         self._mean.copy_(mean)
         self._m2.copy_(m2)
-        if self.num_classes is None:
-            self._n = int(self._count)
         return self
 
     def reset(self) -> None:
-        self._n = 0
-        self._count.zero_()
-        self._mean.zero_()
-        self._m2.zero_()
+        for tensor in self._state:
+            tensor.zero_()
 
     def state_dict(self) -> Dict[str, object]:
         return {"dim": self.dim, "num_classes": self.num_classes, "count": self._count.clone(),
                 "mean": self._mean.clone(), "M2": self._m2.clone()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state.get("dim") != self.dim or state.get("num_classes") != self.num_classes:
-            raise ValueError(f"state has dim={state.get('dim')}, num_classes={state.get('num_classes')}; expected "
+        """Replace the statistics by ``state`` (from :meth:`state_dict`), validated first: a state
+        that fails a check raises (naming the entry) and leaves these statistics unchanged."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [key for key in ("dim", "num_classes", "count", "mean", "M2") if key not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}: expected a dict from state_dict()")
+        if state["dim"] != self.dim or state["num_classes"] != self.num_classes:
+            raise ValueError(f"state has dim={state['dim']}, num_classes={state['num_classes']}; expected "
                              f"dim={self.dim}, num_classes={self.num_classes}")
-        self._count.copy_(state["count"])
-        self._mean.copy_(state["mean"])
-        self._m2.copy_(state["M2"])
-        if self.num_classes is None:
-            self._n = int(self._count)
+        lead = tuple(self._count.shape)
+        count = _checked_state_tensor(state, "count", lead, integer=True)
+        mean = _checked_state_tensor(state, "mean", lead + (self.dim,), integer=False)
+        m2 = _checked_state_tensor(state, "M2", lead + (self.dim, self.dim), integer=False)
+        self._count.copy_(count)
+        self._mean.copy_(mean)
+        self._m2.copy_(m2)
+
+
+def _checked_state_tensor(state, key: str, shape: Tuple[int, ...], *, integer: bool) -> torch.Tensor:
+    """state[key] if it is a tensor of exactly ``shape`` holding valid moments, else a ValueError."""
+    value = state[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"state[{key!r}] must have shape {list(shape)}, got {list(value.shape)}")
+    if integer:
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"state[{key!r}] must be an integer tensor (sample counts), got {value.dtype}")
+        if value.numel() and bool((value.long() < 0).any()):
+            raise ValueError(f"state[{key!r}] must be >= 0, got {value.tolist()}")
+        return value
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"state[{key!r}] must be a floating-point tensor, got {value.dtype}")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"state[{key!r}] has NaN or Inf entries: a corrupt or diverged state")
+    return value
+
+
+@torch.library.register_fake("selkernels::class_moments_update_")
+def _class_moments_update_fake(z, labels, count, mean, M2):
+    return None
+
+
+# Autocast policy of the per-class update: float32 (float64 for float64 z). Without it an autocast
+# region would reach the kernel with autocast on, lowering its per-class GEMMs to bfloat16/float16.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("selkernels::class_moments_update_", _device_type, torch.float32)

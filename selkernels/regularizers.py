@@ -1,6 +1,7 @@
 """Training-time regularizers built on the fused ops."""
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
@@ -23,24 +24,72 @@ def _as_module_list(modules) -> List[nn.Module]:
     return modules
 
 
+class _OutputHook:
+    """Forward hook that stores a module's output in slot ``index`` of its owner's ``_outputs``.
+
+    The owner is held weakly: a regularizer dropped without ``remove()`` is collected (and its hooks
+    removed), never kept alive by the model. A copy of the hook, made when the hooked model is
+    copied (``copy.deepcopy``, ``pickle``, ``torch.save``), is inert: it has no owner and does
+    nothing, so a copy of the model (an EMA or teacher) never writes into the original's state.
+    """
+
+    __slots__ = ("_owner", "index")
+
+    def __init__(self, owner: Optional["_LayerOutputHooks"], index: int):
+        self._owner = None if owner is None else weakref.ref(owner)
+        self.index = index
+
+    def __call__(self, module, inputs, output):
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            return
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        owner._outputs[self.index] = output
+
+    def __deepcopy__(self, memo):
+        return _OutputHook(None, self.index)
+
+    def __reduce__(self):
+        return _OutputHook, (None, self.index)
+
+
+def _remove_handles(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 class _LayerOutputHooks:
     """Forward hooks that keep the latest output of each hooked module (what both regularizers need).
 
-    Only the latest output per module is held; ``_take_outputs()`` hands them over and releases
-    them. Use as a context manager, or call ``remove()``, to take the hooks off.
+    Only the latest output per module is held; the penalty takes them and releases them. Use as a context manager, or call ``remove()``, to take the hooks off.
+
+    Copies. Copying the hooked model (``copy.deepcopy(model)`` for an EMA or teacher,
+    ``pickle``/``torch.save(model)``) gives the copy inert hooks: running the copy changes nothing
+    here, and this regularizer keeps reading the original model. To regularize the copy, build a
+    regularizer on it. Copying the regularizer (``copy.deepcopy``, ``pickle``) copies its
+    configuration and its modules, drops the held outputs (they belong to one forward pass) and
+    hooks the copied modules: ``copy.deepcopy((model, reg))`` gives a regularizer bound to the
+    model copy, and a pickled ``(model, reg)`` loads as a working pair.
     """
 
     def _hook(self, modules: List[nn.Module]) -> None:
         self._outputs: List[Optional[torch.Tensor]] = [None] * len(modules)
-        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(modules)]
+        self._handles = [m.register_forward_hook(_OutputHook(self, i)) for i, m in enumerate(modules)]
+        weakref.finalize(self, _remove_handles, list(self._handles))
 
-    def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self._outputs[index] = output
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_outputs"] = [None] * len(self._outputs)
+        state["_handles"] = bool(self._handles)  # whether to hook the (copied) modules again
+        return state
 
-        return hook
+    def __setstate__(self, state):
+        hooked = state.pop("_handles")
+        self.__dict__.update(state)
+        self._handles = []
+        if hooked:
+            self._hook(self.modules)
 
     def _check_outputs(self) -> None:
         missing = [i for i, out in enumerate(self._outputs) if out is None]
@@ -89,6 +138,10 @@ class SelectivityRegularizer(_LayerOutputHooks):
     means global when torch.distributed is initialized, else local; with a single rank both are
     the local computation exactly. Under global sync every rank must call ``penalty()`` each step
     and backpropagate through it (collectives must match across ranks).
+
+    Copies: a copy of the hooked model (``copy.deepcopy`` for an EMA or teacher, ``pickle``,
+    ``torch.save``) carries inert hooks and never writes into this regularizer; copying the model
+    and the regularizer together (``copy.deepcopy((model, reg))``) binds the copy to the copy.
 
     Use as a context manager, or call ``remove()``, to take the hooks off.
     """
@@ -151,7 +204,8 @@ class SpectralRegularizer(_LayerOutputHooks):
     so that ``loss = cross_entropy + reg.penalty()``. The eigenbases V (float64 eigh of each layer's
     covariance over the whole training set, descending) are recomputed by
     ``refresh_basis(model, loader)``, once per epoch in the paper; they are constants for autograd.
-    ``penalty()`` releases the held outputs. Use as a context manager, or call ``remove()``.
+    ``penalty()`` releases the held outputs. Copies behave as for :class:`SelectivityRegularizer`
+    (a copied model's hooks are inert). Use as a context manager, or call ``remove()``.
     """
 
     def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], beta: float, *,

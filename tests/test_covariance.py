@@ -175,12 +175,30 @@ def test_per_class_flatten_repeats_labels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_class_moments_update_opcheck(dtype):
+@pytest.mark.parametrize("n,d,k", [(30, 5, 4), (200, 70, 2), (150, 9, 1)])  # small classes, BLAS classes, one set
+def test_class_moments_update_opcheck(dtype, n, d, k):
     g = torch.Generator().manual_seed(11)
-    args = (torch.randn(30, 5, generator=g).to(dtype), torch.randint(0, 3, (30,), generator=g),
-            torch.zeros(4, dtype=torch.int64), torch.zeros(4, 5, dtype=torch.float64),
-            torch.zeros(4, 5, 5, dtype=torch.float64))
+    args = (torch.randn(n, d, generator=g).to(dtype), torch.randint(0, max(k - 1, 1), (n,), generator=g),
+            torch.zeros(k, dtype=torch.int64), torch.zeros(k, d, dtype=torch.float64),
+            torch.zeros(k, d, d, dtype=torch.float64))
     torch.library.opcheck(torch.ops.selkernels.class_moments_update_, args)
+
+
+def test_per_class_state_too_large_is_refused_before_allocating():
+    # 10^6 classes of 2048 x 2048 float64: 33.6 TB
+    with pytest.raises(MemoryError, match=r"dim=2048, num_classes=1000000.*num_classes \* dim \* dim float64"):
+        StreamingCovariance(2048, num_classes=10**6)
+    StreamingCovariance(64, num_classes=10)  # small state is allocated as usual
+
+
+def test_state_stays_exactly_symmetric():
+    g = torch.Generator().manual_seed(13)
+    for K, n, dtype in ((None, 300, torch.float32), (5, 300, torch.float32), (3, 700, torch.float64)):
+        s = StreamingCovariance(70, num_classes=K)  # 70: partial tiles, large (BLAS) and small classes
+        for _ in range(3):
+            z = (torch.randn(n, 70, generator=g, dtype=torch.float64) * 3 + 50).to(dtype)
+            s.update(z, None if K is None else torch.randint(0, K, (n,), generator=g))
+        assert torch.equal(s.M2, s.M2.transpose(-1, -2))
 
 
 def test_empty_batch_is_a_no_op():
@@ -235,3 +253,35 @@ def test_cuda_matches_cpu():
             gpu.update(xc.cuda(), None if K is None else lc.cuda())
         assert torch.equal(cpu.count, gpu.count.cpu())
         assert rel_err(gpu.M2, cpu.M2.numpy()) < 1e-9
+
+
+@CUDA
+def test_cuda_per_class_no_host_sync_and_k_beyond_grid_limits():
+    # K = 70000 > 65535 (the old grid.y limit); only a few classes present; no device-to-host sync
+    g = torch.Generator().manual_seed(14)
+    K, D = 70000, 24
+    x = torch.randn(200, D, generator=g, dtype=torch.float64) + 1e3
+    labels = torch.randint(0, 7, (200,), generator=g) * 9999  # classes 0, 9999, ..., 69993
+    cpu = StreamingCovariance(D, num_classes=K)
+    gpu = StreamingCovariance(D, num_classes=K, device="cuda")
+    cpu.update(x, labels)
+    xg, lg = x.cuda(), labels.cuda()
+    torch.ops.selkernels.class_moments_update_(xg, lg, gpu.count, gpu.mean, gpu.M2)  # the op itself
+    torch.cuda.synchronize()
+    gpu = StreamingCovariance(D, num_classes=K, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.selkernels.class_moments_update_(xg, lg, gpu.count, gpu.mean, gpu.M2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    present = labels.unique()
+    assert torch.equal(cpu.count, gpu.count.cpu())
+    assert rel_err(gpu.M2[present.cuda()], cpu.M2[present].numpy()) < 1e-10
+
+
+@CUDA
+def test_cuda_kernels_once_match_cpu():
+    from selkernels.bench_covariance import run_kernels_once
+
+    errors = run_kernels_once("cuda")
+    assert all(err < 1e-10 for err in errors.values()), errors

@@ -47,6 +47,45 @@ def test_power_law_alpha_vs_scipy_linregress():
     np.testing.assert_allclose(got.numpy(), [1.3, 2.6], rtol=1e-12)
 
 
+def np_power_law_fit(lam, lo, hi, weighted):
+    """Weighted least squares of log lambda_n = b - alpha log n over ranks lo..hi (numpy, fp64)."""
+    n = np.arange(lo, hi + 1, dtype=np.float64)
+    y = np.log(lam[lo - 1:hi])
+    X = np.stack([np.ones_like(n), -np.log(n)], axis=1)
+    sw = np.sqrt(1.0 / n) if weighted else np.ones_like(n)
+    (b, alpha), *_ = np.linalg.lstsq(X * sw[:, None], y * sw, rcond=None)
+    pred = X @ np.array([b, alpha])
+    r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    return alpha, r2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("fit_range", [None, (11, 100), (6, 100)])
+def test_power_law_fit_weighted_and_r2_vs_numpy(weighted, fit_range):
+    # a noisy, bent spectrum: the two weightings and the ranges give different alphas
+    rng = np.random.default_rng(5)
+    D = 256
+    lam = np.sort(np.arange(1, D + 1, dtype=np.float64) ** -1.2 * np.exp(0.3 * rng.standard_normal(D))
+                  * (1 + 5 * np.exp(-np.arange(D) / 4)))[::-1].copy()
+    alpha, r2 = spectrum.power_law_alpha(torch.from_numpy(lam), fit_range, weighted=weighted, return_r2=True)
+    lo, hi = spectrum.default_fit_range(D) if fit_range is None else fit_range
+    ref_alpha, ref_r2 = np_power_law_fit(lam, lo, hi, weighted)
+    np.testing.assert_allclose(alpha.item(), ref_alpha, rtol=1e-10)
+    np.testing.assert_allclose(r2.item(), ref_r2, rtol=1e-10)
+    assert 0 < r2.item() < 1
+    assert spectrum.power_law_alpha(torch.from_numpy(lam), fit_range, weighted=weighted).item() == alpha.item()
+    other, _ = np_power_law_fit(lam, lo, hi, not weighted)
+    assert abs(other - ref_alpha) > 1e-3  # the weighting matters on this spectrum
+
+
+def test_power_law_fit_exact_and_batched():
+    lam = np.arange(1, 201, dtype=np.float64) ** -1.3
+    batch = torch.from_numpy(np.stack([lam, 3 * lam ** 2]))
+    alpha, r2 = spectrum.power_law_alpha(batch, (11, 100), weighted=True, return_r2=True)
+    np.testing.assert_allclose(alpha.numpy(), [1.3, 2.6], rtol=1e-12)
+    np.testing.assert_allclose(r2.numpy(), [1.0, 1.0], rtol=1e-12)
+
+
 def test_power_law_alpha_bad_range_and_zero():
     lam = torch.linspace(1, 0.1, 20, dtype=torch.float64)
     with pytest.raises(ValueError, match="fit_range"):

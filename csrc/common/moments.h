@@ -26,10 +26,19 @@ SELK_HOST_DEVICE inline ChanWeights chan_weights(int64_t n_a, int64_t n_b) {
 }
 
 // One entry of the merged M2. The batch's Gram matrix s_ij is taken about a shift c (the batch
-// mean rounded to the GEMM precision), d = mean_b - c, so M2_b = s - n_b d d^T exactly.
+// mean rounded to the GEMM precision), d = mean_b - c, so M2_b = s - n_b d d^T exactly. The
+// products d_i d_j and delta_i delta_j are formed first, so swapping (i, j) gives the same bits:
+// entries (i, j) and (j, i) of a symmetric state stay equal.
+// No FMA contraction (the device intrinsics below; host callers compile it with fp-contract=off):
+// whether a compiler fuses a multiply-add could differ between the two call sites of a mirrored pair.
 SELK_HOST_DEVICE inline double chan_m2_entry(double m2_a, double s_ij, double n_b, double d_i, double d_j,
                                              double m2_coef, double delta_i, double delta_j) {
-  return m2_a + (s_ij - n_b * d_i * d_j) + m2_coef * delta_i * delta_j;
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dadd_rn(m2_a, __dsub_rn(s_ij, __dmul_rn(n_b, __dmul_rn(d_i, d_j)))),
+                   __dmul_rn(m2_coef, __dmul_rn(delta_i, delta_j)));
+#else
+  return m2_a + (s_ij - n_b * (d_i * d_j)) + m2_coef * (delta_i * delta_j);
+#endif
 }
 
 }  // namespace selk

@@ -2,8 +2,9 @@
 //
 // Forward: P = (h - mean) V (one N x D x D GEMM), lam_j = sum_i P_ij^2 / (N - 1): the diagonal of
 // V^T C_b V without forming C_b. lam is sorted once (D log D) for the loss.
-// Backward (closed form, reusing P): dL/dh = P diag(w) V^T with w_j = (2 / (N - 1)) grad dL/dlam_j,
-// and dL/dV = (h - mean)^T P diag(w). The centring needs no backward term: the rows of P sum to 0.
+// Backward (closed form, reusing P and the forward's dL/dlam, so the sort is done once):
+// dL/dh = P diag(w) V^T with w_j = (2 / (N - 1)) grad dL/dlam_j, and dL/dV = (h - mean)^T P diag(w).
+// The centring needs no backward term: the rows of P sum to 0.
 // Deterministic: column sums are reduced by one thread per column block in row order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,11 +42,11 @@ void column_variances(const acc_t* p, int64_t N, int64_t D, acc_t* lam) {
   });
 }
 
-// Loss and, if grad != nullptr, dL/dlam (unsorted order). Stable descending order, like
+// Loss and dL/dlam (unsorted order). Stable descending order, like
 // torch.sort(descending=True, stable=True).
 template <typename acc_t>
-acc_t spectral_loss(const acc_t* lam, int64_t D, int64_t tau, acc_t slope, acc_t* grad) {
-  if (grad) std::fill(grad, grad + D, acc_t(0));
+acc_t spectral_loss(const acc_t* lam, int64_t D, int64_t tau, acc_t slope, acc_t* __restrict__ grad) {
+  std::fill(grad, grad + D, acc_t(0));
   if (tau < 0 || D <= tau + 1) return acc_t(0);
   std::vector<int64_t> order(D);
   std::iota(order.begin(), order.end(), int64_t(0));
@@ -57,7 +58,7 @@ acc_t spectral_loss(const acc_t* lam, int64_t D, int64_t tau, acc_t slope, acc_t
   for (int64_t n = tau + 1; n < D; ++n) {
     const SpectralTerm<acc_t> t = spectral_term(lam[order[n]], spectral_target(s_tau, tau, n, slope), floor);
     loss += t.value;
-    if (grad) grad[order[n]] = t.grad * inv_d;
+    grad[order[n]] = t.grad * inv_d;
   }
   return loss * inv_d;
 }
@@ -78,48 +79,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_penalty_cpu(const at::Te
   const at::Tensor x = h.to(acc_type_of(h.scalar_type()));
   const at::Tensor P = at::mm(x - x.mean(0, /*keepdim=*/true), V).contiguous();
   at::Tensor lam = at::empty({D}, P.options());
+  at::Tensor grad_lam = at::empty({D}, P.options());
   at::Tensor loss = at::empty({}, P.options());
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "selkernels_spectral_penalty", [&] {
     column_variances<scalar_t>(P.data_ptr<scalar_t>(), N, D, lam.data_ptr<scalar_t>());
-    loss.fill_(spectral_loss<scalar_t>(lam.data_ptr<scalar_t>(), D, tau, static_cast<scalar_t>(slope), nullptr));
+    loss.fill_(spectral_loss<scalar_t>(lam.data_ptr<scalar_t>(), D, tau, static_cast<scalar_t>(slope),
+                                       grad_lam.data_ptr<scalar_t>()));
   });
-  return {loss, P, lam};
+  return {loss, P, grad_lam};
 }
 
-// P diag(w), w_j = (2 / (N - 1)) grad_loss dL/dlam_j: the gradient w.r.t. P.
-at::Tensor grad_projections(const at::Tensor& grad_loss, const at::Tensor& P, const at::Tensor& lam_in, double slope,
-                            int64_t tau) {
-  const int64_t N = P.size(0), D = P.size(1);
-  const at::Tensor lam = lam_in.contiguous();
-  at::Tensor w = at::empty({D}, P.options());
-  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "selkernels_spectral_penalty_backward", [&] {
-    scalar_t* wp = w.data_ptr<scalar_t>();
-    spectral_loss<scalar_t>(lam.data_ptr<scalar_t>(), D, tau, static_cast<scalar_t>(slope), wp);
-    const scalar_t scale =
-        N > 1 ? scalar_t(2) * grad_loss.item<scalar_t>() / static_cast<scalar_t>(N - 1) : scalar_t(0);
-    for (int64_t j = 0; j < D; ++j) wp[j] *= scale;
-  });
-  return P * w;
+// dL/dP = P diag(w), w_j = (2 / (N - 1)) grad_loss dL/dlam_j (0 for N < 2, where lam is 0).
+// The same ATen composition on every device; grad_loss stays a tensor (no host sync on CUDA).
+at::Tensor grad_projections(const at::Tensor& grad_loss, const at::Tensor& P, const at::Tensor& grad_lam) {
+  const int64_t N = P.size(0);
+  const double scale = N > 1 ? 2.0 / static_cast<double>(N - 1) : 0.0;
+  return P * (grad_lam * (grad_loss.to(P.scalar_type()) * scale));
 }
 
-at::Tensor spectral_penalty_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& P, const at::Tensor& lam,
-                                         const at::Tensor& V, double slope, int64_t tau, at::ScalarType out_dtype) {
-  return at::mm(grad_projections(grad_loss.to(P.scalar_type()), P, lam, slope, tau), V.t()).to(out_dtype);
+at::Tensor spectral_penalty_backward_impl(const at::Tensor& grad_loss, const at::Tensor& P, const at::Tensor& grad_lam,
+                                          const at::Tensor& V, at::ScalarType out_dtype) {
+  return at::mm(grad_projections(grad_loss, P, grad_lam), V.t()).to(out_dtype);
 }
 
-at::Tensor spectral_penalty_backward_basis_cpu(const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& P,
-                                               const at::Tensor& lam, double slope, int64_t tau) {
+at::Tensor spectral_penalty_backward_basis_impl(const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& P,
+                                                const at::Tensor& grad_lam) {
   const at::Tensor x = h.to(P.scalar_type());
-  return at::mm((x - x.mean(0, /*keepdim=*/true)).t(),
-                grad_projections(grad_loss.to(P.scalar_type()), P, lam, slope, tau));
+  return at::mm((x - x.mean(0, /*keepdim=*/true)).t(), grad_projections(grad_loss, P, grad_lam));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selkernels, CPU, m) {
-  m.impl("spectral_penalty", &spectral_penalty_cpu);
-  m.impl("spectral_penalty_backward", &spectral_penalty_backward_cpu);
-  m.impl("spectral_penalty_backward_basis", &spectral_penalty_backward_basis_cpu);
+TORCH_LIBRARY_IMPL(selkernels, CPU, m) { m.impl("spectral_penalty", &spectral_penalty_cpu); }
+
+// The backward ops are ATen compositions (the sort happened in the forward): one kernel for CPU and
+// CUDA alike.
+TORCH_LIBRARY_IMPL(selkernels, CompositeExplicitAutograd, m) {
+  m.impl("spectral_penalty_backward", &spectral_penalty_backward_impl);
+  m.impl("spectral_penalty_backward_basis", &spectral_penalty_backward_basis_impl);
 }
 
 }  // namespace selk

@@ -1,14 +1,15 @@
-// CUDA launcher of the per-class streaming moments update (kernel bodies: covariance.cuh).
-// Same algorithm as csrc/cpu/covariance_cpu.cpp: stable sort of the labels, class batch means in
-// float64, class-contiguous centred rows, then per present class one cuBLAS GEMM (through ATen)
-// and the Chan merge kernel. The class counts are copied to the host once per batch to size and
-// skip the per-class GEMMs.
+// CUDA launcher of the streaming moments update (kernel bodies and the algorithm: covariance.cuh).
+// No host sync: a stable device sort of the labels, then kernels whose grids are sized from N, K
+// and D alone (the present classes are found on the device; items past them exit at once). Grids
+// are 1-D and grid-strided, so no K limit comes from grid dimensions. Labels outside [0, K) belong
+// to no class and are skipped (the Python front end rejects them before the call).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "cuda/covariance.cuh"
 
@@ -16,10 +17,10 @@ namespace selk {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this: plenty to fill any GPU
 
-int64_t grid_for(int64_t total) {
-  const int64_t cap = 65535;
-  return std::max<int64_t>(1, std::min<int64_t>(cap, (total + kThreads - 1) / kThreads));
+unsigned grid_for(int64_t items, int64_t per_block = kThreads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block)));
 }
 
 void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_in, at::Tensor count, at::Tensor mean,
@@ -32,55 +33,67 @@ void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_
                   mean.is_contiguous() && mean.size(0) == K && mean.size(1) == D && m2.scalar_type() == at::kDouble &&
                   m2.is_contiguous() && m2.size(0) == K && m2.size(1) == D && m2.size(2) == D,
               "selkernels: count int64 [K], mean float64 [K, D], M2 float64 [K, D, D], contiguous, expected");
-  if (N == 0) return;
+  if (N == 0 || D == 0) return;
   const c10::cuda::CUDAGuard guard(x_in.device());
+  // The Gram matrix runs in the precision chosen here, never in an autocast dtype.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  // Out-of-range labels would index out of bounds: the Python wrapper checks; refuse here too.
-  TORCH_CHECK(N == 0 || (labels.min().item<int64_t>() >= 0 && labels.max().item<int64_t>() < K),
-              "selkernels: labels must lie in [0, num_classes)");
-  auto [sorted_labels, order] = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor batch_counts = at::bincount(labels, {}, K);
-  const at::Tensor offsets = at::cat({at::zeros({1}, batch_counts.options()), batch_counts.cumsum(0)});
-  const at::Tensor host_counts = batch_counts.cpu();
-  const int64_t* hc = host_counts.data_ptr<int64_t>();
+  auto [sorted, order] = at::sort(labels_in.contiguous(), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto i64 = sorted.options();
+  at::Tensor offsets = at::empty({K + 1}, i64);
+  cuda::class_offsets_kernel<int64_t><<<grid_for(K + 1), kThreads, 0, stream>>>(sorted.data_ptr<int64_t>(), N, K,
+                                                                                offsets.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor rank = offsets.diff().gt(0).cumsum(0);  // int64: inclusive count of non-empty classes
+  const at::Tensor num_present = rank.narrow(0, K - 1, 1);
+  const int64_t max_present = std::min(N, K);
+  at::Tensor present = at::empty({max_present}, i64);
+  cuda::class_present_kernel<int64_t><<<grid_for(K), kThreads, 0, stream>>>(
+      offsets.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), K, present.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const auto f64 = x.options().dtype(at::kDouble);
-  at::Tensor mean_b = at::empty({K, D}, f64);
-  at::Tensor rem = at::empty({K, D}, f64);
-  const at::Tensor count_before = count.clone();
+  at::Tensor rem = at::empty({max_present, D}, f64);
+  at::Tensor delta = at::empty({max_present, D}, f64);
+  at::Tensor weights = at::empty({max_present, 2}, f64);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_moments_update_cuda",
                                   [&] {
     using gemm_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    at::Tensor shift = at::empty({K, D}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
-    const dim3 mean_grid((D + kThreads - 1) / kThreads, K);
-    cuda::class_batch_mean_kernel<scalar_t, gemm_t><<<mean_grid, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), D,
-        mean_b.data_ptr<double>(), shift.data_ptr<gemm_t>(), rem.data_ptr<double>());
+    at::Tensor shift = at::empty({max_present, D}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
+    const int64_t mean_items = max_present * ((D + cuda::kMeanCols - 1) / cuda::kMeanCols);
+    cuda::class_batch_mean_kernel<scalar_t, gemm_t>
+        <<<grid_for(mean_items, 1), dim3(cuda::kMeanCols, cuda::kMeanRowGroups), 0, stream>>>(
+            x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+            present.data_ptr<int64_t>(), num_present.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+            mean.data_ptr<double>(), D, mean_items, shift.data_ptr<gemm_t>(), rem.data_ptr<double>(),
+            delta.data_ptr<double>(), weights.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor xc = at::empty({N, D}, shift.options());
     cuda::class_center_rows_kernel<scalar_t, gemm_t><<<grid_for(N * D), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), sorted_labels.data_ptr<int64_t>(), shift.data_ptr<gemm_t>(),
-        N, D, xc.data_ptr<gemm_t>());
+        x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(), rank.data_ptr<int64_t>(),
+        shift.data_ptr<gemm_t>(), N, D, K, xc.data_ptr<gemm_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor gram = at::empty({D, D}, xc.options());
-    int64_t lo = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t nb = hc[k];
-      if (nb == 0) continue;
-      const at::Tensor xk = xc.narrow(0, lo, nb);
-      lo += nb;
-      at::mm_out(gram, xk.t(), xk);
-      cuda::class_merge_m2_kernel<gemm_t><<<grid_for(D * D), kThreads, 0, stream>>>(
-          gram.data_ptr<gemm_t>(), count_before.data_ptr<int64_t>(), mean.data_ptr<double>(),
-          mean_b.data_ptr<double>(), rem.data_ptr<double>(), k, nb, D, m2.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (K == 1) {
+      const at::Tensor gram = at::mm(xc.t(), xc);
+      cuda::class_merge_gram_kernel<gemm_t><<<grid_for(D * D), kThreads, 0, stream>>>(
+          gram.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
+          weights.data_ptr<double>(), D, m2.data_ptr<double>());
+    } else {
+      const int64_t T = (D + cuda::kGramTile - 1) / cuda::kGramTile;
+      const int64_t gram_items = max_present * (T * (T + 1) / 2);
+      cuda::class_gram_merge_kernel<gemm_t><<<grid_for(gram_items, 1), dim3(cuda::kGramSide, cuda::kGramSide), 0,
+                                              stream>>>(
+          xc.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), present.data_ptr<int64_t>(),
+          num_present.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
+          weights.data_ptr<double>(), D, gram_items, m2.data_ptr<double>());
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  cuda::class_merge_mean_count_kernel<double><<<dim3((D + kThreads - 1) / kThreads, K), kThreads, 0, stream>>>(
-      batch_counts.data_ptr<int64_t>(), mean_b.data_ptr<double>(), D, count.data_ptr<int64_t>(),
-      mean.data_ptr<double>(), count_before.data_ptr<int64_t>());
+  cuda::class_merge_mean_count_kernel<double><<<grid_for(max_present * D), kThreads, 0, stream>>>(
+      offsets.data_ptr<int64_t>(), present.data_ptr<int64_t>(), num_present.data_ptr<int64_t>(),
+      delta.data_ptr<double>(), weights.data_ptr<double>(), D, max_present * D, count.data_ptr<int64_t>(),
+      mean.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

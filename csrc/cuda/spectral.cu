@@ -1,10 +1,12 @@
-// CUDA launchers of the 1/n spectral penalty (kernel bodies: spectral.cuh). GEMMs go through ATen
-// (cuBLAS); the column variances and the sorted loss/gradient are custom kernels. No host sync.
+// CUDA launcher of the 1/n spectral penalty forward (kernel bodies: spectral.cuh). GEMMs go through
+// ATen (cuBLAS); the column variances (split over N) and the sorted loss with its gradient dL/dlam
+// are custom kernels. No host sync.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "cuda/spectral.cuh"
@@ -14,22 +16,45 @@ namespace {
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Launches spectral_loss_kernel on lam; returns the loss, fills w when requested.
-at::Tensor launch_loss(const at::Tensor& lam, int64_t tau, double slope, double grad_scale,
-                       const at::Tensor* grad_loss, at::Tensor* w) {
-  const int64_t D = lam.size(0);
-  auto [sorted, order] = at::sort(lam, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-  at::Tensor loss = at::empty({}, lam.options());
+// Row chunks of the column reduction: enough blocks to fill every SM about four times, but no
+// chunk under kMinChunkRows rows (below that the second pass costs more than it spreads).
+constexpr int64_t kMinChunkRows = 64;
+
+int64_t row_chunks(int64_t N, int64_t col_tiles, int sm_count) {
+  const int64_t want = (4 * static_cast<int64_t>(sm_count) + col_tiles - 1) / col_tiles;
+  const int64_t most = std::max<int64_t>(1, N / kMinChunkRows);
+  return std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
+}
+
+// lam [D] = column variances of P [N, D] (0 for N < 2), split over N (see column_sumsq_kernel).
+at::Tensor column_variances(const at::Tensor& P) {
+  const int64_t N = P.size(0), D = P.size(1);
+  at::Tensor lam = at::empty({D}, P.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "selkernels_spectral_loss_cuda", [&] {
-    cuda::spectral_loss_kernel<scalar_t><<<1, cuda::kLossThreads, 0, stream>>>(
-        sorted.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), D, tau, static_cast<scalar_t>(slope),
-        std::numeric_limits<scalar_t>::epsilon(), static_cast<scalar_t>(grad_scale),
-        grad_loss ? grad_loss->data_ptr<scalar_t>() : nullptr, loss.data_ptr<scalar_t>(),
-        w ? w->data_ptr<scalar_t>() : nullptr);
+  const int64_t col_tiles = (D + cuda::kColTile - 1) / cuda::kColTile;
+  const int64_t chunks = row_chunks(N, col_tiles, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "selkernels_column_sumsq_cuda", [&] {
+    const scalar_t inv = N > 1 ? scalar_t(1) / static_cast<scalar_t>(N - 1) : scalar_t(0);
+    const dim3 block(cuda::kColTile, cuda::kRowGroups);
+    const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(chunks));
+    if (chunks == 1) {
+      cuda::column_sumsq_kernel<scalar_t><<<grid, block, 0, stream>>>(P.data_ptr<scalar_t>(), N, D, rows_per_chunk,
+                                                                      inv, lam.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    at::Tensor partial = at::empty({chunks, D}, P.options());
+    cuda::column_sumsq_kernel<scalar_t><<<grid, block, 0, stream>>>(P.data_ptr<scalar_t>(), N, D, rows_per_chunk,
+                                                                    scalar_t(1), partial.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((D + threads - 1) / threads, 65535);
+    cuda::chunk_sum_kernel<scalar_t><<<blocks, threads, 0, stream>>>(partial.data_ptr<scalar_t>(), chunks, D, inv,
+                                                                      lam.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return loss;
+  return lam;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_penalty_cuda(const at::Tensor& h, const at::Tensor& V,
@@ -39,54 +64,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_penalty_cuda(const at::T
                   V.scalar_type() == acc_type_of(h.scalar_type()),
               "selkernels: V must be [D, D], float64 for float64 h and float32 otherwise");
   const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t N = h.size(0), D = h.size(1);
+  const int64_t D = h.size(1);
   const at::Tensor x = h.to(acc_type_of(h.scalar_type()));
   const at::Tensor P = at::mm(x - x.mean(0, /*keepdim=*/true), V).contiguous();
-  at::Tensor lam = at::empty({D}, P.options());
-  if (D > 0) {
-    AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "selkernels_column_sumsq_cuda", [&] {
-      const scalar_t inv = N > 1 ? scalar_t(1) / static_cast<scalar_t>(N - 1) : scalar_t(0);
-      const dim3 block(cuda::kColTile, cuda::kRowGroups);
-      cuda::column_sumsq_kernel<scalar_t><<<(D + cuda::kColTile - 1) / cuda::kColTile, block, 0,
-                                            at::cuda::getCurrentCUDAStream()>>>(P.data_ptr<scalar_t>(), N, D, inv,
-                                                                                lam.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  const at::Tensor loss = D > 0 ? launch_loss(lam, tau, slope, 0.0, nullptr, nullptr) : at::zeros({}, P.options());
-  return {loss, P, lam};
-}
-
-at::Tensor grad_projections(const at::Tensor& grad_loss, const at::Tensor& P, const at::Tensor& lam, double slope,
-                            int64_t tau) {
-  const int64_t N = P.size(0), D = P.size(1);
-  at::Tensor w = at::zeros({D}, P.options());
-  if (D > 0 && N > 1) {
-    const at::Tensor g = grad_loss.to(P.scalar_type()).contiguous();
-    launch_loss(lam.contiguous(), tau, slope, 2.0 / static_cast<double>(N - 1), &g, &w);
-  }
-  return P * w;
-}
-
-at::Tensor spectral_penalty_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& P, const at::Tensor& lam,
-                                          const at::Tensor& V, double slope, int64_t tau, at::ScalarType out_dtype) {
-  const c10::cuda::CUDAGuard guard(P.device());
-  return at::mm(grad_projections(grad_loss, P, lam, slope, tau), V.t()).to(out_dtype);
-}
-
-at::Tensor spectral_penalty_backward_basis_cuda(const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& P,
-                                                const at::Tensor& lam, double slope, int64_t tau) {
-  const c10::cuda::CUDAGuard guard(P.device());
-  const at::Tensor x = h.to(P.scalar_type());
-  return at::mm((x - x.mean(0, /*keepdim=*/true)).t(), grad_projections(grad_loss, P, lam, slope, tau));
+  at::Tensor grad_lam = at::zeros({D}, P.options());
+  if (D == 0) return {at::zeros({}, P.options()), P, grad_lam};
+  const at::Tensor lam = column_variances(P);
+  // The one sort of the op: the backward reuses grad_lam.
+  auto [sorted, order] = at::sort(lam, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  at::Tensor loss = at::empty({}, P.options());
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "selkernels_spectral_loss_cuda", [&] {
+    cuda::spectral_loss_kernel<scalar_t><<<1, cuda::kLossThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        sorted.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), D, tau, static_cast<scalar_t>(slope),
+        std::numeric_limits<scalar_t>::epsilon(), loss.data_ptr<scalar_t>(), grad_lam.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, P, grad_lam};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selkernels, CUDA, m) {
-  m.impl("spectral_penalty", &spectral_penalty_cuda);
-  m.impl("spectral_penalty_backward", &spectral_penalty_backward_cuda);
-  m.impl("spectral_penalty_backward_basis", &spectral_penalty_backward_basis_cuda);
-}
+// The backward ops are ATen compositions registered once for every device (csrc/cpu/spectral_cpu.cpp).
+TORCH_LIBRARY_IMPL(selkernels, CUDA, m) { m.impl("spectral_penalty", &spectral_penalty_cuda); }
 
 }  // namespace selk

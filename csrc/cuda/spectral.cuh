@@ -13,17 +13,23 @@ namespace cuda {
 constexpr int kColTile = 32;   // columns per block (one warp wide: coalesced row reads)
 constexpr int kRowGroups = 8;  // row groups per block, reduced in shared memory
 
-// lam[j] = sum_i P[i, j]^2 * inv (inv = 1 / (N - 1), or 0 when N < 2). Block (kColTile,
-// kRowGroups): thread (tx, ty) sums rows ty, ty + kRowGroups, ... of column j, then the
-// kRowGroups partial sums are added in ty order.
+// Column sums of squares of P [N, D] over one chunk of rows: block (x = column tile, y = row
+// chunk) covers rows [y * rows_per_chunk, min(N, (y + 1) * rows_per_chunk)) of its kColTile
+// columns and writes out[y * D + j] = scale * sum. Splitting the rows over gridDim.y fills the GPU
+// whatever D is (ceil(D / 32) column tiles alone are 8-16 blocks for D = 256-512). Thread (tx, ty)
+// sums rows ty, ty + kRowGroups, ... of its chunk, then the kRowGroups partial sums are added in
+// ty order: a fixed order, deterministic.
 template <typename T>
-__global__ void column_sumsq_kernel(const T* __restrict__ P, int64_t N, int64_t D, T inv, T* __restrict__ lam) {
+__global__ void column_sumsq_kernel(const T* __restrict__ P, int64_t N, int64_t D, int64_t rows_per_chunk, T scale,
+                                    T* __restrict__ out) {
   __shared__ T partial[kRowGroups][kColTile];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
+  const int64_t lo = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t hi = lo + rows_per_chunk < N ? lo + rows_per_chunk : N;
   T sum = T(0);
   if (j < D) {
-    for (int64_t i = ty; i < N; i += kRowGroups) {
+    for (int64_t i = lo + ty; i < hi; i += kRowGroups) {
       const T p = P[i * D + j];
       sum += p * p;
     }
@@ -33,25 +39,34 @@ __global__ void column_sumsq_kernel(const T* __restrict__ P, int64_t N, int64_t 
   if (ty == 0 && j < D) {
     T total = T(0);
     for (int g = 0; g < kRowGroups; ++g) total += partial[g][tx];
-    lam[j] = total * inv;
+    out[static_cast<int64_t>(blockIdx.y) * D + j] = total * scale;
+  }
+}
+
+// lam[j] = scale * sum over c < chunks of partial[c * D + j], in chunk order (grid-stride over j).
+template <typename T>
+__global__ void chunk_sum_kernel(const T* __restrict__ partial, int64_t chunks, int64_t D, T scale,
+                                 T* __restrict__ lam) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < D; j += stride) {
+    T total = T(0);
+    for (int64_t c = 0; c < chunks; ++c) total += partial[c * D + j];
+    lam[j] = total * scale;
   }
 }
 
 constexpr int kLossThreads = 256;
 
 // One block of kLossThreads threads. sorted: the projected variances sorted descending, order:
-// their original indices. Writes loss[0] = (1 / D) sum of the terms, and, if w != nullptr,
-// w[order[n]] = grad_scale * dL/ds_n (0 for n <= tau and below the floor); grad_scale folds in
-// 2 / (N - 1) and the incoming gradient, read from grad_loss when it is not null.
+// their original indices. Writes loss[0] = (1 / D) sum of the terms and w[order[n]] = dL/ds_n
+// (0 for n <= tau and below the floor), the gradient the backward reuses.
 template <typename T>
 __global__ void spectral_loss_kernel(const T* __restrict__ sorted, const int64_t* __restrict__ order, int64_t D,
-                                     int64_t tau, T slope, T eps, T grad_scale, const T* __restrict__ grad_loss,
-                                     T* __restrict__ loss, T* __restrict__ w) {
+                                     int64_t tau, T slope, T eps, T* __restrict__ loss, T* __restrict__ w) {
   __shared__ T partial[kLossThreads];
   const int t = threadIdx.x;
   const bool active = tau >= 0 && D > tau + 1;
   const T inv_d = T(1) / static_cast<T>(D);
-  const T scale = grad_loss ? grad_scale * grad_loss[0] : grad_scale;
   T sum = T(0);
   for (int64_t n = t; n < D; n += kLossThreads) {
     T grad = T(0);
@@ -61,7 +76,7 @@ __global__ void spectral_loss_kernel(const T* __restrict__ sorted, const int64_t
       sum += term.value;
       grad = term.grad;
     }
-    if (w) w[order[n]] = grad * inv_d * scale;
+    w[order[n]] = grad * inv_d;
   }
   partial[t] = sum;
   __syncthreads();
@@ -69,7 +84,7 @@ __global__ void spectral_loss_kernel(const T* __restrict__ sorted, const int64_t
     if (t < stride) partial[t] += partial[t + stride];
     __syncthreads();
   }
-  if (t == 0 && loss) loss[0] = partial[0] * inv_d;
+  if (t == 0) loss[0] = partial[0] * inv_d;
 }
 
 }  // namespace cuda
