@@ -42,22 +42,27 @@ def _check_activation(x, name: str) -> None:
                          f"got shape {tuple(x.shape)}")
 
 
-def batch_class_sums(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, unit_dim: int,
-                     transform: Optional[str], ignore_index: int):
-    """(sums float64 [K, C], counts int64 [K]) of one batch: per class, the sum over its samples of
-    each unit's (transformed) mean over positions. Not differentiable (evaluation statistic)."""
+def batch_class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, unit_dim: int,
+                      transform: Optional[str], ignore_index: int):
+    """(means [K, C], counts int64 [K]) of one batch: per class, the mean over its samples of each
+    unit's (transformed) mean over positions, from the fused op. Not differentiable."""
     with torch.no_grad():
         x = x.detach()
         if transform is None:
-            means, counts = class_means(x, labels, num_classes, ignore_index=ignore_index, unit_dim=unit_dim)
-        else:
-            # The transform acts on each sample's unit mean, so positions are averaged first.
-            act = _unit_means(x, unit_dim)
-            act = act.relu() if transform == "relu" else act.abs()
-            means, counts = class_means(act, labels, num_classes, ignore_index=ignore_index)
-        # means * counts is exact per batch up to the op's accumulation rounding; the running sums
-        # are float64 so that many batches add without growing error.
-        return means.to(torch.float64) * counts.to(torch.float64)[:, None], counts
+            return class_means(x, labels, num_classes, ignore_index=ignore_index, unit_dim=unit_dim)
+        # The transform acts on each sample's unit mean, so positions are averaged first.
+        act = _unit_means(x, unit_dim)
+        act = act.relu_() if transform == "relu" else act.abs_()
+        return class_means(act, labels, num_classes, ignore_index=ignore_index)
+
+
+def add_class_sums(state: Optional[torch.Tensor], means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """state += means * counts in float64 (one fused op, no temporaries); a new state if None.
+    Exact per batch up to the op's rounding of the means; float64 so many batches add without
+    growing error."""
+    if state is None:
+        state = torch.zeros(means.shape, dtype=torch.float64, device=means.device)
+    return state.addcmul_(means, counts[:, None])
 
 
 @dataclass
@@ -220,12 +225,12 @@ class ClassSelectivity(_LayerOutputHooks):
         if self._reduced:
             raise RuntimeError("the state holds the sum over ranks after all_reduce(): call reset() before "
                                "adding more data")
-        parts = [batch_class_sums(x, labels, self.num_classes, unit_dim=self.unit_dim, transform=self.transform,
-                                  ignore_index=self.ignore_index) for x in xs]
+        parts = [batch_class_means(x, labels, self.num_classes, unit_dim=self.unit_dim, transform=self.transform,
+                                   ignore_index=self.ignore_index) for x in xs]
         if not parts:
             return
-        for i, (sums, _) in enumerate(parts):
-            self._sums[i] = sums if self._sums[i] is None else self._sums[i].add_(sums)
+        for i, (means, counts) in enumerate(parts):
+            self._sums[i] = add_class_sums(self._sums[i], means, counts)
         counts = parts[0][1]
         self._counts = counts if self._counts is None else self._counts.add_(counts)
 
