@@ -92,7 +92,8 @@ class LayerSelectivity:
 
 
 def layer_result(name: str, sums: torch.Tensor, counts: torch.Tensor, *, statistic: str, eps: float):
-    """(LayerSelectivity, number of units whose mu_max + mu_rest <= eps) from running state."""
+    """(LayerSelectivity, number of units with a negative class mean and mu_max + mu_rest <= eps)
+    from running state."""
     means = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
     values = means if statistic == "mean" else sums
     si = selectivity_from_means(values, counts, eps)
@@ -104,7 +105,9 @@ def layer_result(name: str, sums: torch.Tensor, counts: torch.Tensor, *, statist
     vanishing = 0
     if num_present >= 2:
         mu_rest = (torch.where(present, values, torch.zeros_like(values)).sum(0) - mu_max) / (num_present - 1)
-        vanishing = int((mu_max + mu_rest <= eps).sum())
+        signed = torch.where(present, values, torch.zeros_like(values)).amin(0) < 0
+        # Dead units (all class means 0) also have a vanishing denominator, but their SI is a clean 0.
+        vanishing = int(((mu_max + mu_rest <= eps) & signed).sum())
     mean_si = float(si.mean()) if si.numel() else math.nan
     return LayerSelectivity(name, si, preferred, means, sums, counts.clone(), mean_si), vanishing
 
@@ -134,7 +137,8 @@ class ClassSelectivity(_LayerOutputHooks):
     weights classes by their size), mu_max the largest and mu_rest the mean of the other P - 1.
     With ``transform``, SI lies in [0, 1]. Without it, negative class means are legal input: SI then
     compares signed means and is unbounded where mu_max + mu_rest is near 0 or below (it is > 1 or
-    negative there); a warning is given once per layer when some unit has mu_max + mu_rest <= eps.
+    negative there); a warning is given once per layer when some unit with a negative class mean has
+    mu_max + mu_rest <= eps (dead units, all class means 0, get SI = 0 and no warning).
     Edge cases: fewer than two classes with samples gives SI = 0 for every unit (the published
     scripts give NaN).
 

@@ -253,6 +253,16 @@ def test_mean_and_sum_statistics_differ_on_imbalanced_data():
     assert bool((sums.compute()[0].preferred_class == 0).all())
 
 
+def test_dead_units_do_not_warn():
+    metric = ClassSelectivity(None, 3)
+    x = torch.rand(6, 2, dtype=torch.float64)
+    x[:, 1] = 0  # a dead ReLU unit: SI 0
+    metric.update_from(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(metric.compute()[0].si[1]) == 0.0
+
+
 def test_signed_activations_warn_once_per_layer():
     x = torch.tensor([[1.0, 2.0], [-1.2, 2.0], [0.1, 1.0], [0.0, 3.0]], dtype=torch.float64)
     y = torch.tensor([0, 1, 0, 1])
