@@ -18,7 +18,7 @@ from torch import nn
 
 from . import distributed as _dist
 from ._options import check_layer_groups, check_statistic, check_transform, check_unit_dim, grouped_mean
-from .ops import _FLOAT_DTYPES, _check_eps, _check_num_classes, class_means, selectivity_from_means
+from .ops import _FLOAT_DTYPES, _check_eps, _check_num_classes, class_means, segment_labels, selectivity_from_means
 from .regularizers import _as_module_list, _LayerOutputHooks
 
 __all__ = ["ClassSelectivity", "LayerSelectivity", "grouped_mean"]
@@ -42,18 +42,29 @@ def _check_activation(x, name: str) -> None:
                          f"got shape {tuple(x.shape)}")
 
 
-def batch_class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, unit_dim: int,
-                      transform: Optional[str], ignore_index: int):
-    """(means [K, C], counts int64 [K]) of one batch: per class, the mean over its samples of each
-    unit's (transformed) mean over positions, from the fused op. Not differentiable."""
+def batch_class_means(xs: Sequence[torch.Tensor], seg, *, unit_dim: int, transform: Optional[str]):
+    """[(means [K, C_l], counts int64 [K]) per layer] of one batch: per class, the mean over its
+    samples of each unit's (transformed) mean over positions; one fused call for all layers, labels
+    segmented once (``seg``, a :class:`selkernels.LabelSegments`). Not differentiable."""
     with torch.no_grad():
-        x = x.detach()
-        if transform is None:
-            return class_means(x, labels, num_classes, ignore_index=ignore_index, unit_dim=unit_dim)
-        # The transform acts on each sample's unit mean, so positions are averaged first.
-        act = _unit_means(x, unit_dim)
-        act = act.relu_() if transform == "relu" else act.abs_()
-        return class_means(act, labels, num_classes, ignore_index=ignore_index)
+        xs = [x.detach() for x in xs]
+        if transform is not None:
+            # The transform acts on each sample's unit mean, so positions are averaged first.
+            xs = [_unit_means(x, unit_dim) for x in xs]
+            xs = [x.relu_() if transform == "relu" else x.abs_() for x in xs]
+            unit_dim = 1
+        return class_means(xs, seg, unit_dim=unit_dim)
+
+
+def _segment(labels, x: torch.Tensor, num_classes: int, ignore_index: int):
+    """segment_labels after the checks that name the argument (shape, device)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have shape [N] = [{x.shape[0]}], got {tuple(labels.shape)}")
+    if labels.device != x.device:
+        raise ValueError(f"labels must be on the device of the activations ({x.device}), got {labels.device}")
+    return segment_labels(labels, num_classes, ignore_index=ignore_index)
 
 
 def add_class_sums(state: Optional[torch.Tensor], means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -191,6 +202,7 @@ class ClassSelectivity(_LayerOutputHooks):
         """Forget all accumulated data (the hooks stay)."""
         self._sums: List[Optional[torch.Tensor]] = [None] * len(self.modules)
         self._counts: Optional[torch.Tensor] = None
+        self._invalid: Optional[torch.Tensor] = None
         self._reduced = False
 
     @property
@@ -229,14 +241,15 @@ class ClassSelectivity(_LayerOutputHooks):
         if self._reduced:
             raise RuntimeError("the state holds the sum over ranks after all_reduce(): call reset() before "
                                "adding more data")
-        parts = [batch_class_means(x, labels, self.num_classes, unit_dim=self.unit_dim, transform=self.transform,
-                                   ignore_index=self.ignore_index) for x in xs]
-        if not parts:
+        if not xs:
             return
+        seg = _segment(labels, xs[0], self.num_classes, self.ignore_index)
+        parts = batch_class_means(xs, seg, unit_dim=self.unit_dim, transform=self.transform)
         for i, (means, counts) in enumerate(parts):
             self._sums[i] = add_class_sums(self._sums[i], means, counts)
-        counts = parts[0][1]
-        self._counts = counts if self._counts is None else self._counts.add_(counts)
+        self._counts = seg.counts.clone() if self._counts is None else self._counts.add_(seg.counts)
+        # CUDA does not sync on bad labels: they are counted here and reported by compute().
+        self._invalid = seg.invalid.clone() if self._invalid is None else self._invalid.add_(seg.invalid)
 
     def update(self, labels: torch.Tensor) -> None:
         """Add the batch of the latest forward pass of the hooked modules (labels [N])."""
@@ -272,6 +285,8 @@ class ClassSelectivity(_LayerOutputHooks):
                       for m, t in zip(self._sums, other._sums)]
         c = other._counts.to(device)
         self._counts = c.clone() if self._counts is None else self._counts.add_(c)
+        bad = other._invalid.to(device)
+        self._invalid = bad.clone() if self._invalid is None else self._invalid.add_(bad)
         return self
 
     def _device(self) -> Optional[torch.device]:
@@ -384,6 +399,10 @@ class ClassSelectivity(_LayerOutputHooks):
     def compute(self) -> List[LayerSelectivity]:
         """One :class:`LayerSelectivity` per layer, in order (float64 results, on the state's
         device). Raises if no data was added (on any rank, under global sync)."""
+        if self._invalid is not None and int(self._invalid) > 0:
+            raise ValueError(f"{int(self._invalid)} labels given to update() were outside [0, num_classes="
+                             f"{self.num_classes}) and not ignore_index={self.ignore_index}; the state is invalid, "
+                             "call reset()")
         sums, counts = self._sums, self._counts
         if self._is_global() and not self._reduced:
             sums, counts = self._reduced_state()

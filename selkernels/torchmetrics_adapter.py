@@ -13,7 +13,7 @@ import torch
 import torchmetrics
 
 from ._options import check_layer_groups, check_statistic, check_transform, check_unit_dim, grouped_mean
-from .metrics import LayerSelectivity, _check_activation, add_class_sums, batch_class_means, layer_result
+from .metrics import LayerSelectivity, _check_activation, _segment, add_class_sums, batch_class_means, layer_result
 from .ops import _check_eps, _check_num_classes
 
 __all__ = ["ClassSelectivityMetric"]
@@ -60,11 +60,11 @@ class ClassSelectivityMetric(torchmetrics.Metric):
             if x.shape[self.unit_dim] != w:
                 raise ValueError(f"activations[{i}] has {x.shape[self.unit_dim]} units on dim {self.unit_dim}, "
                                  f"num_units[{i}] = {w}")
-        parts = [batch_class_means(x, labels, self.num_classes, unit_dim=self.unit_dim, transform=self.transform,
-                                   ignore_index=self.ignore_index) for x in xs]
+        seg = _segment(labels, xs[0], self.num_classes, self.ignore_index)
+        parts = batch_class_means(xs, seg, unit_dim=self.unit_dim, transform=self.transform)
         for i, (means, counts) in enumerate(parts):
             add_class_sums(getattr(self, f"sums_{i}"), means.to(self.counts.device), counts.to(self.counts.device))
-        self.counts.add_(parts[0][1].to(self.counts.device))
+        self.counts.add_(seg.counts.to(self.counts.device))
 
     def compute(self) -> List[LayerSelectivity]:
         return [layer_result(str(i), getattr(self, f"sums_{i}"), self.counts, statistic=self.statistic,
