@@ -379,12 +379,14 @@ def _segment_class_means(values: torch.Tensor, labels: torch.Tensor, counts: tor
     return sums / counts.clamp_min(1).unsqueeze(1).to(values.dtype)
 
 
-def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float):
-    """Per unit, in differentiable torch: present mask [K, 1], argmax [C] (first maximum), P [C],
-    mu_max, mu_rest, and whether P >= 2."""
+def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float, argmax: Optional[torch.Tensor] = None):
+    """Per unit, in differentiable torch: present mask [K, 1], argmax [C] (first maximum unless
+    given), P [C], mu_max, mu_rest, and whether P >= 2."""
     present = (counts > 0).unsqueeze(1)
     num_present = present.sum(0).to(means.dtype).expand(means.shape[1])
-    argmax = torch.where(present, means, torch.full_like(means, float("-inf"))).max(0)[1]
+    if argmax is None:
+        argmax = torch.where(present, means, torch.full_like(means, float("-inf"))).max(0)[1]
+    argmax = argmax.clamp_min(0)  # -1 (P < 2): any class; every term is masked by `enough`
     mu_max = means.gather(0, argmax.unsqueeze(0)).squeeze(0)
     total = torch.where(present, means, torch.zeros_like(means)).sum(0)
     enough = num_present >= 2
@@ -392,10 +394,11 @@ def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float):
     return present, argmax, num_present, mu_max, mu_rest, enough
 
 
-def _si_coeff_vjp(means, counts, eps, g_a, g_b):
+def _si_coeff_vjp(means, counts, eps, g_a, g_b, argmax=None):
     """Gradient w.r.t. means [K, C] of sum_c g_a[c] * A[c] + g_b[c] * B[c], where
-    A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients)."""
-    present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps)
+    A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients). ``argmax``: the
+    forward kernel's choice of maximal class (so ties resolve as in the forward)."""
+    present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps, argmax)
     d = a + b + eps
     d2, d3 = d * d, d * d * d
     dA_da = -2 * (2 * b + eps) / d3
@@ -433,7 +436,7 @@ def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
             if gc is None:
                 continue
             p_minus_1 = ((counts > 0).sum() - 1).clamp_min(1).to(gc.dtype)
-            extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1)
+            extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1, argmax[i])
             grad_means[i] = extra if grad_means[i] is None else grad_means[i] + extra
     grad_units = _ops.segmented_unit_grad(grad_si, list(coeffs), list(argmax), _all_or_none(grad_means, means),
                                           labels, counts, [shape[1] for shape in ctx.x_shapes], ctx.spatial,
