@@ -65,11 +65,13 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int, *,
-                       ignore_index: int = -100, group=None) -> Tuple[List[torch.Tensor], torch.Tensor]:
+                       ignore_index: int = -100, group=None,
+                       unit_dim: int = 1) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Class means of several activations over the batch joined across the ranks of ``group``.
 
     Args:
-        xs: this rank's activations, each [N, C_l, *spatial] for the same N samples.
+        xs: this rank's activations, each [N, C_l, *spatial] (``unit_dim=1``) or [N, *positions,
+            C_l] (``unit_dim=-1``) for the same N samples.
         labels: this rank's labels [N] (ranks may hold different N, including 0, and may miss
             classes).
 
@@ -87,7 +89,7 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     if not xs:
         raise ValueError("xs must hold at least one tensor")
     num_classes = _check_num_classes(num_classes)
-    local = [class_means(x, labels, num_classes, ignore_index=ignore_index) for x in xs]
+    local = [class_means(x, labels, num_classes, ignore_index=ignore_index, unit_dim=unit_dim) for x in xs]
     # The widest accumulation type, so all layers share one buffer and one collective.
     acc = torch.float64 if any(m.dtype == torch.float64 for m, _ in local) else torch.float32
     if world_size(group) == 1:
@@ -110,11 +112,11 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
 
 def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor,
                              num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
-                             group=None) -> Union[torch.Tensor, List[torch.Tensor]]:
+                             group=None, unit_dim: int = 1) -> Union[torch.Tensor, List[torch.Tensor]]:
     """Class selectivity index of every unit over the batch joined across the ranks of ``group``.
 
-    ``xs`` is one activation tensor [N, C, *spatial] or a list of them (one per layer, same
-    samples): a tensor gives SI [C], a list a list of SI [C_l]. All layers share ONE collective
+    ``xs`` is one activation tensor [N, C, *spatial] (or [N, *positions, C] with ``unit_dim=-1``)
+    or a list of them (one per layer, same samples): a tensor gives SI [C], a list a list of SI [C_l]. All layers share ONE collective
     (see :func:`global_class_means`). SI follows :func:`selkernels.selectivity_from_means` on the
     global class means and counts (fewer than two classes present over all ranks: SI = 0).
     Identical on every rank; differentiable w.r.t. ``xs``, every rank must call it and (when
@@ -124,11 +126,11 @@ def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], la
     single = isinstance(xs, torch.Tensor)
     eps = _check_eps(eps)
     if world_size(group) == 1:
-        si = [selectivity_index(x, labels, num_classes, eps=eps, ignore_index=ignore_index)
+        si = [selectivity_index(x, labels, num_classes, eps=eps, ignore_index=ignore_index, unit_dim=unit_dim)
               for x in ([xs] if single else xs)]
         return si[0] if single else si
     means, counts = global_class_means([xs] if single else xs, labels, num_classes, ignore_index=ignore_index,
-                                       group=group)
+                                       group=group, unit_dim=unit_dim)
     si = [selectivity_from_means(m, counts, eps) for m in means]
     return si[0] if single else si
 

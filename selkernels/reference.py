@@ -5,6 +5,10 @@ Two kinds live here:
   Python loop over the classes present in the batch with boolean masks). This is the code users
   run today and the baseline the benchmarks compare against. It returns NaN when fewer than two
   classes are present (division by P - 1 = 0), as those scripts do.
+* ``published_*``: the dataset analysis and training regularizer of Ranadive et al. (2023) as their
+  published scripts compute them: per-sample unit means (optionally made absolute, as their ViT
+  analysis does for GELU outputs) accumulated into per-class SUMS in a dict, SI from those sums
+  over the classes seen, and layers averaged within groups (ResNet stages) and then over groups.
 * ``*_reference``: vectorized definitions (index_add + masked reductions) used as test oracles in
   float64 and as the "best eager composition" in the benchmarks. They follow the library's
   conventions (absent classes skipped, SI = 0 when fewer than two classes are present).
@@ -19,6 +23,8 @@ __all__ = [
     "spatial_mean",
     "paper_class_selectivity",
     "paper_selectivity_penalty",
+    "published_dataset_selectivity",
+    "published_grouped_penalty",
     "class_means_reference",
     "selectivity_from_means_reference",
     "selectivity_index_reference",
@@ -45,6 +51,61 @@ def paper_selectivity_penalty(activations: Sequence[torch.Tensor], labels: torch
     """-alpha * mean over layers of the mean SI over units (so loss = CE + penalty)."""
     layer_si = torch.stack([paper_class_selectivity(a, labels, eps).mean() for a in activations])
     return -alpha * layer_si.mean()
+
+
+def _published_unit_means(x: torch.Tensor) -> torch.Tensor:
+    """[N, U, ...] -> [N, U]: the mean over everything after dim 1 (for [N, tokens, D] the units
+    are the tokens, as in the published ViT analysis)."""
+    return x.reshape(x.shape[0], x.shape[1], -1).mean(2)
+
+
+def _published_si_from_sums(class_sums: dict, eps: float) -> torch.Tensor:
+    """SI per unit from {class: sum [U]} over the classes present, as the published scripts do."""
+    acts = torch.stack([class_sums[k] for k in sorted(class_sums)]).t()  # [U, P]
+    u_max = acts.max(1)[0]
+    u_rest = (acts.sum(1) - u_max) / (acts.shape[1] - 1)
+    return (u_max - u_rest) / (u_max + u_rest + eps)
+
+
+def published_dataset_selectivity(batches, transform=None, eps: float = 1e-6) -> torch.Tensor:
+    """Dataset-level SI of one layer as Ranadive et al.'s analysis scripts compute it.
+
+    ``batches`` yields ``(activation [N, U, ...], labels [N])``. Every sample's unit means are
+    (with ``transform="abs"`` / ``"relu"``) transformed, then added one sample at a time into a dict
+    of per-class sums; SI comes from those sums (not means) over the classes seen. NaN when only one
+    class was seen.
+    """
+    class_sums: dict = {}
+    for x, labels in batches:
+        act = _published_unit_means(x)
+        for i in range(act.shape[0]):
+            a = act[i]
+            if transform == "abs":
+                a = torch.abs(a)
+            elif transform == "relu":
+                a = torch.relu(a)
+            k = int(labels[i])
+            class_sums[k] = a.clone() if k not in class_sums else class_sums[k] + a
+    return _published_si_from_sums(class_sums, eps)
+
+
+def published_grouped_penalty(activations: Sequence[torch.Tensor], labels: torch.Tensor, groups,
+                              alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """The published training regularizer: -alpha * mean over groups of the mean over all units of
+    the group's layers of the batch SI from per-class sums (loss = CE + this). Differentiable."""
+    layer_si = []
+    for x in activations:
+        act = _published_unit_means(x)
+        class_sums: dict = {}
+        for i in range(act.shape[0]):
+            k = int(labels[i])
+            class_sums[k] = act[i] if k not in class_sums else class_sums[k] + act[i]
+        layer_si.append(_published_si_from_sums(class_sums, eps))
+    group_si = []
+    for g in groups:
+        pooled = [u for i in g for u in layer_si[i]]
+        group_si.append(sum(pooled) / len(pooled))
+    return -alpha * (sum(group_si) / len(group_si))
 
 
 def class_means_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int,

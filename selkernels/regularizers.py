@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import distributed as _dist
-from .ops import _check_eps, _check_num_classes, selectivity_index
+from ._options import check_layer_groups, check_statistic, check_unit_dim, grouped_mean
+from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
 __all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
 
@@ -139,6 +140,14 @@ class SelectivityRegularizer(_LayerOutputHooks):
     the local computation exactly. Under global sync every rank must call ``penalty()`` each step
     and backpropagate through it (collectives must match across ranks).
 
+    ``unit_dim=-1`` takes each output as [N, *positions, D] (transformer tokens: the units are the
+    D features, averaged over positions as spatial positions are). ``statistic="sum"`` computes SI
+    from per-class SUMS of the per-sample unit means instead of class means, as Ranadive et al.'s
+    published training regularizer does (they differ on imbalanced batches). ``layer_groups`` (a
+    partition of the module indices, e.g. the blocks of each ResNet stage) averages SI over all
+    units of each group first, then over groups, as that code does; ``last_layer_si`` stays per
+    module.
+
     Copies: a copy of the hooked model (``copy.deepcopy`` for an EMA or teacher, ``pickle``,
     ``torch.save``) carries inert hooks and never writes into this regularizer; copying the model
     and the regularizer together (``copy.deepcopy((model, reg))``) binds the copy to the copy.
@@ -148,7 +157,8 @@ class SelectivityRegularizer(_LayerOutputHooks):
 
     def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], alpha: float,
                  num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
-                 sync: Optional[str] = None, process_group=None):
+                 sync: Optional[str] = None, process_group=None, unit_dim: int = 1, statistic: str = "mean",
+                 layer_groups: Optional[Sequence[Sequence[int]]] = None):
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         self.sync = sync
@@ -158,22 +168,42 @@ class SelectivityRegularizer(_LayerOutputHooks):
         self.num_classes = _check_num_classes(num_classes)
         self.eps = _check_eps(eps)
         self.ignore_index = ignore_index
+        self.unit_dim = check_unit_dim(unit_dim)
+        self.statistic = check_statistic(statistic)
+        self.layer_groups = check_layer_groups(layer_groups, len(self.modules))
         self.last_layer_si: Optional[torch.Tensor] = None
         self._hook(self.modules)
 
-    def layer_selectivity(self, labels: torch.Tensor) -> torch.Tensor:
-        """Mean SI over units for each hooked module's latest output: a differentiable [L] tensor
-        (over the global batch under global sync, see the class docstring)."""
+    def unit_selectivity(self, labels: torch.Tensor) -> List[torch.Tensor]:
+        """SI of every unit of each hooked module's latest output: a list of differentiable [C_l]
+        tensors (over the global batch under global sync, see the class docstring)."""
         self._check_outputs()
         use_global = self._is_global()
         outputs, self._outputs = self._outputs, [None] * len(self.modules)
+        if self.statistic == "sum":
+            return self._sum_selectivity(outputs, labels, use_global)
         if use_global:
-            si = _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
-                                                ignore_index=self.ignore_index, group=self.process_group)
+            return _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
+                                                  ignore_index=self.ignore_index, group=self.process_group,
+                                                  unit_dim=self.unit_dim)
+        return [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index,
+                                  unit_dim=self.unit_dim) for out in outputs]
+
+    def _sum_selectivity(self, outputs, labels, use_global: bool) -> List[torch.Tensor]:
+        """SI from class sums (= class means * counts, so the fused means and their backward serve)."""
+        if use_global:
+            means, counts = _dist.global_class_means(outputs, labels, self.num_classes,
+                                                     ignore_index=self.ignore_index, group=self.process_group,
+                                                     unit_dim=self.unit_dim)
         else:
-            si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index)
-                  for out in outputs]
-        return torch.stack([s.mean() for s in si])
+            local = [class_means(out, labels, self.num_classes, ignore_index=self.ignore_index,
+                                 unit_dim=self.unit_dim) for out in outputs]
+            means, counts = [m for m, _ in local], local[0][1]
+        return [selectivity_from_means(m * counts.to(m.dtype)[:, None], counts, self.eps) for m in means]
+
+    def layer_selectivity(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mean SI over units for each hooked module's latest output: a differentiable [L] tensor."""
+        return torch.stack([s.mean() for s in self.unit_selectivity(labels)])
 
     def _is_global(self) -> bool:
         """Whether this step joins the ranks' batches: decided per call, so a regularizer built
@@ -185,10 +215,11 @@ class SelectivityRegularizer(_LayerOutputHooks):
         return _dist.world_size(self.process_group) > 1
 
     def penalty(self, labels: torch.Tensor) -> torch.Tensor:
-        """-alpha * mean SI over units and layers, for the batch of the latest forward pass."""
-        layer_si = self.layer_selectivity(labels)
+        """-alpha * mean SI over units and layers (or layer groups), for the latest forward pass."""
+        unit_si = self.unit_selectivity(labels)
+        layer_si = torch.stack([s.mean() for s in unit_si])
         self.last_layer_si = layer_si.detach()
-        return -self.alpha * layer_si.mean()
+        return -self.alpha * (layer_si.mean() if self.layer_groups is None else grouped_mean(unit_si, self.layer_groups))
 
     __call__ = penalty
 

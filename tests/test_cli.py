@@ -89,17 +89,22 @@ def test_eager_baseline_matches_reference(num_classes, present):
 
 
 def test_demo_quick(tmp_path, capsys):
-    assert cli.main(["demo", "--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path),
+                     "--figures", str(tmp_path / "fig")]) == 0
     stdout = capsys.readouterr().out
     for alpha in ("-10", "0", "10"):
         assert f"\n{alpha.rjust(5)} " in stdout
+    assert "SmallViT" in stdout and "SI mlp2" in stdout and "SI block3" in stdout
     for name in ("demo.csv", "demo.json", "demo.txt", "demo.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("si_histograms_cnn.png", "si_histograms_vit.png", "ablation_cnn.png", "ablation_vit.png"):
+        assert (tmp_path / "fig" / name).read_bytes()[:8] == PNG_MAGIC, name
     data = json.loads((tmp_path / "demo.json").read_text())
-    assert len(data["runs"]) == 3 * 2  # alphas x seeds
+    assert len(data["runs"]) == 2 * 3 * 2  # models x alphas x seeds
     for run in data["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0
-        assert len(run["layer_si"]) == 3 and all(math.isfinite(v) for v in run["layer_si"])
+        assert len(run["layer_si"]) == (3 if run["model"] == "cnn" else 2)
+        assert all(math.isfinite(v) for v in run["layer_si"])
 
 
 def test_module_entry_point():

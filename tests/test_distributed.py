@@ -282,6 +282,65 @@ def _check_streaming(rank, world, sizes, y):
             _close(stats.M2, ref.M2, "StreamingCovariance M2 after a further update", rtol=1e-10, atol=1e-10)
 
 
+def _check_class_selectivity(rank, world, sizes, y):
+    """ClassSelectivity across ranks (compute under global sync, all_reduce in place) equals one
+    process on the joined data; the sum-statistic, unit_dim=-1 regularizer equals the joined batch."""
+    mine = _slices(sizes)[rank]
+    g = torch.Generator().manual_seed(8)
+    n = len(y)
+    conv = torch.rand(n, 5, 3, 3, generator=g, dtype=torch.float64)
+    tokens = torch.randn(n, 4, 6, generator=g, dtype=torch.float64)  # signed [N, T, D]
+
+    def metric(sync=None):
+        return selkernels.ClassSelectivity(None, K, unit_dim=-1, transform="abs", sync=sync)
+
+    ref = metric(sync="local")
+    ref.update_from([conv.transpose(1, 3), tokens], y)
+    ref_res = ref.compute()
+    local = metric()
+    m = conv[mine].shape[0]
+    if m:  # a rank without samples never updates: it learns the layer widths from the others
+        for part in (slice(0, m // 2), slice(m // 2, m)):
+            local.update_from([conv[mine][part].transpose(1, 3), tokens[mine][part]], y[mine][part])
+    with _CountAllReduce() as calls:
+        res = local.compute()  # sync=None: global while the group is initialized
+    assert calls.calls == 3  # the layer count and widths, then one buffer for all sums and counts
+    for a, b in zip(res, ref_res):
+        assert torch.equal(a.counts, b.counts)
+        _close(a.class_sums, b.class_sums, "ClassSelectivity class sums", rtol=0, atol=1e-12)
+        _close(a.si, b.si, "ClassSelectivity SI", rtol=0, atol=1e-12)
+        assert torch.equal(a.preferred_class, b.preferred_class)
+    only_mine = metric(sync="local")
+    if m:
+        only_mine.update_from([conv[mine].transpose(1, 3), tokens[mine]], y[mine])
+        own_si = selkernels.selectivity_from_means(*selkernels.class_means(tokens[mine].mean(1).abs(), y[mine], K))
+        _close(only_mine.compute()[1].si, own_si, "sync='local' SI", rtol=0, atol=1e-12)
+    local.all_reduce()
+    state = local.state_dict()
+    assert torch.equal(state["counts"], ref.state_dict()["counts"])
+    _close(state["sums"][1], ref.state_dict()["sums"][1], "all_reduce sums", rtol=0, atol=1e-12)
+    with _CountAllReduce() as calls:
+        again = local.compute()  # already global: no second reduction
+    assert calls.calls == 0
+    _close(again[0].si, ref_res[0].si, "SI after all_reduce", rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="reset"):
+        local.update_from([conv[:2].transpose(1, 3), tokens[:2]], y[:2])
+
+    x_ref = tokens.abs().clone().requires_grad_()
+    x_mine = tokens[mine].abs().clone().requires_grad_()
+    pens = []
+    for xb, yb, sync in ((x_ref, y, "local"), (x_mine, y[mine], "global")):
+        layer = nn.Identity()
+        with SelectivityRegularizer(layer, ALPHA, K, sync=sync, unit_dim=-1, statistic="sum") as reg:
+            layer(xb)
+            pens.append(reg.penalty(yb))
+    _close(pens[1].detach(), pens[0].detach(), "sum-statistic penalty, unit_dim=-1")
+    grad_ref, = torch.autograd.grad(pens[0], x_ref)
+    grad_mine, = torch.autograd.grad(pens[1], x_mine)
+    # Every rank's penalty is the global one; DDP divides the summed gradients by the world size.
+    _close(grad_mine, world * grad_ref[mine], "sum-statistic penalty gradient")
+
+
 # ----------------------------------------------------------------------------------------------
 # Scenarios run in the children
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +350,7 @@ def scenario_even(rank, world):
     _check_selectivity(rank, world, sizes, x, y)
     _check_moments(rank, world, sizes, y)
     _check_streaming(rank, world, sizes, y)
+    _check_class_selectivity(rank, world, sizes, y)
 
 
 def scenario_uneven(rank, world):
@@ -305,6 +365,7 @@ def scenario_uneven(rank, world):
     _check_selectivity(rank, world, sizes, x, y)
     _check_moments(rank, world, sizes, y.clamp_min(0))
     _check_streaming(rank, world, sizes, y.clamp_min(0))
+    _check_class_selectivity(rank, world, sizes, y)
 
     # process_group: a subgroup of ranks 1 and 2 joins only their samples (x[3:17]).
     sub = dist.new_group([1, 2])

@@ -56,3 +56,53 @@ def plot_class_density(report, path) -> None:
         ax.set_visible(False)
     fig.suptitle("Class-conditional fit: two modes (blue: low, red: high)")
     fig.savefig(path, dpi=120)
+
+
+def plot_selectivity_histograms(results, path, *, title: str = "Class selectivity of units, per layer",
+                                bins: int = 20) -> None:
+    """One histogram panel per layer of the units' SI (the papers' per-layer distributions), with
+    each layer's mean SI as a dashed line. ``results`` is a list of
+    :class:`selkernels.metrics.LayerSelectivity`, or a dict label -> such a list (one colour per
+    label, e.g. one per regularization strength)."""
+    import numpy as np
+
+    runs = results if isinstance(results, dict) else {"": results}
+    layers = [r.name for r in next(iter(runs.values()))]
+    values = [v for rs in runs.values() for r in rs for v in r.si.tolist()]
+    lo, hi = min(0.0, min(values)), max(1.0, max(values))
+    edges = np.linspace(lo, hi, bins + 1)
+    cols = min(len(layers), 4)
+    rows = math.ceil(len(layers) / cols)
+    fig = _figure(3.2 * cols, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for j, (ax, name) in enumerate(zip(axes, layers)):
+        for c, (label, rs) in enumerate(runs.items()):
+            si = rs[j].si.cpu().numpy()
+            colour = f"C{c}"
+            ax.hist(si, bins=edges, histtype="stepfilled", alpha=0.35, color=colour, label=label or None)
+            ax.axvline(float(si.mean()), color=colour, linestyle="--", linewidth=1)
+        ax.set_title(f"{name} ({len(rs[j].si)} units)", fontsize=9)
+        ax.set_xlabel("SI")
+        ax.set_ylabel("units")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+
+
+def plot_ablation(curves, path, *, title: str = "Unit ablation") -> None:
+    """Accuracy vs fraction of units ablated, one line per :class:`AblationCurve`."""
+    fig = _figure(5, 3.6)
+    ax = fig.subplots()
+    for curve in curves:
+        ax.plot(curve.fractions, [100 * a for a in curve.accuracy], marker="o",
+                label=f"{curve.order} order")
+    ax.set_xlabel(f"fraction of the layer's {curves[0].num_units} units zeroed")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=90)
