@@ -1,6 +1,7 @@
 """Training-time regularizers built on the fused ops."""
 from __future__ import annotations
 
+import itertools
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
@@ -10,6 +11,8 @@ from . import distributed as _dist
 from .ops import _check_eps, _check_num_classes, selectivity_index
 
 __all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
+
+_REGULARIZER_IDS = itertools.count()
 
 
 def _as_module_list(modules) -> List[nn.Module]:
@@ -90,6 +93,25 @@ class SelectivityRegularizer(_LayerOutputHooks):
     the local computation exactly. Under global sync every rank must call ``penalty()`` each step
     and backpropagate through it (collectives must match across ranks).
 
+    Ranks that disagree on ``num_classes`` or on the hooked layers' widths get the same
+    ``ValueError`` naming every rank's layout, on every rank, at the first ``penalty()`` (a tiny
+    exchange of the layout before the first all-reduce of each layout; see
+    :func:`selkernels.distributed.global_class_means`). Global sync traces under
+    ``torch.compile(fullgraph=True)``.
+
+    Cost in a training step. Beyond the forward's one read of every hooked output, the SI gradient
+    (an [N, C] tensor broadcast over the spatial positions) must be added into the dense gradient
+    each output receives from the layers after it: a read and a write of the output's size. That
+    add is the floor of any regularizer of block outputs, and autograd does it. Autograd adds in
+    place only into a gradient it solely owns that arrives first; it runs the newest nodes first,
+    so a penalty computed after the forward (the newest node) would deliver its broadcast first and
+    every layer would pay an out-of-place add, a fresh output-sized tensor per layer and step
+    (measured with torch 2.13 by profiling a ResNet-20 step: 9 ``aten::add`` of the block outputs'
+    sizes). The hooks therefore hand the SI a view of each output made at hook time, before the
+    later layers use it: the view's node is older than theirs, the SI gradient arrives last, and
+    autograd adds it in place (``aten::add_``); the step then pays the floor.
+    ``selkernels bench --family step`` measures the overhead against that floor.
+
     Use as a context manager, or call ``remove()``, to take the hooks off.
     """
 
@@ -106,7 +128,23 @@ class SelectivityRegularizer(_LayerOutputHooks):
         self.eps = _check_eps(eps)
         self.ignore_index = ignore_index
         self.last_layer_si: Optional[torch.Tensor] = None
+        # Under global sync the ranks check once per layout that they all-reduce the same layout.
+        self._layout_key = f"SelectivityRegularizer-{next(_REGULARIZER_IDS)}"
         self._hook(self.modules)
+
+    def _make_hook(self, index: int):
+        keep = super()._make_hook(index)
+
+        def hook(module, inputs, output):
+            keep(module, inputs, output)
+            out = self._outputs[index]
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                # The SI reads a view made now, before the layers after this one use the output:
+                # its autograd node is older than theirs, so the backward delivers the SI gradient
+                # after the dense one, which autograd then adds into in place (see the class docstring).
+                self._outputs[index] = out.view_as(out)
+
+        return hook
 
     def layer_selectivity(self, labels: torch.Tensor) -> torch.Tensor:
         """Mean SI over units for each hooked module's latest output: a differentiable [L] tensor
@@ -116,7 +154,8 @@ class SelectivityRegularizer(_LayerOutputHooks):
         outputs, self._outputs = self._outputs, [None] * len(self.modules)
         if use_global:
             si = _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
-                                                ignore_index=self.ignore_index, group=self.process_group)
+                                                ignore_index=self.ignore_index, group=self.process_group,
+                                                layout_key=self._layout_key)
         else:
             si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index)
                   for out in outputs]
