@@ -13,19 +13,30 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(selkernels, m) {
-  // Selectivity family (x: [N, C, *spatial], labels: int64 [N]).
-  m.def("class_means(Tensor x, Tensor labels, int num_classes, int ignore_index) -> (Tensor means, Tensor counts)");
+  // Selectivity family. Labels are segmented once per batch (segment_labels); the layer ops take
+  // the segmentation (labels, counts, offsets, order, invalid) and a list of activations
+  // xs[l]: [N, C_l, *spatial_l], so one call covers every hooked layer. K = counts.size(0).
   m.def(
-      "class_means_backward(Tensor grad_means, Tensor counts, Tensor labels, int ignore_index, "
-      "SymInt spatial_size, ScalarType out_dtype) -> Tensor");
+      "segment_labels(Tensor labels, SymInt num_classes, int ignore_index) "
+      "-> (Tensor labels, Tensor counts, Tensor offsets, Tensor order, Tensor invalid)");
+  m.def(
+      "class_means_segmented(Tensor[] xs, Tensor labels, Tensor counts, Tensor offsets, Tensor order, "
+      "Tensor invalid) -> Tensor[]");
+  // Also returns the class means and the per-unit gradient coefficients (coeffs[l] [2, C_l]:
+  // dSI/dmu_max and dSI/dmu_rest / (P - 1); argmax[l] int64 [C_l], -1 when P < 2), so the
+  // backward is one elementwise pass.
+  m.def(
+      "selectivity_index_segmented(Tensor[] xs, Tensor labels, Tensor counts, Tensor offsets, Tensor order, "
+      "Tensor invalid, float eps) -> (Tensor[] si, Tensor[] means, Tensor[] coeffs, Tensor[] argmax)");
+  // grad_unit[l][n, c] = G_l[labels[n], c] / (counts[labels[n]] * spatial_sizes[l]) with
+  // G_l[k, c] = grad_si[l][c] * (k == argmax[l][c] ? coeffs[l][0, c] : coeffs[l][1, c]) + grad_means[l][k, c],
+  // in dtype out_dtypes[l] (a ScalarType code); 0 for ignored samples. Each of the lists is empty
+  // (that term is absent for every layer) or holds one tensor per layer.
+  m.def(
+      "segmented_unit_grad(Tensor[] grad_si, Tensor[] coeffs, Tensor[] argmax, Tensor[] grad_means, "
+      "Tensor labels, Tensor counts, SymInt[] channels, SymInt[] spatial_sizes, int[] out_dtypes) -> Tensor[]");
   m.def("selectivity_from_means(Tensor means, Tensor counts, float eps) -> Tensor");
   m.def("selectivity_from_means_backward(Tensor grad_si, Tensor means, Tensor counts, float eps) -> Tensor");
-  m.def(
-      "selectivity_index(Tensor x, Tensor labels, int num_classes, float eps, int ignore_index) "
-      "-> (Tensor si, Tensor means, Tensor counts)");
-  m.def(
-      "selectivity_index_backward(Tensor grad_si, Tensor? grad_means, Tensor means, Tensor counts, Tensor labels, float eps, "
-      "int ignore_index, SymInt spatial_size, ScalarType out_dtype) -> Tensor");
 
   // Streaming moments family. Per-class update, in place on the float64 state: z [N, D],
   // labels int64 [N] in [0, K), count int64 [K], mean [K, D], M2 [K, D, D].

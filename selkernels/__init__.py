@@ -7,12 +7,12 @@ eigen-spectrum statistics, and the 1/n spectral regularizer of Nassar et al. (Ne
 """
 from . import analysis, distributed, spectrum
 from .covariance import StreamingCovariance
-from .ops import class_means, selectivity_from_means, selectivity_index
+from .ops import LabelSegments, check_labels, class_means, segment_labels, selectivity_from_means, selectivity_index
 from .regularizers import SelectivityRegularizer, SpectralRegularizer
 from .spectral_ops import spectral_penalty
 
 __version__ = "0.1.0"
 
-__all__ = ["class_means", "selectivity_index", "selectivity_from_means", "SelectivityRegularizer",
+__all__ = ["LabelSegments", "segment_labels", "check_labels", "class_means", "selectivity_index", "selectivity_from_means", "SelectivityRegularizer",
            "StreamingCovariance", "spectrum", "spectral_penalty", "SpectralRegularizer",
            "analysis", "distributed"]

@@ -9,13 +9,14 @@ training step.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers the schemas and kernels)
 
-__all__ = ["class_means", "selectivity_index", "selectivity_from_means"]
+__all__ = ["LabelSegments", "segment_labels", "check_labels", "class_means", "selectivity_index",
+           "selectivity_from_means"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _ops = torch.ops.selkernels
@@ -28,11 +29,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # Argument checks: a clear Python error naming the argument, before any kernel runs.
 # ----------------------------------------------------------------------------------------------
-def _check_num_classes(num_classes) -> int:
+_MAX_CLASSES = 2**31 - 1  # the CUDA kernels index classes with int32
+
+
+def _check_num_classes(num_classes):
+    """An int (or, while compiling with dynamic shapes, a SymInt) in [1, 2**31)."""
+    if isinstance(num_classes, torch.SymInt):
+        torch._check(num_classes >= 1, lambda: "num_classes must be >= 1")
+        torch._check(num_classes <= _MAX_CLASSES, lambda: "num_classes must be < 2**31")
+        return num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 1 <= num_classes <= _MAX_CLASSES:
+        raise ValueError(f"num_classes must be >= 1 and < 2**31, got {num_classes}")
     return num_classes
 
 
@@ -44,37 +53,22 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _check_activations(x, name: str = "x") -> None:
+def _check_activations(x, name: str = "x", unit_dim: int = 1) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"{name} must have shape [N, C, *spatial] (at least 2 dims), got shape {tuple(x.shape)}")
+        layout = "[N, C, *spatial]" if unit_dim == 1 else "[N, *positions, D]"
+        raise ValueError(f"{name} must have shape {layout} (at least 2 dims), got shape {tuple(x.shape)}")
 
 
-def _check_labels(labels, n: int, device: torch.device, num_classes: int, ignore_index: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"labels must have shape [N] = [{n}] to match x, got shape {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on the same device as x ({device}), got {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    # The CPU kernel checks the values while it counting-sorts the labels, before it reads x
-    # (_run_checked turns its error into a ValueError). On other devices the check is a host
-    # sync, skipped while compiling; the CUDA kernels skip out-of-range labels without touching
-    # memory out of bounds.
-    if device.type != "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            first = int(labels[bad][0])
-            raise ValueError(f"labels must lie in [0, num_classes={num_classes}) or equal "
-                             f"ignore_index={ignore_index}; found {first}")
-    return labels.long()
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
 
 
 _LABEL_ERROR = "selkernels: labels must lie in"
@@ -91,44 +85,170 @@ def _run_checked(op, *args):
 
 
 # ----------------------------------------------------------------------------------------------
-# class_means
+# Label segmentation: computed once per batch, shared by every layer's forward and backward.
 # ----------------------------------------------------------------------------------------------
-def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Class-conditional mean activation of every unit.
+class LabelSegments(NamedTuple):
+    """The labels of one batch, segmented by class (see :func:`segment_labels`).
+
+    A NamedTuple of tensors, so it flows through torch.compile and can be passed to every layer op
+    of the batch. K = ``counts.shape[0]`` (dynamic under ``torch.compile(dynamic=True)``).
+    """
+
+    labels: torch.Tensor   #: int64 [N]: the class of each sample, -1 where ignored or invalid
+    counts: torch.Tensor   #: int64 [K]: samples per class
+    offsets: torch.Tensor  #: int64 [K + 1]: exclusive prefix sum of counts
+    order: torch.Tensor    #: int64 [N]: samples stably sorted by class, ignored/invalid ones last
+    invalid: torch.Tensor  #: int64 []: number of labels outside [0, K) that are not ignore_index
+
+
+def _check_label_tensor(labels, n: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or (n is not None and labels.shape[0] != n):
+        expected = "[N]" if n is None else f"[N] = [{n}] to match x"
+        raise ValueError(f"labels must have shape {expected}, got shape {tuple(labels.shape)}")
+    return labels
+
+
+def segment_labels(labels: torch.Tensor, num_classes: int, *, ignore_index: int = -100) -> LabelSegments:
+    """Segment a batch's labels by class, once for every layer op of the batch.
 
     Args:
-        x: activations [N, C, *spatial] (any number of spatial dims, none included), float64,
-            float32, float16 or bfloat16; contiguous, channels_last, or any strides (other stride
-            patterns are copied once to contiguous).
-        labels: integer class of each sample, [N]. Samples labelled ``ignore_index`` are skipped.
+        labels: integer class of each sample, [N] (any integer dtype). Samples labelled
+            ``ignore_index`` are skipped by every op.
+        num_classes: K (an int; under ``torch.compile(dynamic=True)`` it may change between calls
+            without recompiling).
+
+    Returns:
+        :class:`LabelSegments`. Memory: 3 * N + 2 * K + 2 int64.
+
+    Labels outside ``[0, K)`` that are not ``ignore_index``: on CPU, ``ValueError`` at once naming
+    the first one. On CUDA no host sync is made: the segmentation counts them in ``invalid``, every
+    result computed from it is NaN (never silently wrong), and :func:`check_labels` raises the
+    ``ValueError`` (it syncs: call it where a sync is cheap, e.g. when logging the loss).
+    """
+    labels = _check_label_tensor(labels)
+    num_classes = _check_num_classes(num_classes)
+    ignore_index = _check_int(ignore_index, "ignore_index")
+    return LabelSegments(*_run_checked(_ops.segment_labels, labels.long(), num_classes, ignore_index))
+
+
+def check_labels(seg: LabelSegments, labels: Optional[torch.Tensor] = None, *, ignore_index: int = -100) -> None:
+    """Raise ``ValueError`` if ``seg`` was made from labels outside ``[0, K)``.
+
+    One device-to-host copy (a sync on CUDA). Pass the original ``labels`` (and the
+    ``ignore_index`` used) to have the first bad value named in the message.
+    """
+    bad = int(seg.invalid)
+    if bad == 0:
+        return
+    k = seg.counts.shape[0]
+    found = f"{bad} such labels"
+    if labels is not None:
+        lab = labels.long()
+        mask = (lab != ignore_index) & ((lab < 0) | (lab >= k))
+        index = int(mask.nonzero()[0, 0])
+        found = f"labels[{index}] = {int(lab[index])} ({bad} such labels)"
+    raise ValueError(f"labels must lie in [0, num_classes={k}) or equal ignore_index; found {found}")
+
+
+def _segments_for(labels_or_seg, n: int, device: torch.device, num_classes, ignore_index) -> LabelSegments:
+    if isinstance(labels_or_seg, LabelSegments):
+        seg = labels_or_seg
+        if num_classes is not None:
+            num_classes = _check_num_classes(num_classes)
+            if isinstance(num_classes, int) and isinstance(seg.counts.shape[0], int) and \
+                    num_classes != seg.counts.shape[0]:
+                raise ValueError(f"num_classes={num_classes} does not match the segmentation "
+                                 f"(K = {seg.counts.shape[0]})")
+        if seg.labels.shape[0] != n:
+            raise ValueError(f"the label segmentation has N = {seg.labels.shape[0]} samples, x has {n}")
+    else:
+        if num_classes is None:
+            raise TypeError("num_classes is required when labels is a tensor (not a LabelSegments)")
+        _check_label_tensor(labels_or_seg, n)
+        seg = segment_labels(labels_or_seg, num_classes, ignore_index=ignore_index)
+    if seg.labels.device != device:
+        raise ValueError(f"labels must be on the same device as x ({device}), got {seg.labels.device}")
+    return seg
+
+
+def _layers(x_or_list, unit_dim: int) -> Tuple[List[torch.Tensor], bool]:
+    """The layers as [N, C, *spatial] tensors (views: unit_dim=-1 moves the unit dim, no copy)."""
+    if isinstance(unit_dim, bool) or unit_dim not in (1, -1):
+        raise ValueError(f"unit_dim must be 1 ([N, C, *spatial]) or -1 ([N, *positions, D]), got {unit_dim!r}")
+    single = isinstance(x_or_list, torch.Tensor)
+    if not single and not isinstance(x_or_list, (list, tuple)):
+        raise TypeError(f"x must be a torch.Tensor or a list/tuple of them, got {type(x_or_list).__name__}")
+    xs = [x_or_list] if single else list(x_or_list)
+    if not xs:
+        raise ValueError("x must hold at least one tensor")
+    for i, x in enumerate(xs):
+        _check_activations(x, "x" if single else f"x[{i}]", unit_dim)
+        if x.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"every tensor of x must have the same N; x[0] has {xs[0].shape[0]}, "
+                             f"x[{i}] has {x.shape[0]}")
+        if x.device != xs[0].device:
+            raise ValueError(f"every tensor of x must be on one device; x[0] is on {xs[0].device}, "
+                             f"x[{i}] on {x.device}")
+    if unit_dim == -1:
+        xs = [x.movedim(-1, 1) for x in xs]
+    return xs, single
+
+
+def _for_kernel(xs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Under torch.compile, the per-sample spatial mean is plain torch (Inductor fuses it into the
+    layer that produces x, and its backward's broadcast into the consumer of the gradient); the
+    custom op then sees [N, C] unit means. Eager keeps the fused one-pass kernel."""
+    if not torch.compiler.is_compiling():
+        return xs
+    return [x if x.dim() == 2 else x.flatten(2).mean(-1, dtype=_acc_dtype(x.dtype)) for x in xs]
+
+
+def _spatial_size(x: torch.Tensor):
+    s = 1
+    for d in x.shape[2:]:
+        s = s * d
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# class_means
+# ----------------------------------------------------------------------------------------------
+def class_means(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Union[torch.Tensor, LabelSegments],
+                num_classes: Optional[int] = None, *, ignore_index: int = -100, unit_dim: int = 1):
+    """Class-conditional mean activation of every unit, of one layer or of several in one call.
+
+    Args:
+        x: activations [N, C, *spatial] (``unit_dim=1``, any number of spatial dims, none
+            included) or [N, *positions, D] (``unit_dim=-1``, e.g. transformer tokens; positions
+            are averaged like spatial positions), float64, float32, float16 or bfloat16;
+            contiguous, channels_last / positions-major, or any strides (other stride patterns are
+            copied once to contiguous). Or a list/tuple of such tensors with the same N (any C,
+            spatial shape, layout and dtype per tensor): one label segmentation and one fused call
+            for all of them.
+        labels: integer class of each sample, [N], or a :class:`LabelSegments` of them (then
+            ``num_classes`` may be omitted). Samples labelled ``ignore_index`` are skipped.
         num_classes: K.
 
     Returns:
-        ``(means, counts)``: ``means[k, c]`` is the mean over samples of class k of the unit's
-        spatial mean (float32, float64 for float64 x; accumulated in that type), ``counts[k]``
-        (int64) the number of samples of class k. Absent classes have count 0 and mean 0.
+        ``(means, counts)`` for a tensor, a list of them for a list: ``means[k, c]`` is the mean
+        over samples of class k of the unit's spatial mean (float32, float64 for float64 x;
+        accumulated in that type), ``counts[k]`` (int64) the number of samples of class k. Absent
+        classes have count 0 and mean 0. Invalid labels: see :func:`segment_labels` (CPU:
+        ValueError; CUDA: NaN means, no sync).
 
-    Differentiable w.r.t. ``x``. The backward needs O(N*C) memory: the gradient w.r.t. x is an
-    [N, C] tensor broadcast over the spatial positions as a stride-0 view, materialised only if
-    autograd must (e.g. when accumulating into a leaf's ``.grad``).
+    Differentiable w.r.t. ``x``. The backward needs O(N*C) memory per layer: the gradient w.r.t. x
+    is an [N, C] tensor broadcast over the spatial positions as a stride-0 view, materialised only
+    if autograd must (e.g. when accumulating into a leaf's ``.grad``).
     """
-    _check_activations(x)
-    num_classes = _check_num_classes(num_classes)
-    labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
-    return _run_checked(_ops.class_means, x, labels, num_classes, ignore_index)
-
-
-@torch.library.register_fake("selkernels::class_means")
-def _class_means_fake(x, labels, num_classes, ignore_index):
-    means = x.new_empty((num_classes, x.shape[1]), dtype=_acc_dtype(x.dtype))
-    counts = labels.new_empty((num_classes,), dtype=torch.int64)
-    return means, counts
-
-
-@torch.library.register_fake("selkernels::class_means_backward")
-def _class_means_backward_fake(grad_means, counts, labels, ignore_index, spatial_size, out_dtype):
-    return grad_means.new_empty((labels.shape[0], grad_means.shape[1]), dtype=out_dtype)
+    xs, single = _layers(x, unit_dim)
+    seg = _segments_for(labels, xs[0].shape[0], xs[0].device, num_classes, ignore_index)
+    means = _ops.class_means_segmented(_for_kernel(xs), *seg)
+    out = [(m, seg.counts) for m in means]
+    return out[0] if single else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,35 +290,260 @@ def _selectivity_from_means_backward_fake(grad_si, means, counts, eps):
 
 
 # ----------------------------------------------------------------------------------------------
-# selectivity_index: class means + SI in one op, forward and backward
+# selectivity_index: class means + SI of every layer in one op, forward and backward
 # ----------------------------------------------------------------------------------------------
-def selectivity_index(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, eps: float = 1e-7,
-                      ignore_index: int = -100) -> torch.Tensor:
-    """Class selectivity index of every unit of x [N, C, *spatial], fused.
+def selectivity_index(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Union[torch.Tensor, LabelSegments],
+                      num_classes: Optional[int] = None, *, eps: float = 1e-7, ignore_index: int = -100,
+                      unit_dim: int = 1):
+    """Class selectivity index of every unit, of one layer or of several in one fused call.
 
     Equivalent to ``selectivity_from_means(*class_means(x, labels, num_classes), eps)`` over the
-    classes present in the batch, in one op: one read of x forward, O(N*C + K*C) work backward.
-    Inputs, dtypes, layouts and edge cases as in :func:`class_means` and
+    classes present in the batch: one read of each x forward (all layers in one parallel region on
+    CPU, a fixed number of launches for all layers on CUDA), and a backward that is one
+    elementwise pass (the per-unit gradient coefficients are computed in the forward). Inputs
+    (``x`` a tensor or a list of tensors, ``unit_dim``, ``labels`` a tensor or a
+    :class:`LabelSegments`), dtypes, layouts and edge cases as in :func:`class_means` and
     :func:`selectivity_from_means` (fewer than two classes present: SI = 0, zero gradient).
 
-    Returns float32 [C] (float64 for float64 x). The backward needs O(N*C + K*C) memory and
-    returns the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor.
+    Returns float32 [C] (float64 for float64 x), or a list of them for a list. Memory: forward
+    O(N*C + K*C) per layer; the backward returns the gradient w.r.t. x as a stride-0 broadcast of
+    an [N, C] tensor. Twice differentiable (the second derivative through the class means is
+    exact; the choice of the maximal class is piecewise constant).
     """
-    _check_activations(x)
-    num_classes = _check_num_classes(num_classes)
     eps = _check_eps(eps)
-    labels = _check_labels(labels, x.shape[0], x.device, num_classes, ignore_index)
-    si, _, _ = _run_checked(_ops.selectivity_index, x, labels, num_classes, eps, ignore_index)
-    return si
+    xs, single = _layers(x, unit_dim)
+    seg = _segments_for(labels, xs[0].shape[0], xs[0].device, num_classes, ignore_index)
+    si = _ops.selectivity_index_segmented(_for_kernel(xs), *seg, eps)[0]
+    return si[0] if single else list(si)
 
 
-@torch.library.register_fake("selkernels::selectivity_index")
-def _selectivity_index_fake(x, labels, num_classes, eps, ignore_index):
-    acc = _acc_dtype(x.dtype)
-    return (x.new_empty((x.shape[1],), dtype=acc), x.new_empty((num_classes, x.shape[1]), dtype=acc),
-            labels.new_empty((num_classes,), dtype=torch.int64))
+# ----------------------------------------------------------------------------------------------
+# Fake kernels (shapes only) of the layer ops.
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("selkernels::segment_labels")
+def _segment_labels_fake(labels, num_classes, ignore_index):
+    n = labels.shape[0]
+    return (labels.new_empty((n,), dtype=torch.int64), labels.new_empty((num_classes,), dtype=torch.int64),
+            labels.new_empty((num_classes + 1,), dtype=torch.int64), labels.new_empty((n,), dtype=torch.int64),
+            labels.new_empty((), dtype=torch.int64))
 
 
-@torch.library.register_fake("selkernels::selectivity_index_backward")
-def _selectivity_index_backward_fake(grad_si, grad_means, means, counts, labels, eps, ignore_index, spatial_size, out_dtype):
-    return means.new_empty((labels.shape[0], means.shape[1]), dtype=out_dtype)
+@torch.library.register_fake("selkernels::class_means_segmented")
+def _class_means_segmented_fake(xs, labels, counts, offsets, order, invalid):
+    k = counts.shape[0]
+    return [x.new_empty((k, x.shape[1]), dtype=_acc_dtype(x.dtype)) for x in xs]
+
+
+@torch.library.register_fake("selkernels::selectivity_index_segmented")
+def _selectivity_index_segmented_fake(xs, labels, counts, offsets, order, invalid, eps):
+    k = counts.shape[0]
+    si = [x.new_empty((x.shape[1],), dtype=_acc_dtype(x.dtype)) for x in xs]
+    means = [x.new_empty((k, x.shape[1]), dtype=_acc_dtype(x.dtype)) for x in xs]
+    coeffs = [x.new_empty((2, x.shape[1]), dtype=_acc_dtype(x.dtype)) for x in xs]
+    argmax = [x.new_empty((x.shape[1],), dtype=torch.int64) for x in xs]
+    return si, means, coeffs, argmax
+
+
+@torch.library.register_fake("selkernels::segmented_unit_grad")
+def _segmented_unit_grad_fake(grad_si, coeffs, argmax, grad_means, labels, counts, channels, spatial_sizes,
+                              out_dtypes):
+    return [labels.new_empty((labels.shape[0], c), dtype=_DTYPE_OF_CODE[d]) for c, d in zip(channels, out_dtypes)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd of the layer ops (one Python call per step for all layers). Second derivatives: the
+# backward op is linear in its incoming gradients, and its own backward is written below in
+# differentiable torch, so create_graph=True gives exact second derivatives.
+# ----------------------------------------------------------------------------------------------
+_DTYPE_CODES = {torch.float64: 7, torch.float32: 6, torch.float16: 5, torch.bfloat16: 15}  # c10::ScalarType
+_DTYPE_OF_CODE = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+def _save_layers(ctx, xs):
+    ctx.x_shapes = [tuple(x.shape) for x in xs]
+    ctx.x_dtypes = [_DTYPE_CODES[x.dtype] for x in xs]
+    ctx.spatial = [_spatial_size(x) for x in xs]
+
+
+def _broadcast_unit_grads(ctx, grad_units):
+    # [N, C] -> x's shape as a stride-0 view over the spatial dims: no N*C*S buffer.
+    return [g.view(g.shape + (1,) * (len(shape) - 2)).expand(shape) for g, shape in zip(grad_units, ctx.x_shapes)]
+
+
+def _segment_class_means(values: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Differentiable class means [K, C] of [N, C] values (ignored samples skipped, absent classes 0)."""
+    keep = (labels >= 0).unsqueeze(1)
+    sums = values.new_zeros((counts.shape[0], values.shape[1])).index_add(
+        0, labels.clamp_min(0), torch.where(keep, values, torch.zeros_like(values)))
+    return sums / counts.clamp_min(1).unsqueeze(1).to(values.dtype)
+
+
+def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float):
+    """Per unit, in differentiable torch: present mask [K, 1], argmax [C] (first maximum), P [C],
+    mu_max, mu_rest, and whether P >= 2."""
+    present = (counts > 0).unsqueeze(1)
+    num_present = present.sum(0).to(means.dtype).expand(means.shape[1])
+    argmax = torch.where(present, means, torch.full_like(means, float("-inf"))).max(0)[1]
+    mu_max = means.gather(0, argmax.unsqueeze(0)).squeeze(0)
+    total = torch.where(present, means, torch.zeros_like(means)).sum(0)
+    enough = num_present >= 2
+    mu_rest = (total - mu_max) / (num_present - 1).clamp_min(1)
+    return present, argmax, num_present, mu_max, mu_rest, enough
+
+
+def _si_coeff_vjp(means, counts, eps, g_a, g_b):
+    """Gradient w.r.t. means [K, C] of sum_c g_a[c] * A[c] + g_b[c] * B[c], where
+    A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients)."""
+    present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps)
+    d = a + b + eps
+    d2, d3 = d * d, d * d * d
+    dA_da = -2 * (2 * b + eps) / d3
+    dA_db = 2 / d2 - 2 * (2 * b + eps) / d3
+    dB_da = -2 / d2 + 2 * (2 * a + eps) / d3
+    dB_db = 2 * (2 * a + eps) / d3
+    grad_a = torch.where(enough, g_a * dA_da + g_b * dB_da, torch.zeros_like(a))
+    grad_b = torch.where(enough, g_a * dA_db + g_b * dB_db, torch.zeros_like(b))
+    is_max = torch.arange(means.shape[0], device=means.device).unsqueeze(1) == argmax.unsqueeze(0)
+    rest = grad_b / (num_present - 1).clamp_min(1)
+    return torch.where(present, torch.where(is_max, grad_a, rest), torch.zeros_like(means))
+
+
+def _si_index_setup(ctx, inputs, output):
+    xs, labels, counts, offsets, order, invalid, eps = inputs
+    si, means, coeffs, argmax = output
+    _save_layers(ctx, xs)
+    ctx.eps = eps
+    ctx.save_for_backward(labels, counts, *means, *coeffs, *argmax)
+    ctx.set_materialize_grads(False)
+
+
+def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
+    layers = len(ctx.x_shapes)
+    labels, counts = ctx.saved_tensors[:2]
+    means = ctx.saved_tensors[2:2 + layers]
+    coeffs = ctx.saved_tensors[2 + layers:2 + 2 * layers]
+    argmax = ctx.saved_tensors[2 + 2 * layers:]
+    grad_si = list(grad_si) if grad_si is not None else [None] * layers
+    grad_means = list(grad_means) if grad_means is not None else [None] * layers
+    grad_si = [g if g is not None else c.new_zeros(c.shape[1:]) for g, c in zip(grad_si, coeffs)]
+    if grad_coeffs is not None:
+        # Only under double backward: the coefficients are functions of the class means.
+        for i, gc in enumerate(grad_coeffs):
+            if gc is None:
+                continue
+            p_minus_1 = ((counts > 0).sum() - 1).clamp_min(1).to(gc.dtype)
+            extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1)
+            grad_means[i] = extra if grad_means[i] is None else grad_means[i] + extra
+    grad_units = _ops.segmented_unit_grad(grad_si, list(coeffs), list(argmax), _all_or_none(grad_means, means),
+                                          labels, counts, [shape[1] for shape in ctx.x_shapes], ctx.spatial,
+                                          ctx.x_dtypes)
+    return _broadcast_unit_grads(ctx, grad_units), None, None, None, None, None, None
+
+
+def _all_or_none(grads, likes):
+    """[] when no layer has this gradient term, else one tensor per layer (zeros where absent)."""
+    if all(g is None for g in grads):
+        return []
+    return [g if g is not None else torch.zeros_like(like) for g, like in zip(grads, likes)]
+
+
+torch.library.register_autograd("selkernels::selectivity_index_segmented", _si_index_backward,
+                                setup_context=_si_index_setup)
+
+
+def _class_means_setup(ctx, inputs, output):
+    xs, labels, counts, offsets, order, invalid = inputs
+    _save_layers(ctx, xs)
+    ctx.save_for_backward(labels, counts)
+    ctx.set_materialize_grads(False)
+
+
+def _class_means_backward(ctx, grad_means):
+    layers = len(ctx.x_shapes)
+    labels, counts = ctx.saved_tensors
+    grad_means = list(grad_means) if grad_means is not None else [None] * layers
+    k = counts.shape[0]
+    likes = [counts.new_empty((k, shape[1]), dtype=_acc_dtype(_DTYPE_OF_CODE[code]))
+             for shape, code in zip(ctx.x_shapes, ctx.x_dtypes)]
+    grad_units = _ops.segmented_unit_grad([], [], [], _all_or_none(grad_means, likes), labels, counts,
+                                          [shape[1] for shape in ctx.x_shapes], ctx.spatial, ctx.x_dtypes)
+    return _broadcast_unit_grads(ctx, grad_units), None, None, None, None, None
+
+
+torch.library.register_autograd("selkernels::class_means_segmented", _class_means_backward,
+                                setup_context=_class_means_setup)
+
+
+def _unit_grad_setup(ctx, inputs, output):
+    grad_si, coeffs, argmax, grad_means, labels, counts, channels, spatial_sizes, out_dtypes = inputs
+    ctx.layers = len(channels)
+    ctx.spatial = list(spatial_sizes)
+    ctx.with_si, ctx.with_means = bool(grad_si), bool(grad_means)
+    ctx.save_for_backward(labels, counts, *grad_si, *coeffs, *argmax)
+
+
+def _unit_grad_backward(ctx, grad_units):
+    """The backward op is linear in grad_si and grad_means: its adjoint is a class mean of the
+    incoming [N, C] gradient, G[k, c] = mean over class k of gg[n, c] / S."""
+    layers = ctx.layers
+    labels, counts = ctx.saved_tensors[:2]
+    saved = ctx.saved_tensors[2:]
+    g_si, g_coeffs, g_means = [], [], []
+    for i in range(layers):
+        gg = grad_units[i] if grad_units is not None else None
+        like = saved[layers + i] if ctx.with_si else None
+        acc = like.dtype if like is not None else (torch.float64 if gg is not None and gg.dtype == torch.float64
+                                                   else torch.float32)
+        if gg is None:
+            G = None
+        else:
+            G = _segment_class_means(gg.to(acc), labels, counts) / ctx.spatial[i]
+        if ctx.with_means:
+            g_means.append(G)
+        if ctx.with_si:
+            gsi, cf, am = saved[i], saved[layers + i], saved[2 * layers + i]
+            if G is None:
+                g_si.append(None)
+                g_coeffs.append(None)
+                continue
+            at_max = G.gather(0, am.clamp_min(0).unsqueeze(0)).squeeze(0)
+            rest = G.sum(0) - at_max
+            g_si.append(at_max * cf[0] + rest * cf[1])
+            g_coeffs.append(torch.stack([gsi * at_max, gsi * rest]))
+    g_argmax = [None] * layers if ctx.with_si else []
+    return g_si, g_coeffs, g_argmax, g_means, None, None, None, None, None
+
+
+torch.library.register_autograd("selkernels::segmented_unit_grad", _unit_grad_backward,
+                                setup_context=_unit_grad_setup)
+
+
+def _sfm_backward_setup(ctx, inputs, output):
+    grad_si, means, counts, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(grad_si, means, counts)
+
+
+def _sfm_backward_backward(ctx, gg):
+    """selectivity_from_means_backward = grad_si * (A at the argmax, B / (P - 1) at the other present
+    classes): linear in grad_si; its derivative w.r.t. means is the SI Hessian."""
+    grad_si, means, counts = ctx.saved_tensors
+    present, argmax, num_present, _, _, enough = _si_terms(means, counts, ctx.eps)
+    gg = torch.where(present, gg, torch.zeros_like(gg))
+    at_max = gg.gather(0, argmax.unsqueeze(0)).squeeze(0)
+    rest = (gg.sum(0) - at_max) / (num_present - 1).clamp_min(1)
+    coeff_a, coeff_b = _si_first_coeffs(means, counts, ctx.eps)
+    g_grad_si = torch.where(enough, at_max * coeff_a + rest * coeff_b, torch.zeros_like(at_max))
+    g_means = _si_coeff_vjp(means, counts, ctx.eps, grad_si * at_max, grad_si * rest)
+    return g_grad_si, g_means, None, None
+
+
+def _si_first_coeffs(means, counts, eps):
+    """dSI/dmu_max and dSI/dmu_rest per unit (differentiable torch)."""
+    _, _, _, a, b, _ = _si_terms(means, counts, eps)
+    d = a + b + eps
+    return (2 * b + eps) / (d * d), -(2 * a + eps) / (d * d)
+
+
+torch.library.register_autograd("selkernels::selectivity_from_means_backward", _sfm_backward_backward,
+                                setup_context=_sfm_backward_setup)

@@ -98,10 +98,15 @@ def test_gradient_matches_reference_and_is_compact():
 def test_opcheck():
     x, labels = make_batch(n=10, c=4, spatial=(2, 3), k=3, dtype=torch.float32)
     x.requires_grad_()
-    torch.library.opcheck(torch.ops.selkernels.class_means, (x, labels, 3, -100))
-    gm = torch.randn(3, 4)
-    counts = torch.bincount(labels, minlength=3)
-    torch.library.opcheck(torch.ops.selkernels.class_means_backward, (gm, counts, labels, -100, 6, torch.float32))
+    labels[2] = -100
+    ops = torch.ops.selkernels
+    torch.library.opcheck(ops.segment_labels, (labels, 3, -100))
+    seg = selkernels.segment_labels(labels, 3)
+    y = torch.randn(10, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.class_means_segmented, ([x, y], *seg))
+    gm = [torch.randn(3, 4), torch.randn(3, 5, dtype=torch.float64)]
+    torch.library.opcheck(ops.segmented_unit_grad,
+                          ([], [], [], gm, seg.labels, seg.counts, [4, 5], [6, 3], [6, 7]))
 
 
 def test_deterministic_bitwise():
@@ -115,6 +120,56 @@ def test_deterministic_bitwise():
         finally:
             torch.set_num_threads(old)
         assert torch.equal(first, again)
+
+
+def test_double_backward_matches_reference():
+    # loss = sum(w * means^2): d/dx is linear in the means, so the second derivative is nonzero.
+    x, labels = make_batch(n=14, c=3, spatial=(2, 2), k=4)
+    labels[3] = -100
+    x.requires_grad_()
+    w = torch.randn(4, 3, dtype=torch.float64)
+    v = torch.randn_like(x)
+
+    def second(fn):
+        (g,) = torch.autograd.grad((fn(x)[0] ** 2 * w).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad((g * v).sum(), x)
+        return gg
+
+    fused = second(lambda t: selkernels.class_means(t, labels, 4))
+    ref = second(lambda t: reference.class_means_reference(t, labels, 4))
+    assert fused.abs().max() > 1e-3
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda t: selkernels.class_means(t, labels, 4)[0], (x,))
+
+
+@pytest.mark.parametrize("unit_dim", [1, -1])
+def test_list_of_layers_matches_each_layer(unit_dim):
+    _, labels = make_batch(n=18, k=5)
+    labels[4] = -100
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(18, 4, 3, 5, generator=g, dtype=torch.float64),
+          torch.randn(18, 7, generator=g).to(torch.float32),
+          torch.randn(18, 6, 2, 2, generator=g).to(torch.bfloat16).to(memory_format=torch.channels_last),
+          torch.randn(18, 3, 2, 2, 2, generator=g).to(torch.float16)]
+    xs = [x.requires_grad_() for x in xs]
+    seg = selkernels.segment_labels(labels, 5)
+    out = selkernels.class_means(xs, seg, unit_dim=unit_dim)
+    ws = [torch.randn(m.shape, dtype=m.dtype) for m, _ in out]
+    grads = torch.autograd.grad(sum((m * w).sum() for (m, _), w in zip(out, ws)), xs)
+    for x, (m, c), w, g_list in zip(xs, out, ws, grads):
+        single, counts = selkernels.class_means(x, labels, 5, unit_dim=unit_dim)
+        torch.testing.assert_close(m, single, rtol=0, atol=0)
+        assert torch.equal(c, counts)
+        xr = x.detach().double().movedim(-1, 1) if unit_dim == -1 else x.detach().double()
+        xr.requires_grad_()
+        ref, _ = reference.class_means_reference(xr, labels, 5)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(x.dtype, 1e-5)
+        torch.testing.assert_close(m.double(), ref, rtol=tol, atol=tol)
+        (g_ref,) = torch.autograd.grad((ref * w.double()).sum(), xr)
+        g_ref = g_ref.movedim(1, -1) if unit_dim == -1 else g_ref
+        assert g_list.dtype == x.dtype and g_list.shape == x.shape
+        torch.testing.assert_close(g_list.double(), g_ref, rtol=1e-2 if x.dtype in (torch.float16, torch.bfloat16)
+                                   else 1e-6, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)

@@ -113,18 +113,6 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda t: selkernels.selectivity_index(t, labels, 4), (x,))
 
 
-def test_raw_op_gradient_includes_means_output():
-    x, labels = make_batch(n=12, c=3, spatial=(2,), k=3)
-    x.requires_grad_()
-    op = torch.ops.selkernels.selectivity_index
-
-    def f(t):
-        si, means, _ = op(t, labels, 3, 1e-7, -100)
-        return si.sum() + (means ** 2).sum()
-
-    assert torch.autograd.gradcheck(f, (x,))
-
-
 def test_fused_equals_composition():
     x, labels = make_batch(n=50, c=8, spatial=(3, 3), k=6, dtype=torch.float32)
     means, counts = selkernels.class_means(x, labels, 6)
@@ -134,12 +122,15 @@ def test_fused_equals_composition():
 def test_opcheck():
     x, labels = make_batch(n=12, c=4, spatial=(3, 2), k=3, dtype=torch.float32)
     x.requires_grad_()
+    y = torch.randn(12, 2, 5, dtype=torch.float64).movedim(-1, 1).requires_grad_()
     ops = torch.ops.selkernels
-    torch.library.opcheck(ops.selectivity_index, (x, labels, 3, 1e-7, -100))
-    si, means, counts = ops.selectivity_index(x.detach(), labels, 3, 1e-7, -100)
-    for grad_means in (None, torch.randn(3, 4)):
-        torch.library.opcheck(ops.selectivity_index_backward,
-                              (torch.randn(4), grad_means, means, counts, labels, 1e-7, -100, 6, torch.float32))
+    seg = selkernels.segment_labels(labels, 3)
+    torch.library.opcheck(ops.selectivity_index_segmented, ([x, y], *seg, 1e-7))
+    si, means, coeffs, argmax = ops.selectivity_index_segmented([x.detach(), y.detach()], *seg, 1e-7)
+    grad_si = [torch.randn(4), torch.randn(5, dtype=torch.float64)]
+    for grad_means in ([], [torch.randn(3, 4), torch.randn(3, 5, dtype=torch.float64)]):
+        torch.library.opcheck(ops.segmented_unit_grad, (grad_si, list(coeffs), list(argmax), grad_means, seg.labels,
+                                                        seg.counts, [4, 5], [6, 2], [6, 7]))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

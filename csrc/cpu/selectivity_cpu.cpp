@@ -2,17 +2,19 @@
 // output element is reduced by one thread in a fixed order (no atomics), so results do not depend
 // on the thread count.
 //
-// Forward = two phases (see the roofline note in benchmarks/README.md):
+// Every layer op takes a list of layers and the label segmentation of segment_labels (computed once
+// per batch), and runs each phase as one parallel region over all layers:
 //   1. unit means a[n, c] = mean over s of x[n, c, s]   one read of x, vectorized over s (NCHW)
-//                                                        or over c (channels_last)
-//   2. means[k, c] = mean over {n : label n = k} of a   O(N*C), segments in label-sorted order
-// Backward: grad_unit[n, c] = grad_means[label n, c] / (count * S), an [N, C] tensor that Python
+//                                                        or over c ([N, *positions, C] memory)
+//   2. means[k, c] = mean over {n : label n = k} of a   O(N*C), segments in label-sorted order,
+//      then (selectivity_index) SI and its gradient coefficients per unit, on the same channel block
+// Backward: grad_unit[n, c] = G[label n, c] / (count * S), an [N, C] tensor per layer that Python
 // broadcasts over the spatial positions without copying.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <memory>
+#include <limits>
 #include <vector>
 
 #include "common/selectivity.h"
@@ -85,126 +87,6 @@ SELK_TARGET_CLONES void add_row(double* acc, const double* row, int64_t len) { a
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Counting sort of labels: samples of class k are order[offsets[k] .. offsets[k + 1]).
-struct LabelSegments {
-  at::Tensor counts;  // int64 [K]
-  std::vector<int64_t> offsets;
-  std::vector<int64_t> order;
-};
-
-LabelSegments segment_labels(const at::Tensor& labels, int64_t K, int64_t ignore_index) {
-  const int64_t N = labels.size(0);
-  const at::Tensor lab = labels.contiguous();
-  const int64_t* l = lab.data_ptr<int64_t>();
-  LabelSegments seg;
-  seg.counts = at::zeros({K}, labels.options().dtype(at::kLong));
-  int64_t* counts = seg.counts.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    if (l[n] == ignore_index) continue;
-    // selkernels/ops.py turns this message into a ValueError: keep its prefix.
-    TORCH_CHECK(l[n] >= 0 && l[n] < K, "selkernels: labels must lie in [0, num_classes=", K,
-                ") or equal ignore_index=", ignore_index, "; found labels[", n, "] = ", l[n]);
-    ++counts[l[n]];
-  }
-  seg.offsets.assign(K + 1, 0);
-  for (int64_t k = 0; k < K; ++k) seg.offsets[k + 1] = seg.offsets[k] + counts[k];
-  seg.order.resize(seg.offsets[K]);
-  std::vector<int64_t> fill(seg.offsets.begin(), seg.offsets.end() - 1);
-  for (int64_t n = 0; n < N; ++n) {
-    if (l[n] != ignore_index) seg.order[fill[l[n]]++] = n;
-  }
-  return seg;
-}
-
-// Phase 1: a[n * C + c] = mean over spatial positions of x[n, c, ...].
-template <typename scalar_t, typename acc_t>
-void unit_means(const at::Tensor& x_in, acc_t* a) {
-  const int64_t N = x_in.size(0), C = x_in.size(1);
-  const int64_t S = N * C == 0 ? 1 : x_in.numel() / (N * C);
-  const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
-  if (S == 1) {
-    const at::Tensor x2 = x_in.reshape({N, C});  // a view: all trailing dims are 1
-    const scalar_t* p = x2.data_ptr<scalar_t>();
-    const int64_t sn = x2.stride(0), sc = x2.stride(1);
-    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n)
-        for (int64_t c = 0; c < C; ++c) a[n * C + c] = static_cast<acc_t>(p[n * sn + c * sc]);
-    });
-    return;
-  }
-  std::vector<int64_t> cl_perm{0};
-  for (int64_t d = 2; d < x_in.dim(); ++d) cl_perm.push_back(d);
-  cl_perm.push_back(1);
-  const bool channels_last = !x_in.is_contiguous() && x_in.permute(cl_perm).is_contiguous();
-  if (channels_last) {
-    // Memory is [N, S, C]: accumulate rows of C so the inner loop is unit-stride.
-    const scalar_t* p = x_in.data_ptr<scalar_t>();
-    at::parallel_for(0, N, grain_for(S * C), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) column_means(p + n * S * C, S, C, inv_S, a + n * C);
-    });
-    return;
-  }
-  // Any other stride pattern is copied once to NCHW (documented in the Python docstrings).
-  const at::Tensor x = x_in.contiguous();
-  const scalar_t* p = x.data_ptr<scalar_t>();
-  at::parallel_for(0, N * C, grain_for(S), [&](int64_t b, int64_t e) {
-#ifdef SELK_HAVE_AVX2_ROW_MEANS
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (avx2::supported()) return avx2::row_means(p + b * S, e - b, S, inv_S, a + b);
-    }
-#endif
-    row_means(p + b * S, e - b, S, inv_S, a + b);
-  });
-}
-
-// Phase 2: means[k, c] from the unit means, in label-sorted order (deterministic).
-template <typename acc_t>
-void segment_means(const acc_t* a, int64_t C, const LabelSegments& seg, int64_t K, acc_t* means) {
-  constexpr int64_t kChannelBlock = 256;
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  // Each task owns one (class, channel block): its segment's rows plus its output rows.
-  const int64_t task_work = (seg.offsets[K] / std::max<int64_t>(1, K) + 1) * std::min(C, kChannelBlock);
-  at::parallel_for(0, K * blocks, grain_for(task_work), [&](int64_t b, int64_t e) {
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t k = task / blocks, c0 = (task % blocks) * kChannelBlock;
-      const int64_t c1 = std::min(C, c0 + kChannelBlock);
-      acc_t* out = means + k * C;
-      std::fill(out + c0, out + c1, acc_t(0));
-      const int64_t begin = seg.offsets[k], end = seg.offsets[k + 1];
-      for (int64_t i = begin; i < end; ++i) add_row(out + c0, a + seg.order[i] * C + c0, c1 - c0);
-      if (end > begin) {
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
-        for (int64_t c = c0; c < c1; ++c) out[c] *= inv;
-      }
-    }
-  });
-}
-
-void check_common(const at::Tensor& x, const at::Tensor& labels, int64_t K) {
-  TORCH_CHECK(x.dim() >= 2, "selkernels: x must be [N, C, *spatial], got ", x.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "selkernels: labels must be [N] with N = x.size(0)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "selkernels: labels must be int64");
-  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
-}
-
-std::tuple<at::Tensor, at::Tensor> class_means_impl(const at::Tensor& x, const at::Tensor& labels, int64_t K,
-                                                    int64_t ignore_index) {
-  check_common(x, labels, K);
-  const int64_t N = x.size(0), C = x.size(1);
-  const auto acc = acc_type_of(x.scalar_type());
-  const LabelSegments seg = segment_labels(labels, K, ignore_index);
-  at::Tensor means = at::empty({K, C}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_means", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    // Every element is written by unit_means: no zero-fill.
-    std::unique_ptr<acc_t[]> a(new acc_t[N * C]);
-    unit_means<scalar_t, acc_t>(x, a.get());
-    segment_means<acc_t>(a.get(), C, seg, K, means.data_ptr<acc_t>());
-  });
-  return {means, seg.counts};
-}
 
 // Per-unit SI terms for units [c0, c1), sweeping the [K, C] means row by row so the inner loop is
 // unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's coalescing instead).
@@ -329,103 +211,359 @@ at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, con
   return grad_means;
 }
 
-// grad_unit[n, c] = grad_means[label n, c] / (count * S); zero for ignored samples.
-at::Tensor class_means_backward_cpu(const at::Tensor& grad_means_in, const at::Tensor& counts_in,
-                                    const at::Tensor& labels_in, int64_t ignore_index, int64_t spatial_size,
-                                    at::ScalarType out_dtype) {
-  const at::Tensor grad_means = grad_means_in.contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const int64_t N = labels.size(0), K = grad_means.size(0), C = grad_means.size(1);
-  TORCH_CHECK(counts.size(0) == K, "selkernels: counts must be [K]");
-  at::Tensor out = at::empty({N, C}, grad_means.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES(grad_means.scalar_type(), "selkernels_class_means_backward_acc", [&] {
-    using acc_t = scalar_t;
-    const acc_t* gm = grad_means.data_ptr<acc_t>();
-    const int64_t* cnt = counts.data_ptr<int64_t>();
-    const int64_t* l = labels.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_class_means_backward", [&] {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) {
-          const int64_t k = l[n];
-          if (k == ignore_index || k < 0 || k >= K || cnt[k] == 0) {
-            std::fill(o + n * C, o + (n + 1) * C, scalar_t(0));
-            continue;
-          }
-          const acc_t scale = acc_t(1) / (static_cast<acc_t>(cnt[k]) * static_cast<acc_t>(spatial_size));
-          for (int64_t c = 0; c < C; ++c) o[n * C + c] = static_cast<scalar_t>(gm[k * C + c] * scale);
-        }
-      });
-    });
-  });
-  return out;
+
+// ------------------------------------------------------------------------------------------------
+// Label segmentation: a stable counting sort, checked before any layer is read.
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_labels_cpu(const at::Tensor& labels_in,
+                                                                                         int64_t K,
+                                                                                         int64_t ignore_index) {
+  TORCH_CHECK(labels_in.dim() == 1, "selkernels: labels must be [N]");
+  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t N = labels.size(0);
+  const int64_t* l = labels.data_ptr<int64_t>();
+  const auto opts = labels.options();
+  at::Tensor seg_labels = at::empty({N}, opts);
+  at::Tensor counts = at::zeros({K}, opts);
+  at::Tensor offsets = at::empty({K + 1}, opts);
+  at::Tensor order = at::empty({N}, opts);
+  int64_t* sl = seg_labels.data_ptr<int64_t>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t* ord = order.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    if (l[n] == ignore_index) {
+      sl[n] = -1;
+      continue;
+    }
+    // selkernels/ops.py turns this message into a ValueError: keep its prefix.
+    TORCH_CHECK(l[n] >= 0 && l[n] < K, "selkernels: labels must lie in [0, num_classes=", K,
+                ") or equal ignore_index=", ignore_index, "; found labels[", n, "] = ", l[n]);
+    sl[n] = l[n];
+    ++cnt[l[n]];
+  }
+  off[0] = 0;
+  for (int64_t k = 0; k < K; ++k) off[k + 1] = off[k] + cnt[k];
+  std::vector<int64_t> fill(off, off + K);
+  int64_t ignored = off[K];  // ignored samples go last, in order
+  for (int64_t n = 0; n < N; ++n) ord[sl[n] >= 0 ? fill[sl[n]]++ : ignored++] = n;
+  return {seg_labels, counts, offsets, order, at::zeros({}, opts)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> selectivity_index_cpu(const at::Tensor& x, const at::Tensor& labels,
-                                                                     int64_t K, double eps, int64_t ignore_index) {
-  auto [means, counts] = class_means_impl(x, labels, K, ignore_index);
-  return {selectivity_from_means_cpu(means, counts, eps), means, counts};
+// ------------------------------------------------------------------------------------------------
+// The layers of one call, and how phase 1 reads each.
+// ------------------------------------------------------------------------------------------------
+enum class Layout { kValues, kRows, kPositionsMajor };
+
+struct Layer {
+  at::Tensor x;       // as read: contiguous NCHW, [N, *positions, C] memory, or S == 1 with any strides
+  Layout layout;
+  int64_t C, S;
+  at::Tensor a;       // acc [N, C] unit means
+};
+
+struct Segmentation {
+  int64_t N, K;
+  const int64_t* labels;
+  const int64_t* counts;
+  const int64_t* offsets;
+  const int64_t* order;
+  bool invalid;  // labels outside [0, K) were seen: every result is NaN
+};
+
+Segmentation check_segmentation(const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
+                                const at::Tensor& order, const at::Tensor& invalid) {
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "selkernels: segment labels must be int64 [N]");
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong && counts.size(0) >= 1,
+              "selkernels: counts must be int64 [K], K >= 1");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) == counts.size(0) + 1,
+              "selkernels: offsets must be int64 [K + 1]");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.size(0) == labels.size(0),
+              "selkernels: order must be int64 [N]");
+  TORCH_CHECK(invalid.numel() == 1, "selkernels: invalid must be a scalar");
+  TORCH_CHECK(labels.is_contiguous() && counts.is_contiguous() && offsets.is_contiguous() && order.is_contiguous(),
+              "selkernels: the segmentation tensors must be contiguous (as segment_labels returns them)");
+  return {labels.size(0),           counts.size(0),           labels.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+          offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(), invalid.item<int64_t>() > 0};
 }
 
-// Without materialising a [K, C] gradient: d SI_c / d means[k, c] is g_max[c] for k = argmax[c],
-// g_rest[c] for the other present classes, so each sample needs only its unit's argmax.
-// grad_means_out (the gradient reaching the op's `means` output) is undefined when unused.
-at::Tensor selectivity_index_backward_cpu(const at::Tensor& grad_si_in, const c10::optional<at::Tensor>& grad_means_out,
-                                          const at::Tensor& means_in, const at::Tensor& counts_in,
-                                          const at::Tensor& labels_in, double eps, int64_t ignore_index,
-                                          int64_t spatial_size, at::ScalarType out_dtype) {
-  const at::Tensor means = means_in.contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor grad_si = grad_si_in.to(means.scalar_type()).contiguous();
-  const bool has_extra = grad_means_out.has_value() && grad_means_out->defined();
-  const at::Tensor extra = has_extra ? grad_means_out->to(means.scalar_type()).contiguous() : at::Tensor();
-  const int64_t N = labels.size(0), K = means.size(0), C = means.size(1);
-  at::Tensor out = at::empty({N, C}, means.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity_index_backward_acc", [&] {
-    using acc_t = scalar_t;
-    const acc_t* m = means.data_ptr<acc_t>();
-    const acc_t* g = grad_si.data_ptr<acc_t>();
-    const acc_t* gx = has_extra ? extra.data_ptr<acc_t>() : nullptr;
-    const int64_t* cnt = counts.data_ptr<int64_t>();
-    const int64_t* l = labels.data_ptr<int64_t>();
-    const auto coeffs = unit_grad_coeffs<acc_t>(m, cnt, g, K, C, static_cast<acc_t>(eps));
-    const acc_t* g_max = coeffs.g_max.data();
-    const acc_t* g_rest = coeffs.g_rest.data();
-    const int32_t* argmax = coeffs.argmax.data();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_selectivity_index_backward", [&] {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t end) {
-        for (int64_t n = b; n < end; ++n) {
-          const int64_t k = l[n];
-          scalar_t* row = o + n * C;
-          if (k == ignore_index || k < 0 || k >= K || cnt[k] == 0) {
-            std::fill(row, row + C, scalar_t(0));
-            continue;
-          }
-          const acc_t scale = acc_t(1) / (static_cast<acc_t>(cnt[k]) * static_cast<acc_t>(spatial_size));
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t grad = argmax[c] == k ? g_max[c] : g_rest[c];
-            if (gx != nullptr) grad += gx[k * C + c];
-            row[c] = static_cast<scalar_t>(grad * scale);
-          }
+std::vector<Layer> prepare_layers(at::TensorList xs, int64_t N) {
+  std::vector<Layer> layers;
+  layers.reserve(xs.size());
+  for (size_t l = 0; l < xs.size(); ++l) {
+    const at::Tensor& x = xs[l];
+    TORCH_CHECK(x.dim() >= 2, "selkernels: xs[", l, "] must be [N, C, *spatial], got ", x.dim(), " dims");
+    TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: xs[", l, "] must be floating point");
+    TORCH_CHECK(x.size(0) == N, "selkernels: xs[", l, "] has ", x.size(0), " samples, the labels ", N);
+    const int64_t C = x.size(1);
+    const int64_t S = N * C == 0 ? 1 : x.numel() / (N * C);
+    Layer layer{x, Layout::kRows, C, S, at::empty({N, C}, x.options().dtype(acc_type_of(x.scalar_type())))};
+    if (S == 1) {
+      layer.x = x.reshape({N, C});  // a view: every trailing dim is 1
+      layer.layout = Layout::kValues;
+    } else {
+      std::vector<int64_t> positions_major{0};
+      for (int64_t d = 2; d < x.dim(); ++d) positions_major.push_back(d);
+      positions_major.push_back(1);
+      if (!x.is_contiguous() && x.permute(positions_major).is_contiguous()) {
+        layer.layout = Layout::kPositionsMajor;  // channels_last, or unit_dim=-1 seen through movedim
+      } else {
+        layer.x = x.contiguous();  // other stride patterns: one copy (documented in ops.py)
+      }
+    }
+    layers.push_back(std::move(layer));
+  }
+  return layers;
+}
+
+// Phase 1 of items [begin, end) of one layer (rows for NCHW, samples otherwise).
+template <typename scalar_t, typename acc_t>
+void layer_means_chunk(Layer& L, int64_t begin, int64_t end) {
+  const scalar_t* p = L.x.data_ptr<scalar_t>();
+  acc_t* a = L.a.data_ptr<acc_t>();
+  const int64_t C = L.C, S = L.S;
+  const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
+  switch (L.layout) {
+    case Layout::kValues: {
+      const int64_t sn = L.x.stride(0), sc = L.x.stride(1);
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t c = 0; c < C; ++c) a[n * C + c] = static_cast<acc_t>(p[n * sn + c * sc]);
+      return;
+    }
+    case Layout::kPositionsMajor:
+      for (int64_t n = begin; n < end; ++n) column_means(p + n * S * C, S, C, inv_S, a + n * C);
+      return;
+    case Layout::kRows:
+#ifdef SELK_HAVE_AVX2_ROW_MEANS
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (avx2::supported()) return avx2::row_means(p + begin * S, end - begin, S, inv_S, a + begin);
+      }
+#endif
+      row_means(p + begin * S, end - begin, S, inv_S, a + begin);
+      return;
+  }
+}
+
+// Phase 1 of every layer in one parallel region: tasks of roughly equal work, a layer's rows
+// (NCHW) or samples (other layouts) split into chunks.
+struct MeansTask {
+  int64_t layer, begin, end;
+};
+
+void unit_means_all(std::vector<Layer>& layers, int64_t N) {
+  int64_t total = 0;
+  for (const Layer& L : layers) total += N * L.C * L.S;
+  const int64_t target = std::max<int64_t>(32768, total / (4 * std::max(1, at::get_num_threads())));
+  std::vector<MeansTask> tasks;
+  for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l) {
+    const Layer& L = layers[l];
+    const int64_t items = L.layout == Layout::kRows ? N * L.C : N;
+    const int64_t work_per_item = L.layout == Layout::kRows ? L.S : L.S * L.C;
+    const int64_t chunk = std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));
+    for (int64_t b = 0; b < items; b += chunk) tasks.push_back({l, b, std::min(items, b + chunk)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const MeansTask& task = tasks[t];
+      Layer& L = layers[task.layer];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.x.scalar_type(), "selkernels_unit_means", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        layer_means_chunk<scalar_t, acc_t>(L, task.begin, task.end);
+      });
+    }
+  });
+}
+
+constexpr int64_t kChannelBlock = 256;
+
+struct ChannelTask {
+  int64_t layer, c0, c1;
+};
+
+std::vector<ChannelTask> channel_tasks(const std::vector<Layer>& layers) {
+  std::vector<ChannelTask> tasks;
+  for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l)
+    for (int64_t c0 = 0; c0 < layers[l].C; c0 += kChannelBlock)
+      tasks.push_back({l, c0, std::min(layers[l].C, c0 + kChannelBlock)});
+  return tasks;
+}
+
+// Phase 2 for channels [c0, c1) of one layer: means[k, c] over the class-k segment of the sorted
+// samples, in that order (deterministic).
+template <typename acc_t>
+void segment_means(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg, acc_t* means) {
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t k = 0; k < seg.K; ++k) {
+    acc_t* out = means + k * C;
+    std::fill(out + c0, out + c1, seg.invalid ? nan : acc_t(0));
+    const int64_t begin = seg.offsets[k], end = seg.offsets[k + 1];
+    if (seg.invalid || end == begin) continue;
+    for (int64_t i = begin; i < end; ++i) add_row(out + c0, a + seg.order[i] * C + c0, c1 - c0);
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
+    for (int64_t c = c0; c < c1; ++c) out[c] *= inv;
+  }
+}
+
+std::vector<at::Tensor> class_means_segmented_cpu(at::TensorList xs, const at::Tensor& labels,
+                                                  const at::Tensor& counts, const at::Tensor& offsets,
+                                                  const at::Tensor& order, const at::Tensor& invalid) {
+  const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
+  std::vector<Layer> layers = prepare_layers(xs, seg.N);
+  unit_means_all(layers, seg.N);
+  std::vector<at::Tensor> means;
+  for (const Layer& L : layers) means.push_back(at::empty({seg.K, L.C}, L.a.options()));
+  const auto tasks = channel_tasks(layers);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const ChannelTask& task = tasks[t];
+      AT_DISPATCH_FLOATING_TYPES(means[task.layer].scalar_type(), "selkernels_class_means", [&] {
+        segment_means<scalar_t>(layers[task.layer].a.data_ptr<scalar_t>(), layers[task.layer].C, task.c0, task.c1,
+                                seg, means[task.layer].data_ptr<scalar_t>());
+      });
+    }
+  });
+  return means;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+selectivity_index_segmented_cpu(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
+                                const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
+                                double eps) {
+  const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
+  std::vector<Layer> layers = prepare_layers(xs, seg.N);
+  unit_means_all(layers, seg.N);
+  std::vector<at::Tensor> si, means, coeffs, argmax;
+  for (const Layer& L : layers) {
+    si.push_back(at::empty({L.C}, L.a.options()));
+    means.push_back(at::empty({seg.K, L.C}, L.a.options()));
+    coeffs.push_back(at::empty({2, L.C}, L.a.options()));
+    argmax.push_back(at::empty({L.C}, labels.options()));
+  }
+  const auto tasks = channel_tasks(layers);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const ChannelTask& task = tasks[t];
+      const int64_t l = task.layer, C = layers[l].C;
+      AT_DISPATCH_FLOATING_TYPES(means[l].scalar_type(), "selkernels_selectivity_index", [&] {
+        scalar_t* m = means[l].data_ptr<scalar_t>();
+        segment_means<scalar_t>(layers[l].a.data_ptr<scalar_t>(), C, task.c0, task.c1, seg, m);
+        UnitTerms<scalar_t> terms;
+        unit_terms(m, seg.counts, seg.K, C, task.c0, task.c1, terms);
+        const auto e = static_cast<scalar_t>(eps);
+        scalar_t* out = si[l].data_ptr<scalar_t>();
+        scalar_t* g_max = coeffs[l].data_ptr<scalar_t>();
+        scalar_t* g_rest = g_max + C;
+        int64_t* am = argmax[l].data_ptr<int64_t>();
+        for (int64_t c = task.c0; c < task.c1; ++c) {
+          const scalar_t mu_max = terms.mu_max[c - task.c0], mu_rest = terms.mu_rest[c - task.c0];
+          out[c] = terms.present < 2 ? scalar_t(0) : selectivity_value(mu_max, mu_rest, e);
+          selectivity_grad_coeffs(mu_max, mu_rest, terms.present, e, scalar_t(1), &g_max[c], &g_rest[c]);
+          am[c] = terms.argmax[c - task.c0];
+          if (seg.invalid) out[c] = g_max[c] = g_rest[c] = std::numeric_limits<scalar_t>::quiet_NaN();
         }
       });
-    });
+    }
   });
+  return {si, means, coeffs, argmax};
+}
+
+// Backward of every layer in one parallel region over (layer, chunk of samples) tasks.
+std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::TensorList coeffs, at::TensorList argmax,
+                                                at::TensorList grad_means, const at::Tensor& labels_in,
+                                                const at::Tensor& counts_in, at::IntArrayRef channels,
+                                                at::IntArrayRef spatial_sizes, at::IntArrayRef out_dtypes) {
+  const size_t L = channels.size();
+  const bool with_si = !grad_si.empty(), with_means = !grad_means.empty();
+  TORCH_CHECK((!with_si || (grad_si.size() == L && coeffs.size() == L && argmax.size() == L)) &&
+                  (!with_means || grad_means.size() == L) && spatial_sizes.size() == L && out_dtypes.size() == L,
+              "selkernels: segmented_unit_grad: grad_si, coeffs, argmax (or none of them) and grad_means (or none) "
+              "need one entry per layer");
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor counts = counts_in.contiguous();
+  const int64_t N = labels.size(0), K = counts.size(0);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  struct LayerGrad {
+    at::Tensor g_si, g_means, coeffs, argmax, out;
+    int64_t C, S;
+  };
+  std::vector<LayerGrad> layers(L);
+  for (size_t l = 0; l < L; ++l) {
+    LayerGrad& G = layers[l];
+    G.C = channels[l];
+    G.S = spatial_sizes[l];
+    const at::ScalarType acc = with_si      ? coeffs[l].scalar_type()
+                               : with_means ? acc_type_of(grad_means[l].scalar_type())
+                                            : at::kFloat;
+    if (with_si) {
+      TORCH_CHECK(coeffs[l].sizes() == at::IntArrayRef({2, G.C}) && argmax[l].numel() == G.C &&
+                      grad_si[l].numel() == G.C,
+                  "selkernels: coeffs[", l, "] must be [2, C], argmax and grad_si [C]");
+      G.coeffs = coeffs[l].contiguous();
+      G.argmax = argmax[l].to(at::kLong).contiguous();
+      G.g_si = grad_si[l].to(acc).contiguous();
+    }
+    if (with_means) {
+      TORCH_CHECK(grad_means[l].sizes() == at::IntArrayRef({K, G.C}), "selkernels: grad_means[", l, "] must be [K, C]");
+      G.g_means = grad_means[l].to(acc).contiguous();
+    }
+    G.out = at::empty({N, G.C}, labels.options().dtype(static_cast<at::ScalarType>(out_dtypes[l])));
+    if (!with_si && !with_means) G.out.zero_();
+  }
+  std::vector<MeansTask> tasks;
+  for (size_t l = 0; l < L; ++l) {
+    if (!layers[l].g_si.defined() && !layers[l].g_means.defined()) continue;
+    const int64_t chunk = std::max<int64_t>(1, grain_for(layers[l].C));
+    for (int64_t b = 0; b < N; b += chunk) tasks.push_back({static_cast<int64_t>(l), b, std::min(N, b + chunk)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const MeansTask& task = tasks[t];
+      LayerGrad& G = layers[task.layer];
+      const at::ScalarType acc = G.g_si.defined() ? G.g_si.scalar_type() : G.g_means.scalar_type();
+      AT_DISPATCH_FLOATING_TYPES(acc, "selkernels_unit_grad_acc", [&] {
+        using acc_t = scalar_t;
+        const int64_t C = G.C;
+        const acc_t* gs = G.g_si.defined() ? G.g_si.data_ptr<acc_t>() : nullptr;
+        const acc_t* g_max = gs ? G.coeffs.data_ptr<acc_t>() : nullptr;
+        const acc_t* g_rest = gs ? g_max + C : nullptr;
+        const int64_t* am = gs ? G.argmax.data_ptr<int64_t>() : nullptr;
+        const acc_t* gm = G.g_means.defined() ? G.g_means.data_ptr<acc_t>() : nullptr;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.out.scalar_type(), "selkernels_unit_grad", [&] {
+          scalar_t* o = G.out.data_ptr<scalar_t>();
+          for (int64_t n = task.begin; n < task.end; ++n) {
+            const int64_t k = lab[n];
+            scalar_t* row = o + n * C;
+            if (k < 0 || k >= K || cnt[k] <= 0) {
+              std::fill(row, row + C, scalar_t(0));
+              continue;
+            }
+            const acc_t scale = acc_t(1) / (static_cast<acc_t>(cnt[k]) * static_cast<acc_t>(G.S));
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t g = gs ? gs[c] * (am[c] == k ? g_max[c] : g_rest[c]) : acc_t(0);
+              if (gm) g += gm[k * C + c];
+              row[c] = static_cast<scalar_t>(g * scale);
+            }
+          }
+        });
+      });
+    }
+  });
+  std::vector<at::Tensor> out;
+  for (LayerGrad& G : layers) out.push_back(G.out);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selkernels, CPU, m) {
-  m.impl("class_means", &class_means_impl);
-  m.impl("class_means_backward", &class_means_backward_cpu);
+  m.impl("segment_labels", &segment_labels_cpu);
+  m.impl("class_means_segmented", &class_means_segmented_cpu);
+  m.impl("selectivity_index_segmented", &selectivity_index_segmented_cpu);
+  m.impl("segmented_unit_grad", &segmented_unit_grad_cpu);
   m.impl("selectivity_from_means", &selectivity_from_means_cpu);
   m.impl("selectivity_from_means_backward", &selectivity_from_means_backward_cpu);
-  m.impl("selectivity_index", &selectivity_index_cpu);
-  m.impl("selectivity_index_backward", &selectivity_index_backward_cpu);
 }
 
 }  // namespace selk
