@@ -141,7 +141,7 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     if not xs:
         raise ValueError("xs must hold at least one tensor")
     num_classes = _check_num_classes(num_classes)
-    local = [class_means(x, labels, num_classes, ignore_index=ignore_index) for x in xs]
+    local = class_means(xs, labels, num_classes, ignore_index=ignore_index)  # one fused call, one segmentation
     # The widest accumulation type, so all layers share one buffer and one collective.
     acc = torch.float64 if any(m.dtype == torch.float64 for m, _ in local) else torch.float32
     if world_size(group) == 1:
@@ -181,9 +181,7 @@ def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], la
     single = isinstance(xs, torch.Tensor)
     eps = _check_eps(eps)
     if world_size(group) == 1:
-        si = [selectivity_index(x, labels, num_classes, eps=eps, ignore_index=ignore_index)
-              for x in ([xs] if single else xs)]
-        return si[0] if single else si
+        return selectivity_index(xs if single else list(xs), labels, num_classes, eps=eps, ignore_index=ignore_index)
     means, counts = global_class_means([xs] if single else xs, labels, num_classes, ignore_index=ignore_index,
                                        group=group, layout_key=layout_key)
     si = [selectivity_from_means(m, counts, eps) for m in means]

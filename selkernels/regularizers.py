@@ -157,8 +157,7 @@ class SelectivityRegularizer(_LayerOutputHooks):
                                                 ignore_index=self.ignore_index, group=self.process_group,
                                                 layout_key=self._layout_key)
         else:
-            si = [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index)
-                  for out in outputs]
+            si = selectivity_index(outputs, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index)
         return torch.stack([s.mean() for s in si])
 
     def _is_global(self) -> bool:
