@@ -6,6 +6,8 @@
 #   usage: .ci/torch211_headers.sh
 #   SELKERNELS_TORCH211_INCLUDE  directory holding torch/include (default
 #                                ~/.cache/selkernels/torch-2.11.0-include)
+#   SELKERNELS_CUDA_VENV         CUDA torch venv whose nvidia/cu13/include supplies cusparse.h etc.
+#                                (default ~/.cache/selkernels/cu130, as .ci/cuda_build.sh)
 # The headers come from PyPI's torch==2.11.0 wheel (the CUDA 13.0 build, 531 MB: the only 2.11 wheel
 # the project's index serves; a CPU wheel would need download.pytorch.org): downloaded once, only
 # torch/include (62 MB) is kept, the wheel is deleted.
@@ -26,7 +28,7 @@ if [ ! -f "$inc_root/torch/include/torch/extension.h" ]; then
   unzip -q -o "$tmp"/torch-2.11.0-*.whl 'torch/include/*' -d "$inc_root" || { echo "torch211_headers: unzip failed" >&2; exit 1; }
 fi
 inc="$inc_root/torch/include"
-grep -q 'TORCH_VERSION_MINOR 11' "$inc/torch/version.h" 2>/dev/null || { echo "torch211_headers: $inc is not torch 2.11" >&2; exit 1; }
+grep -q 'TORCH_VERSION_MINOR 11$' "$inc/torch/headeronly/version.h" 2>/dev/null || { echo "torch211_headers: $inc is not torch 2.11" >&2; exit 1; }
 py_inc="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 # The flags cpp_extension gives the extension (setup.py), with the C++17 that torch 2.11 builds with.
 common=(-std=c++17 -O0 -I "$root/csrc" -I "$inc" -I "$inc/torch/csrc/api/include" -I "$py_inc"
@@ -41,10 +43,17 @@ printf '%s\n' "${cpp[@]}" | xargs -P "$jobs" -I{} sh -c \
 nvcc="${NVCC:-$(command -v nvcc || true)}"
 [ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc=/usr/local/cuda/bin/nvcc
 cu=("$root"/csrc/cuda/*.cu)
+# ATen's CUDA headers include cusparse.h and cublas_v2.h, which a minimal toolkit lacks: take them
+# from the CUDA torch venv's nvidia wheels, as setup.py does.
+cuda_venv="${SELKERNELS_CUDA_VENV:-$HOME/.cache/selkernels/cu130}"
+cuda_inc=()
+for d in "$cuda_venv"/lib/python3*/site-packages/nvidia/cu13/include; do
+  [ -d "$d" ] && cuda_inc+=(-I "$d")
+done
 if [ -n "$nvcc" ]; then
   printf '%s\n' "${cu[@]}" | xargs -P "$jobs" -I{} sh -c \
     '"'"$nvcc"'" "$@" -DSELKERNELS_WITH_CUDA --expt-relaxed-constexpr -arch=sm_90 -c "{}" -o /dev/null \
-       > "'"$log"'/$(basename {}).log" 2>&1 || echo "{}" >> "'"$log"'/failed"' _ "${common[@]}"
+       > "'"$log"'/$(basename {}).log" 2>&1 || echo "{}" >> "'"$log"'/failed"' _ "${common[@]}" "${cuda_inc[@]}"
 else
   echo "torch211_headers: nvcc not found: the .cu files were not checked"
 fi

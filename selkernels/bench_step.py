@@ -440,6 +440,7 @@ def format_step_table(results: Sequence[StepResult]) -> str:
 # The model's constants: what the modeled times and percentages rest on.
 GPU_ASSUMPTIONS = dict(
     bandwidth_gbs=1555.0,  # A100 40GB HBM2 peak (NVIDIA datasheet); the model takes it as attained
+    sm_count=108,  # A100: the plan sizes its grids for it
     launch_us=4.0,  # per kernel launch from eager Python dispatch, not overlapped with other work
     host_sync_us=20.0,  # one blocking device-to-host copy: drains the queue; cost beyond the copy
     resnet18_imagenet_step_ms=30.0,  # ResNet-18, ImageNet 224x224, batch 256, AMP bf16, one A100: fwd+bwd+SGD
@@ -462,25 +463,25 @@ class GpuModelRow:
 
 
 def _plan_totals(plan: Sequence[dict]) -> Tuple[int, int, int, int]:
-    launches = sum(1 for e in plan if e.get("kernel") != "host_sync")
-    syncs = sum(1 for e in plan if e.get("kernel") == "host_sync")
-    return launches, syncs, sum(int(e["bytes_read"]) for e in plan), sum(int(e["bytes_written"]) for e in plan)
+    """Launches, host syncs, bytes read and written of a launch plan."""
+    return (len(plan), sum(int(e.get("host_syncs", 0)) for e in plan), sum(int(e["bytes_read"]) for e in plan),
+            sum(int(e["bytes_written"]) for e in plan))
 
 
 def gpu_model(plan: Sequence[dict], shapes: Sequence[Tuple[int, ...]], elem_bytes: int,
               step_ms: Optional[float], case: str, assumptions: dict = GPU_ASSUMPTIONS) -> GpuModelRow:
-    """Modeled per-step cost of a plan (launch list) for block outputs of ``shapes`` ([N, C, *S]).
+    """Modeled per-step cost of a plan (the selkernels launches) for block outputs of ``shapes``.
 
-    The regularizer's gradient reaches the block output as a broadcast that autograd adds into the
-    dense gradient, unless the plan already writes it: that add (one launch, read + write of the
-    dense gradient) is counted here when no plan entry writes the outputs' gradient size.
+    The plan leaves out autograd's own work, which the step pays too: adding the broadcast [N, C]
+    SI gradient into each output's dense gradient (one launch per layer, in place: a read of the
+    dense gradient and of the [N, C] tensor, a write of the dense gradient). It is added here.
     """
     launches, syncs, rd, wr = _plan_totals(plan)
     out_bytes = sum(math.prod(s) * elem_bytes for s in shapes)
-    if wr < out_bytes:  # the backward hands autograd a broadcast: autograd's add is part of the cost
-        launches += len(shapes)
-        rd += 2 * out_bytes  # InputBuffer accumulates: reads the dense gradient; the broadcast is small
-        wr += out_bytes
+    unit_bytes = sum(s[0] * s[1] * elem_bytes for s in shapes)
+    launches += len(shapes)
+    rd += out_bytes + unit_bytes
+    wr += out_bytes
     bw = assumptions["bandwidth_gbs"] * 1e9
     modeled = (launches * assumptions["launch_us"] + syncs * assumptions["host_sync_us"]) * 1e-3 + (rd + wr) / bw * 1e3
     floor = 3 * out_bytes / bw * 1e3  # one read of the outputs, read + write of their gradient
@@ -496,13 +497,14 @@ def modeled_gpu_rows(plan_fn: Optional[Callable] = None, assumptions: dict = GPU
     if plan_fn is None:
         from .ops import cuda_launch_plan as plan_fn
     dtype = getattr(torch, assumptions["activation_dtype"])
+    # launches: the plan's + autograd's in-place add of the SI gradient per layer (not in the plan)
     elem = torch.empty((), dtype=dtype).element_size()
     cases = [(f"resnet20 cifar10 N=128 K={k}", [(128,) + s for s in RESNET20_BLOCKS], k, None) for k in (10, 100)]
     cases.append(("resnet18 imagenet N=256 K=1000", [(256,) + s for s in RESNET18_IMAGENET_BLOCKS], 1000,
                   assumptions["resnet18_imagenet_step_ms"]))
     rows = []
     for name, shapes, k, step_ms in cases:
-        plan = plan_fn(shapes, k, [dtype] * len(shapes))
+        plan = plan_fn(shapes, k, [dtype] * len(shapes), sm_count=assumptions["sm_count"])
         rows.append(gpu_model(plan, shapes, elem, step_ms, name, assumptions))
     return rows
 
@@ -516,7 +518,10 @@ def format_gpu_table(rows: Sequence[GpuModelRow], assumptions: dict = GPU_ASSUMP
     a = assumptions
     return "\n".join(["[step, modeled GPU: per training step, forward + backward of the regularizer]"]
                      + _render(header, body, 1)
-                     + [f"model: {a['bandwidth_gbs']:.0f} GB/s attained, {a['launch_us']} us per launch, "
+                     + [f"launches and bytes: selkernels.ops.cuda_launch_plan (grids for {a['sm_count']} SMs) plus "
+                        "autograd's in-place add of the SI gradient per layer; floor: one read of the outputs + "
+                        "read and write of their gradient",
+                        f"model: {a['bandwidth_gbs']:.0f} GB/s attained, {a['launch_us']} us per launch, "
                         f"{a['host_sync_us']} us per host sync, {a['activation_dtype']} block outputs; % of an assumed "
                         f"{a['resnet18_imagenet_step_ms']} ms ResNet-18 ImageNet step (batch 256, AMP, one A100)"])
 
