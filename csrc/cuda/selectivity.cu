@@ -1,6 +1,7 @@
-// CUDA launchers of the selectivity family: argument checks, layout choice, grid sizing and dtype
-// dispatch. Kernel bodies and their bytes-moved model: selectivity.cuh. No host synchronisation
-// (no .item(), no nonzero), so every op is capturable in CUDA graphs and traceable by torch.compile.
+// CUDA launchers of the selectivity family: argument checks, layout choice, layer tables and dtype
+// dispatch. Kernel bodies: selectivity.cuh; grid sizes and the launch plan: launch_plan.h (the
+// same functions size the grids here). No host synchronisation (no .item(), no nonzero; invalid
+// labels are counted on the device), so a whole step is capturable in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cuda/selectivity.cuh"
 
@@ -44,121 +46,268 @@ typename Storage<T>::type* storage_ptr_mut(at::Tensor& t) {
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-constexpr int64_t kMaxGridY = 65535;
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Enough blocks to fill the GPU several times over; grid-stride loops cover the rest.
-int64_t capped_blocks(int64_t needed) {
-  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return std::max<int64_t>(1, std::min(needed, cap));
-}
+int32_t dtype_code(at::ScalarType t) { return static_cast<int32_t>(t); }
 
-struct Segments {
-  at::Tensor counts;   // int64 [K]
-  at::Tensor offsets;  // int32 [K + 1]
-  at::Tensor order;    // int32 [N], class-sorted sample indices (first offsets[K] entries used)
-};
-
-Segments segment_labels(const at::Tensor& labels_in, int64_t K, int64_t ignore_index, cudaStream_t stream) {
-  const at::Tensor labels = labels_in.contiguous();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_labels_cuda(const at::Tensor& labels_in,
+                                                                                          int64_t K,
+                                                                                          int64_t ignore_index) {
+  TORCH_CHECK(labels_in.dim() == 1, "selkernels: labels must be [N]");
+  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
+  const c10::cuda::CUDAGuard guard(labels_in.device());
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t N = labels.size(0);
   TORCH_CHECK(N < std::numeric_limits<int32_t>::max() && K < std::numeric_limits<int32_t>::max(),
               "selkernels: the CUDA kernels need N and num_classes below 2^31");
-  const auto i32 = labels.options().dtype(at::kInt);
-  Segments seg;
-  seg.counts = at::empty({K}, labels.options().dtype(at::kLong));
-  seg.offsets = at::empty({K + 1}, i32);
-  seg.order = at::empty({N}, i32);
-  at::Tensor rank = at::empty({N}, i32);
-  at::Tensor scratch = segment_counts_in_smem(K) ? at::Tensor() : at::empty({K}, i32);
-  segment_labels_kernel<<<1, kSegmentThreads, segment_smem_bytes(K), stream>>>(
-      labels.const_data_ptr<int64_t>(), N, K, ignore_index, seg.counts.mutable_data_ptr<int64_t>(),
-      seg.offsets.mutable_data_ptr<int32_t>(), rank.mutable_data_ptr<int32_t>(), seg.order.mutable_data_ptr<int32_t>(),
+  const auto opts = labels.options();
+  at::Tensor seg_labels = at::empty({N}, opts), counts = at::empty({K}, opts), offsets = at::empty({K + 1}, opts);
+  at::Tensor order = at::empty({N}, opts), invalid = at::empty({}, opts);
+  at::Tensor rank = at::empty({N}, opts.dtype(at::kInt));
+  at::Tensor scratch = segment_counts_in_smem(K) ? at::Tensor() : at::empty({K + 1}, opts.dtype(at::kInt));
+  segment_labels_kernel<<<1, kSegmentThreads, segment_smem_bytes(K), at::cuda::getCurrentCUDAStream()>>>(
+      labels.const_data_ptr<int64_t>(), N, K, ignore_index, seg_labels.mutable_data_ptr<int64_t>(),
+      counts.mutable_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>(), order.mutable_data_ptr<int64_t>(),
+      invalid.mutable_data_ptr<int64_t>(), rank.mutable_data_ptr<int32_t>(),
       scratch.defined() ? scratch.mutable_data_ptr<int32_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return seg;
+  return {seg_labels, counts, offsets, order, invalid};
 }
 
-bool is_channels_last_like(const at::Tensor& x) {
-  // Memory [N, *spatial, C]: channels_last and channels_last_3d, and any rank.
+struct Seg {
+  int64_t N, K;
+  const at::Tensor &labels, &counts, &offsets, &order, &invalid;
+};
+
+Seg check_segmentation(const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
+                       const at::Tensor& order, const at::Tensor& invalid) {
+  for (const at::Tensor* t : {&labels, &counts, &offsets, &order, &invalid}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == labels.device() && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "selkernels: the segmentation tensors must be contiguous int64 on the device of x "
+                "(as segment_labels returns them)");
+  }
+  TORCH_CHECK(labels.dim() == 1 && order.dim() == 1 && order.size(0) == labels.size(0), "selkernels: labels and order must be [N]");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 1 && offsets.dim() == 1 && offsets.size(0) == counts.size(0) + 1,
+              "selkernels: counts must be [K] and offsets [K + 1]");
+  TORCH_CHECK(invalid.numel() == 1, "selkernels: invalid must be a scalar");
+  return {labels.size(0), counts.size(0), labels, counts, offsets, order, invalid};
+}
+
+struct Layer {
+  at::Tensor x;  // as read
+  int32_t layout;
+  int group;
+  int64_t C, S;
+  at::Tensor a;  // acc [N, C]
+};
+
+bool positions_major(const at::Tensor& x) {
   std::vector<int64_t> perm{0};
   for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
   perm.push_back(1);
   return x.permute(perm).is_contiguous();
 }
 
-// Phase 1: a[n, c] (acc_t [N, C]) from x. Contiguous NCHW, channels_last and S == 1 (any strides)
-// are read in place; any other stride pattern is copied once to contiguous.
-template <typename scalar_t, typename acc_t>
-void unit_means(const at::Tensor& x_in, acc_t* a, cudaStream_t stream) {
-  using st = typename Storage<scalar_t>::type;
-  const int64_t N = x_in.size(0), C = x_in.size(1);
-  if (N * C == 0) return;
-  const int64_t S = x_in.numel() / (N * C);
-  if (S == 1 && x_in.numel() > 0) {
-    const at::Tensor x2 = x_in.reshape({N, C});  // a view: every trailing dim is 1
-    const int64_t blocks = capped_blocks((N * C + 255) / 256);
-    unit_values_kernel<st, acc_t><<<blocks, 256, 0, stream>>>(storage_ptr<scalar_t>(x2), N, C, x2.stride(0),
-                                                               x2.stride(1), a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+std::vector<Layer> prepare_layers(at::TensorList xs, const Seg& seg) {
+  std::vector<Layer> layers;
+  for (size_t l = 0; l < xs.size(); ++l) {
+    const at::Tensor& x = xs[l];
+    TORCH_CHECK(x.dim() >= 2 && at::isFloatingType(x.scalar_type()), "selkernels: xs[", l,
+                "] must be a floating-point [N, C, *spatial] tensor");
+    TORCH_CHECK(x.size(0) == seg.N, "selkernels: xs[", l, "] has ", x.size(0), " samples, the labels ", seg.N);
+    TORCH_CHECK(x.device() == seg.labels.device(), "selkernels: xs[", l, "] must be on the device of the labels");
+    const int64_t N = seg.N, C = x.size(1);
+    const int64_t S = N * C == 0 ? 1 : x.numel() / (N * C);
+    Layer L{x, kRows, 1, C, S, at::empty({N, C}, x.options().dtype(acc_type_of(x.scalar_type())))};
+    if (S == 1) {
+      L.x = x.reshape({N, C});  // a view: every trailing dim is 1
+      L.layout = kValues;
+    } else if (!x.is_contiguous() && positions_major(x)) {
+      L.layout = kPositionsMajor;
+    } else {
+      L.x = x.contiguous();  // no copy when already contiguous
+      const int64_t bytes = static_cast<int64_t>(x.element_size());
+      const bool vec = (S * bytes) % 16 == 0 && reinterpret_cast<uintptr_t>(L.x.const_data_ptr()) % 16 == 0;
+      L.layout = vec ? kRowsVec : kRows;
+      L.group = row_group_size(S, vec ? vec_len(bytes) : 1);
+    }
+    layers.push_back(std::move(L));
   }
-  if (!x_in.is_contiguous() && is_channels_last_like(x_in)) {
-    const int64_t tiles = N * ((C + kWarpSize - 1) / kWarpSize);
-    const dim3 block(kWarpSize, kClRows);
-    unit_means_cl_kernel<st, acc_t><<<capped_blocks(tiles), block, kClRows * kWarpSize * sizeof(acc_t), stream>>>(
-        storage_ptr<scalar_t>(x_in), N, C, S, a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const at::Tensor x = x_in.contiguous();  // no copy when already contiguous
-  const st* p = storage_ptr<scalar_t>(x);
-  constexpr int kVec = Vec16<st>::kLen;
-  const bool vec = kVec > 1 && (S * static_cast<int64_t>(sizeof(st))) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(p) % 16 == 0;
-  const int G = row_group_size(S, vec ? kVec : 1);
-  const int64_t rows = N * C;
-  const int64_t warps = (rows + (kWarpSize / G) - 1) / (kWarpSize / G);
-  const int64_t blocks = capped_blocks((warps + kRowThreads / kWarpSize - 1) / (kRowThreads / kWarpSize));
-  if (vec) {
-    unit_means_rows_kernel<st, acc_t, kVec><<<blocks, kRowThreads, 0, stream>>>(p, rows, S, G, a);
-  } else {
-    unit_means_rows_kernel<st, acc_t, 1><<<blocks, kRowThreads, 0, stream>>>(p, rows, S, G, a);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return layers;
 }
 
-void check_forward(const at::Tensor& x, const at::Tensor& labels, int64_t K) {
-  TORCH_CHECK(x.dim() >= 2, "selkernels: x must be [N, C, *spatial], got ", x.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "selkernels: labels must be [N] with N = x.size(0)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "selkernels: labels must be int64");
-  TORCH_CHECK(labels.device() == x.device(), "selkernels: labels must be on the device of x");
-  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
-  TORCH_CHECK((x.size(1) + kWarpSize - 1) / kWarpSize <= kMaxGridY, "selkernels: too many channels for the CUDA kernels");
+std::vector<int64_t> channels_of(const std::vector<Layer>& layers) {
+  std::vector<int64_t> c;
+  for (const Layer& L : layers) c.push_back(L.C);
+  return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> class_means_cuda(const at::Tensor& x, const at::Tensor& labels, int64_t K,
-                                                    int64_t ignore_index) {
-  check_forward(x, labels, K);
-  const c10::cuda::CUDAGuard guard(x.device());
+// Phase 1 of every layer: one launch per storage dtype (per 16 layers).
+void launch_unit_means(std::vector<Layer>& layers, int64_t N, cudaStream_t stream) {
+  if (N == 0) return;
+  std::vector<int32_t> keys;
+  for (const Layer& L : layers) keys.push_back(dtype_code(L.x.scalar_type()));
+  for (const auto& group : launch_groups(keys, channels_of(layers))) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layers[group[0]].x.scalar_type(), "selkernels_unit_means_cuda", [&] {
+      using st = typename Storage<scalar_t>::type;
+      using acc_t = typename AccOf<st>::type;
+      MeansTable<st, acc_t> table{};
+      table.N = N;
+      int64_t grid = 1;
+      for (size_t j = 0; j < group.size(); ++j) {
+        Layer& L = layers[group[j]];
+        MeansLayer<st, acc_t>& d = table.layer[j];
+        d.x = storage_ptr<scalar_t>(L.x);
+        d.a = L.a.mutable_data_ptr<acc_t>();
+        d.C = L.C;
+        d.S = L.S;
+        d.stride_n = L.x.stride(0);
+        d.stride_c = L.x.stride(1);
+        d.layout = L.layout;
+        d.group = L.group;
+        d.blocks = means_layer_blocks(N, L.C, L.S, L.layout, L.group, sm_count());
+        grid = std::max(grid, d.blocks);
+      }
+      const dim3 g(static_cast<unsigned>(grid), static_cast<unsigned>(group.size()));
+      unit_means_kernel<st, acc_t><<<g, kMeansThreads, unit_means_smem_bytes<acc_t>(), stream>>>(table);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+// Phase 2 (+ SI epilogue when si is non-empty): one launch per acc type (per 16 layers).
+void launch_class_si(const std::vector<Layer>& layers, const Seg& seg, double eps, std::vector<at::Tensor>& means,
+                     std::vector<at::Tensor>* si, std::vector<at::Tensor>* coeffs, std::vector<at::Tensor>* argmax,
+                     cudaStream_t stream) {
+  std::vector<int32_t> keys;
+  for (const Layer& L : layers) keys.push_back(dtype_code(L.a.scalar_type()));
+  for (const auto& group : launch_groups(keys, channels_of(layers))) {
+    AT_DISPATCH_FLOATING_TYPES(layers[group[0]].a.scalar_type(), "selkernels_class_si_cuda", [&] {
+      using acc_t = scalar_t;
+      ClassTable<acc_t> table{};
+      int64_t grid = 1;
+      for (size_t j = 0; j < group.size(); ++j) {
+        const int64_t l = group[j];
+        ClassLayer<acc_t>& d = table.layer[j];
+        d.a = layers[l].a.const_data_ptr<acc_t>();
+        d.means = means[l].mutable_data_ptr<acc_t>();
+        d.si = si ? (*si)[l].mutable_data_ptr<acc_t>() : nullptr;
+        d.coeffs = coeffs ? (*coeffs)[l].mutable_data_ptr<acc_t>() : nullptr;
+        d.argmax = argmax ? (*argmax)[l].mutable_data_ptr<int64_t>() : nullptr;
+        d.C = layers[l].C;
+        grid = std::max(grid, class_tiles(d.C));
+      }
+      const dim3 g(static_cast<unsigned>(grid), static_cast<unsigned>(group.size()));
+      const dim3 block(kWarpSize, kClassRows);
+      class_si_kernel<acc_t><<<g, block, class_si_smem_bytes<acc_t>(), stream>>>(
+          table, seg.counts.const_data_ptr<int64_t>(), seg.offsets.const_data_ptr<int64_t>(),
+          seg.order.const_data_ptr<int64_t>(), seg.invalid.const_data_ptr<int64_t>(), seg.K, static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+std::vector<at::Tensor> class_means_segmented_cuda(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
+                                                   const at::Tensor& offsets, const at::Tensor& order,
+                                                   const at::Tensor& invalid) {
+  const c10::cuda::CUDAGuard guard(labels.device());
+  const Seg seg = check_segmentation(labels, counts, offsets, order, invalid);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t N = x.size(0), C = x.size(1);
-  const auto acc = acc_type_of(x.scalar_type());
-  Segments seg = segment_labels(labels, K, ignore_index, stream);
-  at::Tensor means = at::empty({K, C}, x.options().dtype(acc));
-  if (C == 0) return {means, seg.counts};
-  at::Tensor a = at::empty({N, C}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_means_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    unit_means<scalar_t, acc_t>(x, a.mutable_data_ptr<acc_t>(), stream);
-    const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>((C + kWarpSize - 1) / kWarpSize));
-    const dim3 block(kWarpSize, kClassRows);
-    class_sum_kernel<acc_t><<<grid, block, kClassRows * kWarpSize * sizeof(acc_t), stream>>>(
-        a.const_data_ptr<acc_t>(), seg.offsets.const_data_ptr<int32_t>(), seg.order.const_data_ptr<int32_t>(), C,
-        means.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {means, seg.counts};
+  std::vector<Layer> layers = prepare_layers(xs, seg);
+  launch_unit_means(layers, seg.N, stream);
+  std::vector<at::Tensor> means;
+  for (const Layer& L : layers) means.push_back(at::empty({seg.K, L.C}, L.a.options()));
+  launch_class_si(layers, seg, 0.0, means, nullptr, nullptr, nullptr, stream);
+  return means;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+selectivity_index_segmented_cuda(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
+                                 const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
+                                 double eps) {
+  const c10::cuda::CUDAGuard guard(labels.device());
+  const Seg seg = check_segmentation(labels, counts, offsets, order, invalid);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::vector<Layer> layers = prepare_layers(xs, seg);
+  launch_unit_means(layers, seg.N, stream);
+  std::vector<at::Tensor> si, means, coeffs, argmax;
+  for (const Layer& L : layers) {
+    si.push_back(at::empty({L.C}, L.a.options()));
+    means.push_back(at::empty({seg.K, L.C}, L.a.options()));
+    coeffs.push_back(at::empty({2, L.C}, L.a.options()));
+    argmax.push_back(at::empty({L.C}, labels.options()));
+  }
+  launch_class_si(layers, seg, eps, means, &si, &coeffs, &argmax, stream);
+  return {si, means, coeffs, argmax};
+}
+
+// The backward of every layer: one launch per output dtype (per 16 layers).
+std::vector<at::Tensor> segmented_unit_grad_cuda(at::TensorList grad_si, at::TensorList coeffs, at::TensorList argmax,
+                                                 at::TensorList grad_means, const at::Tensor& labels_in,
+                                                 const at::Tensor& counts_in, at::IntArrayRef channels,
+                                                 at::IntArrayRef spatial_sizes, at::IntArrayRef out_dtypes) {
+  const c10::cuda::CUDAGuard guard(labels_in.device());
+  const size_t L = channels.size();
+  const bool with_si = !grad_si.empty(), with_means = !grad_means.empty();
+  TORCH_CHECK((!with_si || (grad_si.size() == L && coeffs.size() == L && argmax.size() == L)) &&
+                  (!with_means || grad_means.size() == L) && spatial_sizes.size() == L && out_dtypes.size() == L,
+              "selkernels: segmented_unit_grad: grad_si, coeffs, argmax (or none of them) and grad_means (or none) "
+              "need one entry per layer");
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor counts = counts_in.contiguous();
+  const int64_t N = labels.size(0), K = counts.size(0);
+  std::vector<at::Tensor> out, g_si(L), cf(L), am(L), g_means(L);
+  std::vector<int32_t> keys;
+  std::vector<int64_t> launched_channels;
+  for (size_t l = 0; l < L; ++l) {
+    const auto out_dtype = static_cast<at::ScalarType>(out_dtypes[l]);
+    const at::ScalarType acc = acc_type_of(out_dtype);
+    out.push_back(at::empty({N, channels[l]}, labels.options().dtype(out_dtype)));
+    if (with_si) {
+      TORCH_CHECK(coeffs[l].sizes() == at::IntArrayRef({2, channels[l]}) && coeffs[l].scalar_type() == acc &&
+                      argmax[l].numel() == channels[l] && grad_si[l].numel() == channels[l],
+                  "selkernels: coeffs[", l, "] must be [2, C] in the accumulation type, argmax and grad_si [C]");
+      cf[l] = coeffs[l].contiguous();
+      am[l] = argmax[l].to(at::kLong).contiguous();
+      g_si[l] = grad_si[l].to(acc).contiguous();
+    }
+    if (with_means) {
+      TORCH_CHECK(grad_means[l].sizes() == at::IntArrayRef({K, channels[l]}), "selkernels: grad_means[", l,
+                  "] must be [K, C]");
+      g_means[l] = grad_means[l].to(acc).contiguous();
+    }
+    if (!with_si && !with_means) out[l].zero_();
+    keys.push_back(out_dtypes[l]);
+    launched_channels.push_back(with_si || with_means ? channels[l] * (N > 0) : 0);
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (const auto& group : launch_groups(keys, launched_channels)) {
+    const auto out_dtype = static_cast<at::ScalarType>(out_dtypes[group[0]]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_unit_grad_cuda", [&] {
+      using ot = typename Storage<scalar_t>::type;
+      using acc_t = typename AccOf<ot>::type;
+      GradTable<acc_t, ot> table{};
+      int64_t grid = 1;
+      for (size_t j = 0; j < group.size(); ++j) {
+        const int64_t l = group[j];
+        GradLayer<acc_t, ot>& d = table.layer[j];
+        d.grad_si = with_si ? g_si[l].const_data_ptr<acc_t>() : nullptr;
+        d.coeffs = with_si ? cf[l].const_data_ptr<acc_t>() : nullptr;
+        d.argmax = with_si ? am[l].const_data_ptr<int64_t>() : nullptr;
+        d.grad_means = with_means ? g_means[l].const_data_ptr<acc_t>() : nullptr;
+        d.out = storage_ptr_mut<scalar_t>(out[l]);
+        d.C = channels[l];
+        d.S = spatial_sizes[l];
+        d.blocks = grad_layer_blocks(N, d.C, sm_count());
+        grid = std::max(grid, d.blocks);
+      }
+      const dim3 g(static_cast<unsigned>(grid), static_cast<unsigned>(group.size()));
+      unit_grad_kernel<acc_t, ot><<<g, kGradThreads, 0, stream>>>(table, labels.const_data_ptr<int64_t>(),
+                                                                   counts.const_data_ptr<int64_t>(), N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return out;
 }
 
 at::Tensor selectivity_from_means_cuda(const at::Tensor& means_in, const at::Tensor& counts_in, double eps) {
@@ -200,94 +349,15 @@ at::Tensor selectivity_from_means_backward_cuda(const at::Tensor& grad_si_in, co
   return grad_means;
 }
 
-// grad_unit [N, C] in out_dtype; grad_means [K, C] in acc_dtype may be undefined (fused SI backward
-// with nothing flowing into `means`); coeffs (g_max, g_rest, argmax) undefined for class_means.
-at::Tensor unit_grad(const at::Tensor& grad_means, at::ScalarType acc_dtype, int64_t K, int64_t C,
-                     const at::Tensor& counts, const at::Tensor& labels, int64_t ignore_index, int64_t spatial_size,
-                     at::ScalarType out_dtype, const at::Tensor& g_max, const at::Tensor& g_rest,
-                     const at::Tensor& argmax) {
-  const int64_t N = labels.size(0);
-  at::Tensor out = at::empty({N, C}, labels.options().dtype(out_dtype));
-  if (N == 0 || C == 0) return out;
-  const dim3 grid(static_cast<unsigned>((C + kUnitThreads - 1) / kUnitThreads),
-                  static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "selkernels_unit_grad_acc_cuda", [&] {
-    using acc_t = scalar_t;
-    const acc_t* gm = grad_means.defined() ? grad_means.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* gmax = g_max.defined() ? g_max.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* grest = g_rest.defined() ? g_rest.const_data_ptr<acc_t>() : nullptr;
-    const int64_t* amax = argmax.defined() ? argmax.const_data_ptr<int64_t>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "selkernels_unit_grad_cuda", [&] {
-      unit_grad_kernel<acc_t, typename Storage<scalar_t>::type><<<grid, kUnitThreads, 0, stream>>>(
-          gm, counts.const_data_ptr<int64_t>(), labels.const_data_ptr<int64_t>(), N, K, C, ignore_index, spatial_size,
-          gmax, grest, amax, storage_ptr_mut<scalar_t>(out));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return out;
-}
-
-at::Tensor class_means_backward_cuda(const at::Tensor& grad_means_in, const at::Tensor& counts_in,
-                                     const at::Tensor& labels_in, int64_t ignore_index, int64_t spatial_size,
-                                     at::ScalarType out_dtype) {
-  const c10::cuda::CUDAGuard guard(grad_means_in.device());
-  const at::Tensor grad_means = grad_means_in.contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  TORCH_CHECK(grad_means.dim() == 2 && counts.size(0) == grad_means.size(0), "selkernels: counts must be [K]");
-  return unit_grad(grad_means, grad_means.scalar_type(), grad_means.size(0), grad_means.size(1), counts, labels,
-                   ignore_index, spatial_size, out_dtype, {}, {}, {});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> selectivity_index_cuda(const at::Tensor& x, const at::Tensor& labels,
-                                                                      int64_t K, double eps, int64_t ignore_index) {
-  auto [means, counts] = class_means_cuda(x, labels, K, ignore_index);
-  return {selectivity_from_means_cuda(means, counts, eps), means, counts};
-}
-
-at::Tensor selectivity_index_backward_cuda(const at::Tensor& grad_si_in, const c10::optional<at::Tensor>& grad_means_out_in,
-                                           const at::Tensor& means_in, const at::Tensor& counts_in,
-                                           const at::Tensor& labels_in, double eps, int64_t ignore_index,
-                                           int64_t spatial_size, at::ScalarType out_dtype) {
-  const c10::cuda::CUDAGuard guard(means_in.device());
-  const at::Tensor means = means_in.contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor grad_si = grad_si_in.to(means.scalar_type()).contiguous();
-  // Gradient flowing into the op's `means` output: undefined when only SI is used.
-  at::Tensor grad_means_out;
-  if (grad_means_out_in.has_value() && grad_means_out_in->defined())
-    grad_means_out = grad_means_out_in->to(means.scalar_type()).contiguous();
-  const int64_t K = means.size(0), C = means.size(1);
-  TORCH_CHECK(grad_si.numel() == C && (!grad_means_out.defined() || grad_means_out.sizes() == means.sizes()),
-              "selkernels: grad_si must be [C] and grad_means [K, C]");
-  at::Tensor g_max = at::empty({C}, means.options());
-  at::Tensor g_rest = at::empty({C}, means.options());
-  at::Tensor argmax = at::empty({C}, means.options().dtype(at::kLong));
-  if (C > 0) {
-    AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_si_grad_coeffs_cuda", [&] {
-      si_grad_coeffs_kernel<scalar_t>
-          <<<(C + kUnitThreads - 1) / kUnitThreads, kUnitThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              grad_si.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), counts.const_data_ptr<int64_t>(),
-              K, C, static_cast<scalar_t>(eps), g_max.mutable_data_ptr<scalar_t>(),
-              g_rest.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return unit_grad(grad_means_out, means.scalar_type(), K, C, counts, labels, ignore_index, spatial_size, out_dtype,
-                   g_max, g_rest, argmax);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selkernels, CUDA, m) {
-  m.impl("class_means", &class_means_cuda);
-  m.impl("class_means_backward", &class_means_backward_cuda);
+  m.impl("segment_labels", &segment_labels_cuda);
+  m.impl("class_means_segmented", &class_means_segmented_cuda);
+  m.impl("selectivity_index_segmented", &selectivity_index_segmented_cuda);
+  m.impl("segmented_unit_grad", &segmented_unit_grad_cuda);
   m.impl("selectivity_from_means", &selectivity_from_means_cuda);
   m.impl("selectivity_from_means_backward", &selectivity_from_means_backward_cuda);
-  m.impl("selectivity_index", &selectivity_index_cuda);
-  m.impl("selectivity_index_backward", &selectivity_index_backward_cuda);
 }
 
 }  // namespace cuda

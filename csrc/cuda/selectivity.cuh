@@ -6,24 +6,24 @@
 // stable counting sort on the device, and every output element is reduced by a fixed set of
 // threads in a fixed order, so results are bitwise reproducible run to run.
 //
-// Forward (class_means, selectivity_index), b = bytes per x element, A = bytes of acc_t (4 or 8):
-//   segment_labels_kernel   labels -> counts, offsets, stable order     N*8 + 2*N*4 + K*12 bytes
-//   unit_means_*_kernel     a[n, c] = mean over s of x[n, c, s]         N*C*S*b read + N*C*A write
-//   class_sum_kernel        means[k, c] = mean of a over class k rows   N*C*A + N*4 read + K*C*A write
-//   si_kernel (SI only)     SI per unit from means, counts              K*C*A + K*8 read + C*A write
-//   total: N*C*S*b + 2*N*C*A + (2 or 3)*K*C*A + O(N + K); x is read exactly once, and for S >= 4
-//   (any conv layer) the N*C*S*b term dominates, so the forward runs at HBM bandwidth.
-// Backward: grad_unit[n, c] (an [N, C] tensor the Python side broadcasts over the spatial dims):
-//   class_means_backward    N*C*o write + rows of grad_means gathered per sample (<= N*C*A, L2-hot
-//                           when K is small) + N*8 + K*8
-//   selectivity_index_bwd   si_grad_coeffs_kernel K*C*A + K*8 read + C*(2A + 8) write, then the
-//                           elementwise kernel as above plus C*(2A + 8) read
+// A training step (every hooked layer in one call; the exact grids and bytes of each launch are
+// computed by cuda/launch_plan.h, the same code the launchers size their grids with):
+//   segment_labels_kernel   once per batch: labels -> counts, offsets, stable order, invalid count
+//   unit_means_kernel       all layers of one dtype: a[n, c] = mean over s of x[n, c, s]
+//   class_si_kernel         all layers of one acc type: class means, SI and the gradient
+//                           coefficients per unit, parallel over channels and classes
+//   unit_grad_kernel        backward, all layers of one dtype: one elementwise pass
+// x is read exactly once; for S >= 4 (any conv layer) that read dominates, so the forward runs at
+// HBM bandwidth, and the backward writes an [N, C] tensor per layer (broadcast over the spatial
+// positions by the caller). Nothing syncs with the host: invalid labels are counted on the device
+// and turn the results into NaN.
 #include <cstdint>
 #include <cstring>
 
 #include "cuda/cuda_compat.cuh"
 
 #include "common/selectivity.h"
+#include "cuda/launch_plan.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -38,7 +38,6 @@
 namespace selk {
 namespace cuda {
 
-constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ------------------------------------------------------------------------------------------------
@@ -168,6 +167,12 @@ SELK_HOST_DEVICE inline double store_as<double, float>(float v) {
   return static_cast<double>(v);
 }
 
+// A quiet NaN without <limits> (not every device toolchain has it constexpr).
+template <typename acc_t>
+SELK_HOST_DEVICE inline acc_t bits_nan() {
+  return static_cast<acc_t>(bits_to_float(0x7fc00000u));
+}
+
 // 16 bytes of storage elements, loaded with one 128-bit instruction when aligned.
 template <typename T>
 struct alignas(16) Vec16 {
@@ -176,52 +181,49 @@ struct alignas(16) Vec16 {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Phase 0: stable counting sort of the labels, one block of kSegmentThreads threads.
+// Label segmentation, once per batch: a stable counting sort in one block of kSegmentThreads.
+// Bucket K collects ignored and invalid samples, so they come last in `order`.
 // ------------------------------------------------------------------------------------------------
-constexpr int kSegmentThreads = 1024;
-constexpr int kMaxWarps = kSegmentThreads / kWarpSize;
-// Class counts live in shared memory while they fit the default 48 KiB, else in global scratch.
-constexpr int64_t kSegmentSmemBytes = 48 * 1024;
-
-SELK_HOST_DEVICE inline bool segment_counts_in_smem(int64_t K) {
-  return (K + kMaxWarps) * static_cast<int64_t>(sizeof(int32_t)) <= kSegmentSmemBytes;
-}
-SELK_HOST_DEVICE inline int64_t segment_smem_bytes(int64_t K) {
-  return (kMaxWarps + (segment_counts_in_smem(K) ? K : 0)) * static_cast<int64_t>(sizeof(int32_t));
-}
-
-// Writes counts[k] (int64), offsets[k] = first position of class k in `order` (offsets[K] = number of
-// counted samples), rank[n] = position of sample n inside its class, and order[offsets[l] + rank[n]]
-// = n, with samples of one class in increasing n. Labels equal to ignore_index or outside [0, K) are
-// skipped (never used as an index). count_scratch: int32 [K], used when the counts do not fit smem.
-// blockDim.x must be a multiple of 32 and at most kSegmentThreads; one block.
+// Writes seg_labels[n] (the label, -1 if ignored or invalid), counts[k] (k < K), offsets[k] (k <= K;
+// offsets[K] = number of counted samples), order (class-sorted sample indices, stable, ignored and
+// invalid samples last in index order) and *invalid (labels that are neither ignore_index nor in
+// [0, K)). rank: int32 [N] scratch; count_scratch: int32 [K + 1], used when the counts do not fit
+// shared memory. blockDim.x a multiple of 32, at most kSegmentThreads; one block.
 // Work: one pass over the labels in chunks of blockDim.x: lanes rank themselves within their warp
 // by shuffles, and warps of a chunk take turns to claim positions (a __syncthreads each), so the
 // sort costs O(N / 32) barrier steps, microseconds for training batch sizes.
 __global__ void __launch_bounds__(kSegmentThreads)
     segment_labels_kernel(const int64_t* __restrict__ labels, int64_t N, int64_t K, int64_t ignore_index,
-                          int64_t* __restrict__ counts, int32_t* __restrict__ offsets, int32_t* __restrict__ rank,
-                          int32_t* __restrict__ order, int32_t* __restrict__ count_scratch) {
+                          int64_t* __restrict__ seg_labels, int64_t* __restrict__ counts,
+                          int64_t* __restrict__ offsets, int64_t* __restrict__ order, int64_t* __restrict__ invalid,
+                          int32_t* __restrict__ rank, int32_t* __restrict__ count_scratch) {
   SELK_EXTERN_SHARED(int32_t, smem);
   const int t = static_cast<int>(threadIdx.x);
   const int T = static_cast<int>(blockDim.x);
   const int lane = t % kWarpSize, warp = t / kWarpSize, W = T / kWarpSize;
   int32_t* warp_sums = smem;
   int32_t* cnt = segment_counts_in_smem(K) ? smem + kMaxWarps : count_scratch;
+  const int64_t buckets = K + 1;
 
-  for (int64_t k = t; k < K; k += T) cnt[k] = 0;
+  for (int64_t k = t; k < buckets; k += T) cnt[k] = 0;
   __syncthreads();
 
+  int64_t bad = 0;  // the same in every thread: __syncthreads_count is block-wide
   for (int64_t base = 0; base < N; base += T) {
     const int64_t n = base + t;
     const int64_t remaining = N - base;
     const int active_warps = remaining >= T ? W : static_cast<int>((remaining + kWarpSize - 1) / kWarpSize);
-    int32_t l = -1;
+    int32_t l = -1;  // -1: lane past N
+    bool is_bad = false;
     if (n < N) {
       const int64_t raw = labels[n];
-      if (raw != ignore_index && raw >= 0 && raw < K) l = static_cast<int32_t>(raw);
+      const bool valid = raw >= 0 && raw < K;
+      is_bad = !valid && raw != ignore_index;
+      l = static_cast<int32_t>(valid ? raw : K);
+      seg_labels[n] = valid ? raw : -1;
     }
-    // Rank among the same label in lower lanes; `last`: no same label in a higher lane.
+    bad += __syncthreads_count(is_bad);
+    // Rank among the same bucket in lower lanes; `last`: no same bucket in a higher lane.
     int32_t before = 0;
     bool last = true;
     for (int j = 0; j < kWarpSize; ++j) {
@@ -238,18 +240,18 @@ __global__ void __launch_bounds__(kSegmentThreads)
           r = cnt[l] + before;
           rank[n] = r;
         }
-        __syncwarp();  // every lane has read cnt[l] before the label's last lane advances it
+        __syncwarp();  // every lane has read cnt[l] before the bucket's last lane advances it
         if (l >= 0 && last) cnt[l] = r + 1;
       }
       __syncthreads();
     }
   }
 
-  // Exclusive scan of the counts, blockDim.x classes at a time, carrying the running total.
-  int32_t carry = 0;
-  for (int64_t base = 0; base < K; base += T) {
+  // Exclusive scan of the K + 1 bucket counts, blockDim.x at a time, carrying the running total.
+  int64_t carry = 0;
+  for (int64_t base = 0; base < buckets; base += T) {
     const int64_t k = base + t;
-    const int32_t v = k < K ? cnt[k] : 0;
+    const int32_t v = k < buckets ? cnt[k] : 0;
     int32_t incl = v;
     for (int d = 1; d < kWarpSize; d *= 2) {
       const int32_t up = __shfl_up_sync(kFullMask, incl, d);
@@ -266,46 +268,61 @@ __global__ void __launch_bounds__(kSegmentThreads)
       if (lane < W) warp_sums[lane] = ws;
     }
     __syncthreads();
-    if (k < K) {
-      offsets[k] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - v;
-      counts[k] = v;
+    if (k < buckets) {
+      offsets[k] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - v;  // bucket start
+      if (k < K) counts[k] = v;
     }
     carry += warp_sums[W - 1];
     __syncthreads();  // warp_sums is rewritten by the next chunk
   }
-  if (t == 0) offsets[K] = carry;
+  if (t == 0) *invalid = bad;
   __syncthreads();  // offsets visible to the whole block
 
   for (int64_t n = t; n < N; n += T) {
-    const int64_t raw = labels[n];
-    if (raw != ignore_index && raw >= 0 && raw < K) order[offsets[raw] + rank[n]] = static_cast<int32_t>(n);
+    const int64_t l = seg_labels[n];
+    order[offsets[l >= 0 ? l : K] + rank[n]] = n;
   }
 }
 
 // ------------------------------------------------------------------------------------------------
+// Layer tables: every layer op takes all layers of one dtype in one launch. The table travels as a
+// kernel parameter (no host-to-device copy); blockIdx.y picks the layer, and blocks past a layer's
+// own grid exit at once.
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+struct MeansLayer {
+  const scalar_t* x;
+  acc_t* a;  // [N, C]
+  int64_t C, S, stride_n, stride_c;
+  int32_t layout;     // MeansLayout
+  int32_t group;      // rows layouts: lanes per row (row_group_size)
+  int64_t blocks;     // this layer's grid (<= gridDim.x)
+};
+
+template <typename scalar_t, typename acc_t>
+struct MeansTable {
+  MeansLayer<scalar_t, acc_t> layer[kMaxLayersPerLaunch];
+  int64_t N;
+};
+
+// ------------------------------------------------------------------------------------------------
 // Phase 1: unit means a[n * C + c] = (1/S) sum over s of x[n, c, s].
 // ------------------------------------------------------------------------------------------------
-constexpr int kRowThreads = 256;
-
-// Threads per row: enough to cover a row of S elements in one sweep of `vec`-wide loads, a power of
-// two up to a warp, so short rows (S = 4, 16, 49) still keep every lane busy and coalesced.
-SELK_HOST_DEVICE inline int row_group_size(int64_t S, int vec) {
-  const int64_t chunks = (S + vec - 1) / vec;
-  int g = 1;
-  while (g < kWarpSize && g < chunks) g *= 2;
-  return g;
+// Dynamic shared memory of unit_means_kernel (positions-major partial sums).
+template <typename acc_t>
+SELK_HOST_DEVICE inline int64_t unit_means_smem_bytes() {
+  return kMeansThreads * static_cast<int64_t>(sizeof(acc_t));
 }
 
-// NCHW (rows of S contiguous elements). Groups of G lanes reduce one row each: lane-strided loads
-// (VEC elements at a time when rows are 16-byte aligned), then a fixed shuffle tree within the group.
-// Grid: 1-D, any size (grid-stride over warps); block: kRowThreads.
+// NCHW rows: groups of G lanes reduce one row each: lane-strided loads (VEC elements at a time),
+// then a fixed shuffle tree within the group. Grid-stride over warps of this layer's blocks.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kRowThreads)
-    unit_means_rows_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t S, int G, acc_t* __restrict__ a) {
+__device__ inline void unit_means_rows(const scalar_t* __restrict__ x, int64_t rows, int64_t S, int G,
+                                       int64_t block, int64_t blocks, acc_t* __restrict__ a) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int rows_per_warp = kWarpSize / G;
-  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
-  const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int64_t warps_total = blocks * (kMeansThreads / kWarpSize);
+  const int64_t warp_id = (block * kMeansThreads + threadIdx.x) / kWarpSize;
   const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
   const int sub = lane % G;
   // The loop bound is uniform across the warp, so every lane reaches the shuffles.
@@ -334,20 +351,17 @@ SELK_UNROLL_4
   }
 }
 
-// channels_last: memory [N, S, C]. Block (32, kClRows): threadIdx.x walks channels (a warp reads 32
-// consecutive channels of one position: coalesced), threadIdx.y splits the positions; the kClRows
-// partial sums are added in a fixed order through shared memory (kClRows * 32 * A bytes).
-// Grid: 1-D over N * ceil(C / 32) tiles, grid-stride.
-constexpr int kClRows = 8;
-
+// Memory [N, S, C]: a warp reads 32 consecutive channels of one position (coalesced), the 8 warps
+// split the positions, and their partial sums are added in a fixed order through shared memory.
+// Tiles of (sample, 32 channels), grid-stride over this layer's blocks.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kWarpSize* kClRows)
-    unit_means_cl_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t S, acc_t* __restrict__ a) {
-  SELK_EXTERN_SHARED(acc_t, part);
-  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+__device__ inline void unit_means_positions_major(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t S,
+                                                  int64_t block, int64_t blocks, acc_t* __restrict__ part,
+                                                  acc_t* __restrict__ a) {
+  const int tx = static_cast<int>(threadIdx.x) % kWarpSize, ty = static_cast<int>(threadIdx.x) / kWarpSize;
   const int64_t c_tiles = (C + kWarpSize - 1) / kWarpSize;
   const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
-  for (int64_t tile = blockIdx.x; tile < N * c_tiles; tile += gridDim.x) {
+  for (int64_t tile = block; tile < N * c_tiles; tile += blocks) {
     const int64_t n = tile / c_tiles;
     const int64_t c = (tile % c_tiles) * kWarpSize + tx;
     acc_t sum = acc_t(0);
@@ -367,55 +381,142 @@ SELK_UNROLL_4
   }
 }
 
-// S == 1 (x is [N, C] or has only unit spatial dims): a = x in acc_t, any strides. Grid-stride 1-D.
+// Grid (max over layers of MeansLayer::blocks, layers in the table), block kMeansThreads, dynamic
+// smem unit_means_smem_bytes<acc_t>().
 template <typename scalar_t, typename acc_t>
-__global__ void unit_values_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t stride_n,
-                                   int64_t stride_c, acc_t* __restrict__ a) {
-  const int64_t total = N * C;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = i / C, c = i % C;
-    a[i] = to_acc<acc_t>(x[n * stride_n + c * stride_c]);
+__global__ void __launch_bounds__(kMeansThreads) unit_means_kernel(MeansTable<scalar_t, acc_t> table) {
+  SELK_EXTERN_SHARED(acc_t, part);
+  const MeansLayer<scalar_t, acc_t>& L = table.layer[blockIdx.y];
+  const int64_t block = blockIdx.x;
+  if (block >= L.blocks) return;  // uniform per block
+  const int64_t N = table.N;
+  switch (L.layout) {
+    case kValues:
+      for (int64_t i = block * kMeansThreads + threadIdx.x; i < N * L.C; i += L.blocks * kMeansThreads) {
+        const int64_t n = i / L.C, c = i % L.C;
+        L.a[i] = to_acc<acc_t>(L.x[n * L.stride_n + c * L.stride_c]);
+      }
+      break;
+    case kRows:
+      unit_means_rows<scalar_t, acc_t, 1>(L.x, N * L.C, L.S, L.group, block, L.blocks, L.a);
+      break;
+    case kRowsVec:
+      if constexpr (Vec16<scalar_t>::kLen > 1)
+        unit_means_rows<scalar_t, acc_t, Vec16<scalar_t>::kLen>(L.x, N * L.C, L.S, L.group, block, L.blocks, L.a);
+      break;
+    default:
+      unit_means_positions_major<scalar_t, acc_t>(L.x, N, L.C, L.S, block, L.blocks, part, L.a);
+      break;
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Phase 2: means[k, c] = (1/count_k) sum over class-k samples (label-sorted order) of a[n, c].
-// Grid (K, ceil(C / 32)); block (32, kClassRows): threadIdx.y takes every kClassRows-th sample of the
-// segment, and the partial sums are added in a fixed order (smem kClassRows * 32 * A bytes). Absent
-// classes get mean 0.
+// Phase 2 and the SI epilogue, fused: per block one layer's tile of 32 channels; the 8 warp rows
+// take the classes k = ty, ty + 8, ... (absent classes cost one offsets read each), each computes
+// its classes' means from the label-sorted samples and keeps the running sum, maximum (first on
+// ties) and number of present classes; the 8 rows are then combined in a fixed order (smem), and
+// row 0 writes SI and the gradient coefficients. Deterministic; no [K, C] re-read.
+// Grid (max over layers of ceil(C / 32), layers in the table); block (32, kClassRows).
 // ------------------------------------------------------------------------------------------------
-constexpr int kClassRows = 8;
+template <typename acc_t>
+struct ClassLayer {
+  const acc_t* a;   // [N, C] unit means
+  acc_t* means;     // [K, C]
+  acc_t* si;        // [C], or nullptr (class means only)
+  acc_t* coeffs;    // [2, C]: dSI/dmu_max, dSI/dmu_rest / (P - 1); with si
+  int64_t* argmax;  // [C], -1 when P < 2; with si
+  int64_t C;
+};
+
+template <typename acc_t>
+struct ClassTable {
+  ClassLayer<acc_t> layer[kMaxLayersPerLaunch];
+};
+
+template <typename acc_t>
+SELK_HOST_DEVICE inline int64_t class_si_smem_bytes() {
+  return kClassRows * kWarpSize * static_cast<int64_t>(2 * sizeof(acc_t) + 2 * sizeof(int64_t));
+}
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kWarpSize* kClassRows)
-    class_sum_kernel(const acc_t* __restrict__ a, const int32_t* __restrict__ offsets,
-                     const int32_t* __restrict__ order, int64_t C, acc_t* __restrict__ means) {
-  SELK_EXTERN_SHARED(acc_t, part);
+    class_si_kernel(ClassTable<acc_t> table, const int64_t* __restrict__ counts, const int64_t* __restrict__ offsets,
+                    const int64_t* __restrict__ order, const int64_t* __restrict__ invalid, int64_t K, acc_t eps) {
+  SELK_EXTERN_SHARED(acc_t, smem);
+  const ClassLayer<acc_t>& L = table.layer[blockIdx.y];
+  const int64_t C = L.C;
+  const int64_t tile = blockIdx.x;
+  if (tile * kWarpSize >= C) return;  // uniform per block
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
-  const int64_t k = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kWarpSize + tx;
-  const int32_t begin = offsets[k], end = offsets[k + 1];
-  acc_t sum = acc_t(0);
-  if (c < C) {
-    for (int32_t i = begin + ty; i < end; i += kClassRows) sum += a[static_cast<int64_t>(order[i]) * C + c];
+  const int64_t c = tile * kWarpSize + tx;
+  const bool bad = *invalid > 0;
+  const acc_t nan = bits_nan<acc_t>();
+  acc_t sum = acc_t(0), mx = acc_t(0);
+  int64_t am = -1, present = 0;
+  for (int64_t k = ty; k < K; k += kClassRows) {
+    const int64_t begin = offsets[k], end = offsets[k + 1];
+    if (end == begin) {
+      if (c < C) L.means[k * C + c] = bad ? nan : acc_t(0);
+      continue;
+    }
+    acc_t m = acc_t(0);
+    if (c < C) {
+SELK_UNROLL_4
+      for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];  // loads pipelined across i
+      m = m * (acc_t(1) / static_cast<acc_t>(end - begin));
+      if (bad) m = nan;
+      L.means[k * C + c] = m;
+    }
+    sum += m;
+    if (present == 0 || !(m <= mx)) {  // strictly greater, or NaN: the first maximum wins ties
+      mx = m;
+      am = k;
+    }
+    ++present;
   }
-  part[ty * kWarpSize + tx] = sum;
+  if (L.si == nullptr) return;  // uniform: class means only
+  acc_t* s_sum = smem;
+  acc_t* s_max = smem + kClassRows * kWarpSize;
+  int64_t* s_am = reinterpret_cast<int64_t*>(smem + 2 * kClassRows * kWarpSize);
+  int64_t* s_present = s_am + kClassRows * kWarpSize;
+  const int slot = ty * kWarpSize + tx;
+  s_sum[slot] = sum;
+  s_max[slot] = mx;
+  s_am[slot] = am;
+  s_present[slot] = present;
   __syncthreads();
-  if (ty == 0 && c < C) {
-    acc_t total = part[tx];
-    for (int y = 1; y < kClassRows; ++y) total += part[y * kWarpSize + tx];
-    const int32_t n_k = end - begin;
-    means[k * C + c] = n_k > 0 ? total * (acc_t(1) / static_cast<acc_t>(n_k)) : acc_t(0);
+  if (ty != 0 || c >= C) return;
+  for (int y = 1; y < kClassRows; ++y) {
+    const int o = y * kWarpSize + tx;
+    if (s_present[o] == 0) continue;
+    sum += s_sum[o];
+    const acc_t m = s_max[o];
+    // Rows hold interleaved classes: on equal maxima the smaller class index wins.
+    if (present == 0 || !(m <= mx) || (m == mx && s_am[o] < am)) {
+      mx = m;
+      am = s_am[o];
+    }
+    present += s_present[o];
   }
+  acc_t si = acc_t(0), g_max = acc_t(0), g_rest = acc_t(0);
+  if (present >= 2) {
+    const acc_t rest = (sum - mx) / static_cast<acc_t>(present - 1);
+    si = selectivity_value(mx, rest, eps);
+    selectivity_grad_coeffs(mx, rest, present, eps, acc_t(1), &g_max, &g_rest);
+  } else {
+    am = -1;
+  }
+  if (bad) si = g_max = g_rest = nan;
+  L.si[c] = si;
+  L.coeffs[c] = g_max;
+  L.coeffs[C + c] = g_rest;
+  L.argmax[c] = am;
 }
 
 // ------------------------------------------------------------------------------------------------
-// Selectivity epilogue and its gradient: one thread per unit, classes read with stride C (a warp
-// reads 32 consecutive units of one class: coalesced; counts[k] is a broadcast). 1-D grid over C.
+// selectivity_from_means (the public [K, C] op) and its backward: one thread per unit, classes
+// read with stride C (a warp reads 32 consecutive units of one class: coalesced). 1-D grid over C.
 // ------------------------------------------------------------------------------------------------
-constexpr int kUnitThreads = 128;
-
 template <typename acc_t>
 __global__ void __launch_bounds__(kUnitThreads)
     si_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ counts, int64_t K, int64_t C, acc_t eps,
@@ -437,47 +538,45 @@ __global__ void __launch_bounds__(kUnitThreads)
   selectivity_grad<acc_t>(t, grad_si[c], counts, K, eps, grad_means + c, C);
 }
 
-// Per-unit gradient coefficients for the fused selectivity_index backward (the [K, C] gradient of
-// SI is never materialised).
-template <typename acc_t>
-__global__ void __launch_bounds__(kUnitThreads)
-    si_grad_coeffs_kernel(const acc_t* __restrict__ grad_si, const acc_t* __restrict__ means,
-                          const int64_t* __restrict__ counts, int64_t K, int64_t C, acc_t eps,
-                          acc_t* __restrict__ g_max, acc_t* __restrict__ g_rest, int64_t* __restrict__ argmax) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const SelectivityTerms<acc_t> t = selectivity_terms<acc_t>(means + c, C, counts, K, eps);
-  const SelectivityGradCoeffs<acc_t> g = selectivity_grad_coeffs<acc_t>(t, grad_si[c], eps);
-  g_max[c] = g.g_max;
-  g_rest[c] = g.g_rest;
-  argmax[c] = g.argmax;
-}
-
 // ------------------------------------------------------------------------------------------------
-// Backward to the unit means: grad_unit[n, c] = G[label n, c] / (count * S), zero for ignored,
-// out-of-range or absent labels, where G = grad_means (class_means) or
-// G = grad_means + dSI/dmeans from the per-unit coefficients (selectivity_index; g_max != nullptr).
-// Grid (ceil(C / kUnitThreads), min(N, 65535)), grid-stride over n; block kUnitThreads.
+// Backward of every layer of one dtype, one elementwise pass: grad_unit[n, c] = G[label n, c] /
+// (count * S) with G[k, c] = grad_si[c] * (k == argmax[c] ? coeffs[c] : coeffs[C + c]) (when
+// grad_si is set) + grad_means[k, c] (when set); 0 for ignored samples.
+// Grid (max over layers of GradLayer::blocks, layers in the table), block kGradThreads, grid-stride.
 // ------------------------------------------------------------------------------------------------
 template <typename acc_t, typename out_t>
-__global__ void __launch_bounds__(kUnitThreads)
-    unit_grad_kernel(const acc_t* __restrict__ grad_means, const int64_t* __restrict__ counts,
-                     const int64_t* __restrict__ labels, int64_t N, int64_t K, int64_t C, int64_t ignore_index,
-                     int64_t spatial_size, const acc_t* __restrict__ g_max, const acc_t* __restrict__ g_rest,
-                     const int64_t* __restrict__ argmax, out_t* __restrict__ out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+struct GradLayer {
+  const acc_t* grad_si;     // [C] or nullptr
+  const acc_t* coeffs;      // [2, C], with grad_si
+  const int64_t* argmax;    // [C], with grad_si
+  const acc_t* grad_means;  // [K, C] or nullptr
+  out_t* out;               // [N, C]
+  int64_t C, S, blocks;
+};
+
+template <typename acc_t, typename out_t>
+struct GradTable {
+  GradLayer<acc_t, out_t> layer[kMaxLayersPerLaunch];
+};
+
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kGradThreads)
+    unit_grad_kernel(GradTable<acc_t, out_t> table, const int64_t* __restrict__ labels,
+                     const int64_t* __restrict__ counts, int64_t N) {
+  const GradLayer<acc_t, out_t>& L = table.layer[blockIdx.y];
+  const int64_t block = blockIdx.x;
+  if (block >= L.blocks) return;
+  const int64_t C = L.C;
+  for (int64_t i = block * kGradThreads + threadIdx.x; i < N * C; i += L.blocks * kGradThreads) {
+    const int64_t n = i / C, c = i % C;
     const int64_t k = labels[n];
     acc_t g = acc_t(0);
-    if (k != ignore_index && k >= 0 && k < K && counts[k] > 0) {
-      // grad_means is null when nothing flows into the fused op's `means` output.
-      acc_t gm = grad_means != nullptr ? grad_means[k * C + c] : acc_t(0);
-      if (g_max != nullptr) gm = (k == argmax[c] ? g_max[c] : g_rest[c]) + gm;
-      const acc_t scale = acc_t(1) / (static_cast<acc_t>(counts[k]) * static_cast<acc_t>(spatial_size));
-      g = gm * scale;
+    if (k >= 0) {
+      if (L.grad_si != nullptr) g = L.grad_si[c] * (k == L.argmax[c] ? L.coeffs[c] : L.coeffs[C + c]);
+      if (L.grad_means != nullptr) g += L.grad_means[k * C + c];
+      g = g / (static_cast<acc_t>(counts[k]) * static_cast<acc_t>(L.S));
     }
-    out[n * C + c] = store_as<out_t, acc_t>(g);
+    L.out[i] = store_as<out_t, acc_t>(g);
   }
 }
 

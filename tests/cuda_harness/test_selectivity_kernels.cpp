@@ -1,8 +1,11 @@
 // The selectivity CUDA kernels (csrc/cuda/selectivity.cuh) run under the CUDA-semantics harness and
-// compared with a plain double-precision C++ reference: every storage dtype, NCHW / channels_last /
-// strided [N, C] inputs, multi-block grids with partial last blocks and grid-stride loops, label
-// chunks larger and smaller than a block, K larger than a block and beyond the shared-memory counts,
-// ignore_index, out-of-range labels, absent classes and fewer than two classes present.
+// compared with a plain double-precision C++ reference: every storage dtype, NCHW / positions-major
+// (channels_last, unit_dim=-1) / strided [N, C] inputs, several layers of mixed shapes and layouts
+// in one launch (and mixed dtypes over the launches of one step), grids with idle blocks, partial
+// last blocks and grid-stride loops, label chunks larger and smaller than a block, K larger than a
+// block and beyond the shared-memory counts, ignore_index, invalid labels (NaN results), absent
+// classes, ties and fewer than two classes present. Grids come from cuda/launch_plan.h, as in the
+// launchers.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -143,164 +146,289 @@ Ref reference(const Problem& p, double eps) {
 }
 
 // ----- launching the kernels ----------------------------------------------------------------------
-enum class Layout { kNCHW, kChannelsLast, kStrided2d };
+enum class Layout { kNCHW, kPositionsMajor, kStrided2d };
 
 struct Segs {
-  std::vector<int64_t> counts;
-  std::vector<int32_t> offsets, order;
+  std::vector<int64_t> labels, counts, offsets, order;
+  int64_t invalid = -1;
 };
 
 Segs run_segments(const Problem& p, unsigned threads) {
   Segs s;
+  s.labels.assign(std::max<int64_t>(p.N, 1), -7);
   s.counts.assign(p.K, -1);
   s.offsets.assign(p.K + 1, -1);
   s.order.assign(std::max<int64_t>(p.N, 1), -1);
-  std::vector<int32_t> rank(std::max<int64_t>(p.N, 1), -1), scratch(p.K, -1);
+  std::vector<int32_t> rank(std::max<int64_t>(p.N, 1), -1), scratch(p.K + 1, -1);
   selk_sim::launch(dim3(1), dim3(threads), segment_smem_bytes(p.K), segment_labels_kernel, p.labels.data(), p.N, p.K,
-                   p.ignore, s.counts.data(), s.offsets.data(), rank.data(), s.order.data(),
-                   segment_counts_in_smem(p.K) ? static_cast<int32_t*>(nullptr) : scratch.data());
+                   p.ignore, s.labels.data(), s.counts.data(), s.offsets.data(), s.order.data(), &s.invalid,
+                   rank.data(), segment_counts_in_smem(p.K) ? static_cast<int32_t*>(nullptr) : scratch.data());
   return s;
 }
 
 void check_segments(const Problem& p, const Segs& s) {
-  int32_t pos = 0;
+  int64_t pos = 0, bad = 0;
+  for (int64_t n = 0; n < p.N; ++n) {
+    SELK_CHECK(s.labels[n] == (counted(p, n) ? p.labels[n] : -1));
+    if (!counted(p, n) && p.labels[n] != p.ignore) ++bad;
+  }
+  SELK_CHECK(s.invalid == bad);
   for (int64_t k = 0; k < p.K; ++k) {
     SELK_CHECK(s.offsets[k] == pos);
-    std::vector<int32_t> members;
+    std::vector<int64_t> members;
     for (int64_t n = 0; n < p.N; ++n)
-      if (counted(p, n) && p.labels[n] == k) members.push_back(static_cast<int32_t>(n));
+      if (counted(p, n) && p.labels[n] == k) members.push_back(n);
     SELK_CHECK(s.counts[k] == static_cast<int64_t>(members.size()));
     // Stable: a class's samples in increasing index order.
     for (size_t i = 0; i < members.size(); ++i) SELK_CHECK(s.order[pos + i] == members[i]);
-    pos += static_cast<int32_t>(members.size());
+    pos += static_cast<int64_t>(members.size());
   }
   SELK_CHECK(s.offsets[p.K] == pos);
+  for (int64_t n = 0; n < p.N; ++n)  // ignored and invalid samples last, in index order
+    if (!counted(p, n)) SELK_CHECK(s.order[pos++] == n);
 }
 
+// One layer of a multi-layer launch: its problem (labels shared by all layers), layout and storage.
 template <class T>
-struct Fwd {
+struct LayerData {
   using acc_t = typename AccOf<T>::type;
-  std::vector<acc_t> a, means, si;
-  Segs segs;
+  Problem p;
+  Layout layout;
+  std::vector<T> x;
+  std::vector<acc_t> a, means, si, coeffs;
+  std::vector<int64_t> argmax;
 };
 
 template <class T>
-Fwd<T> run_forward(const Problem& p, Layout layout, unsigned seg_threads, unsigned row_blocks, double eps) {
-  using acc_t = typename AccOf<T>::type;
-  Fwd<T> f;
-  f.segs = run_segments(p, seg_threads);
+LayerData<T> make_layer(const Problem& p, Layout layout) {
+  LayerData<T> d{p, layout, {}, {}, {}, {}, {}, {}};
   const int64_t N = p.N, C = p.C, S = p.S;
-  std::vector<T> xs(N * C * S);
-  f.a.assign(N * C, std::nan(""));
+  d.x.resize(std::max<int64_t>(N * C * S, 1));
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t s = 0; s < S; ++s) {
         const T v = encode<T>(p.x[(n * C + c) * S + s]);
-        if (layout == Layout::kNCHW) xs[(n * C + c) * S + s] = v;
-        else if (layout == Layout::kChannelsLast) xs[(n * S + s) * C + c] = v;
-        else xs[c * N + n] = v;  // [N, C] with strides (1, N)
+        if (layout == Layout::kNCHW) d.x[(n * C + c) * S + s] = v;
+        else if (layout == Layout::kPositionsMajor) d.x[(n * S + s) * C + c] = v;
+        else d.x[c * N + n] = v;  // [N, C] with strides (1, N)
       }
-  if (N * C > 0) {
-    if (layout == Layout::kStrided2d) {
+  d.a.assign(std::max<int64_t>(N * C, 1), std::nan(""));
+  d.means.assign(p.K * C, std::nan(""));
+  d.si.assign(C, std::nan(""));
+  d.coeffs.assign(2 * C, std::nan(""));
+  d.argmax.assign(C, -7);
+  return d;
+}
+
+// unit_means_kernel over all layers in one launch, grids as the launcher sizes them.
+template <class T>
+void run_unit_means(std::vector<LayerData<T>>& layers, int64_t N, int64_t sm_count) {
+  using acc_t = typename AccOf<T>::type;
+  MeansTable<T, acc_t> table{};
+  table.N = N;
+  int64_t grid = 1;
+  for (size_t j = 0; j < layers.size(); ++j) {
+    LayerData<T>& L = layers[j];
+    MeansLayer<T, acc_t>& d = table.layer[j];
+    const int64_t S = L.p.S;
+    int32_t layout = kPositionsMajor;
+    int group = 1;
+    if (L.layout == Layout::kStrided2d) {
       SELK_CHECK(S == 1);
-      selk_sim::launch(dim3(row_blocks), dim3(64), 0, unit_values_kernel<T, acc_t>, xs.data(), N, C, int64_t(1), N,
-                       f.a.data());
-    } else if (layout == Layout::kChannelsLast) {
-      selk_sim::launch(dim3(row_blocks), dim3(kWarpSize, kClRows), kClRows * kWarpSize * sizeof(acc_t),
-                       unit_means_cl_kernel<T, acc_t>, xs.data(), N, C, S, f.a.data());
-    } else {
-      constexpr int kVec = Vec16<T>::kLen;
-      const bool vec = kVec > 1 && (S * static_cast<int64_t>(sizeof(T))) % 16 == 0;  // vector data is 16-aligned
-      const int G = row_group_size(S, vec ? kVec : 1);
-      if (vec) {
-        if constexpr (kVec > 1)
-          selk_sim::launch(dim3(row_blocks), dim3(kRowThreads), 0, unit_means_rows_kernel<T, acc_t, kVec>,
-                           xs.data(), N * C, S, G, f.a.data());
-      } else {
-        selk_sim::launch(dim3(row_blocks), dim3(kRowThreads), 0, unit_means_rows_kernel<T, acc_t, 1>, xs.data(),
-                         N * C, S, G, f.a.data());
-      }
+      layout = kValues;
+    } else if (L.layout == Layout::kNCHW) {
+      layout = default_layout(S, sizeof(T) == 8 ? 7 : sizeof(T) == 4 ? 6 : 5);  // vector data is 16-aligned
+      if (S == 1) layout = kRows;  // exercise the row path with S == 1 as well
+      group = row_group_size(S, layout == kRowsVec ? Vec16<T>::kLen : 1);
     }
+    d.x = L.x.data();
+    d.a = L.a.data();
+    d.C = L.p.C;
+    d.S = S;
+    d.stride_n = L.layout == Layout::kStrided2d ? 1 : L.p.C;
+    d.stride_c = L.layout == Layout::kStrided2d ? N : 1;
+    d.layout = layout;
+    d.group = group;
+    d.blocks = means_layer_blocks(N, d.C, S, layout, group, sm_count);
+    grid = std::max(grid, d.blocks);
   }
-  f.means.assign(p.K * C, std::nan(""));
-  if (C > 0)
-    selk_sim::launch(dim3(p.K, (C + kWarpSize - 1) / kWarpSize), dim3(kWarpSize, kClassRows),
-                     kClassRows * kWarpSize * sizeof(acc_t), class_sum_kernel<acc_t>, f.a.data(),
-                     f.segs.offsets.data(), f.segs.order.data(), C, f.means.data());
-  f.si.assign(C, std::nan(""));
-  if (C > 0)
-    selk_sim::launch(dim3((C + 31) / 32), dim3(32), 0, si_kernel<acc_t>, f.means.data(), f.segs.counts.data(), p.K, C,
-                     static_cast<acc_t>(eps), f.si.data());
-  return f;
+  selk_sim::launch(dim3(static_cast<unsigned>(grid), static_cast<unsigned>(layers.size())), dim3(kMeansThreads),
+                   unit_means_smem_bytes<acc_t>(), unit_means_kernel<T, acc_t>, table);
+}
+
+template <class acc_t, class T>
+void run_class_si(std::vector<LayerData<T>>& layers, const Segs& s, int64_t K, double eps, bool with_si) {
+  ClassTable<acc_t> table{};
+  int64_t grid = 1;
+  for (size_t j = 0; j < layers.size(); ++j) {
+    ClassLayer<acc_t>& d = table.layer[j];
+    d.a = layers[j].a.data();
+    d.means = layers[j].means.data();
+    d.si = with_si ? layers[j].si.data() : nullptr;
+    d.coeffs = with_si ? layers[j].coeffs.data() : nullptr;
+    d.argmax = with_si ? layers[j].argmax.data() : nullptr;
+    d.C = layers[j].p.C;
+    grid = std::max(grid, class_tiles(d.C));
+  }
+  selk_sim::launch(dim3(static_cast<unsigned>(grid), static_cast<unsigned>(layers.size())),
+                   dim3(kWarpSize, kClassRows), class_si_smem_bytes<acc_t>(), class_si_kernel<acc_t>, table,
+                   s.counts.data(), s.offsets.data(), s.order.data(), &s.invalid, K, static_cast<acc_t>(eps));
+}
+
+// Reference coefficients: dSI/dmu_max and dSI/dmu_rest / (P - 1) read off the finite-difference
+// gradient of the reference SI (grad_si = 1), and the argmax.
+void ref_coeffs(const Ref& r, int64_t K, int64_t C, double eps, std::vector<double>& g_max,
+                std::vector<double>& g_rest, std::vector<int64_t>& argmax) {
+  const std::vector<double> fd = fd_si_grad(r.means, r.counts, std::vector<double>(C, 1.0), K, C, eps);
+  g_max.assign(C, 0.0);
+  g_rest.assign(C, 0.0);
+  argmax.assign(C, -1);
+  int64_t present = 0;
+  for (int64_t k = 0; k < K; ++k) present += r.counts[k] > 0;
+  if (present < 2) return;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (r.counts[k] == 0) continue;
+      if (argmax[c] < 0 || r.means[k * C + c] > r.means[argmax[c] * C + c]) argmax[c] = k;
+    }
+    g_max[c] = fd[argmax[c] * C + c];
+    for (int64_t k = 0; k < K; ++k)
+      if (r.counts[k] > 0 && k != argmax[c]) g_rest[c] = fd[k * C + c];
+  }
 }
 
 template <class T>
-void check_forward(const Problem& p, Layout layout, unsigned seg_threads, unsigned row_blocks) {
-  const double eps = 1e-7;
-  const Ref r = reference(p, eps);
-  const Fwd<T> f = run_forward<T>(p, layout, seg_threads, row_blocks, eps);
-  check_segments(p, f.segs);
-  const double tol = std::is_same_v<T, double> ? 1e-12 : 2e-6;  // fp32 accumulation of exact inputs
-  SELK_CHECK_CLOSE(f.a, r.a, tol, tol);
-  SELK_CHECK_CLOSE(f.means, r.means, tol, tol);
+void check_layers(std::vector<LayerData<T>>& layers, const Segs& s, double eps) {
   constexpr bool f64 = std::is_same_v<T, double>;
-  SELK_CHECK_CLOSE(f.si, r.si, f64 ? 1e-10 : 2e-4, f64 ? 1e-12 : 1e-5);
+  const double tol = f64 ? 1e-12 : 2e-6;  // fp32 accumulation of exact inputs
+  for (LayerData<T>& L : layers) {
+    const Ref r = reference(L.p, eps);
+    if (L.p.N * L.p.C > 0) SELK_CHECK_CLOSE(std::vector<double>(L.a.begin(), L.a.begin() + L.p.N * L.p.C), r.a, tol, tol);
+    SELK_CHECK_CLOSE(L.means, r.means, tol, tol);
+    SELK_CHECK_CLOSE(L.si, r.si, f64 ? 1e-10 : 2e-4, f64 ? 1e-12 : 1e-5);
+    std::vector<double> g_max, g_rest;
+    std::vector<int64_t> argmax;
+    ref_coeffs(r, L.p.K, L.p.C, eps, g_max, g_rest, argmax);
+    SELK_CHECK(L.argmax == argmax);
+    const std::vector<double> got_max(L.coeffs.begin(), L.coeffs.begin() + L.p.C);
+    const std::vector<double> got_rest(L.coeffs.begin() + L.p.C, L.coeffs.end());
+    SELK_CHECK_CLOSE(got_max, g_max, 1e-5, 1e-6);  // finite differences
+    SELK_CHECK_CLOSE(got_rest, g_rest, 1e-5, 1e-6);
+  }
+  (void)s;
+}
+
+// A forward over several layers sharing the labels: per-layer C, S and layout, one launch each.
+template <class T>
+void forward_layers(int64_t N, int64_t K, int64_t classes_used, const std::vector<std::tuple<int64_t, int64_t, Layout>>& shapes,
+                    unsigned seg_threads, int64_t sm_count, unsigned seed) {
+  const double eps = 1e-7;
+  Problem base = make_problem(N, 1, 1, K, classes_used, seed);
+  for (auto& l : base.labels)  // invalid labels have their own test (NaN results)
+    if (l != base.ignore && (l < 0 || l >= K)) l = base.ignore;
+  std::vector<LayerData<T>> layers;
+  unsigned sub = seed;
+  for (const auto& [C, S, layout] : shapes) {
+    Problem p = make_problem(N, C, S, K, classes_used, ++sub);
+    p.labels = base.labels;
+    layers.push_back(make_layer<T>(p, layout));
+  }
+  const Segs s = run_segments(base, seg_threads);
+  check_segments(base, s);
+  if (N > 0) run_unit_means<T>(layers, N, sm_count);
+  using acc_t = typename AccOf<T>::type;
+  SELK_CHECK(s.invalid == 0);
+  run_class_si<acc_t, T>(layers, s, K, eps, true);
+  check_layers<T>(layers, s, eps);
 }
 
 template <class T>
 void forward_all_layouts() {
   // NCHW rows: S = 49 (a warp per row), 4 and 16 (vector loads for 4- and 2-byte types, several
-  // rows per warp), 6 and 3 (scalar loads, sub-warp groups); 2 blocks so rows wrap the grid.
-  for (int64_t S : {49, 4, 16, 6, 3}) {
-    check_forward<T>(make_problem(37, 11, S, 7, 6, static_cast<unsigned>(S)), Layout::kNCHW, 64, 2);
-  }
-  // channels_last: C = 40 leaves a partial channel tile; 5 blocks for 23 * 2 tiles (grid-stride).
-  check_forward<T>(make_problem(23, 40, 9, 5, 5, 11), Layout::kChannelsLast, 64, 5);
-  check_forward<T>(make_problem(9, 3, 2, 4, 4, 12), Layout::kChannelsLast, 32, 1);
-  // S == 1, strided [N, C].
-  check_forward<T>(make_problem(70, 13, 1, 6, 6, 13), Layout::kStrided2d, 96, 3);
+  // rows per warp), 6 and 3 (scalar loads, sub-warp groups); positions-major with C = 40 (a
+  // partial channel tile) and C = 3; S == 1 strided. All in one launch per kernel; sm_count = 1
+  // caps the grids at 32 blocks, so the larger layers grid-stride while the small ones idle.
+  const std::vector<std::tuple<int64_t, int64_t, Layout>> shapes = {
+      {11, 49, Layout::kNCHW},          {11, 4, Layout::kNCHW},           {7, 16, Layout::kNCHW},
+      {5, 6, Layout::kNCHW},            {40, 9, Layout::kPositionsMajor}, {3, 2, Layout::kPositionsMajor},
+      {13, 1, Layout::kStrided2d},      {2, 3, Layout::kNCHW},            {37, 1, Layout::kNCHW}};
+  forward_layers<T>(37, 7, 6, shapes, 64, 1, 3);
+  forward_layers<T>(23, 5, 5, {{40, 9, Layout::kPositionsMajor}, {9, 3, Layout::kNCHW}}, 32, 132, 11);
 }
 
 // ----- backward -----------------------------------------------------------------------------------
 template <class acc_t, class out_t>
-void check_unit_grad(bool with_si) {
-  const Problem p = make_problem(45, 21, 5, 6, 5, 21, /*positive=*/true);
+void check_unit_grad(bool with_si, bool with_means) {
+  // Two layers of different C and S in one launch.
   const double eps = 1e-7;
-  const Ref r = reference(p, eps);
+  const Problem base = make_problem(45, 1, 1, 6, 5, 21);
+  const Segs s = run_segments(base, 64);
+  struct One {
+    Problem p;
+    Ref r;
+    std::vector<acc_t> gm, gsi, coeffs;
+    std::vector<int64_t> argmax;
+    std::vector<out_t> out;
+    std::vector<double> G;
+  };
+  std::vector<One> layers;
   std::mt19937 rng(5);
   std::uniform_real_distribution<double> u(-1, 1);
-  std::vector<acc_t> means(r.means.begin(), r.means.end()), gm(p.K * p.C), grad_si(p.C);
-  std::vector<double> gm_d(p.K * p.C), gsi_d(p.C);
-  for (size_t i = 0; i < gm.size(); ++i) gm[i] = static_cast<acc_t>(gm_d[i] = u(rng));
-  for (size_t i = 0; i < grad_si.size(); ++i) grad_si[i] = static_cast<acc_t>(gsi_d[i] = u(rng));
-  // Reference: G = grad_means (+ grad_si * dSI/dmeans by central differences of the reference SI).
-  std::vector<double> G = gm_d;
-  if (with_si) {
-    const std::vector<double> d = fd_si_grad(r.means, r.counts, gsi_d, p.K, p.C, eps);
-    for (size_t i = 0; i < G.size(); ++i) G[i] += d[i];
+  for (const auto& [C, S] : std::vector<std::pair<int64_t, int64_t>>{{21, 5}, {300, 2}}) {
+    One o;
+    o.p = make_problem(45, C, S, 6, 5, static_cast<unsigned>(C), /*positive=*/true);
+    o.p.labels = base.labels;
+    o.r = reference(o.p, eps);
+    std::vector<double> gm_d(6 * C), gsi_d(C);
+    for (auto& v : gm_d) v = u(rng);
+    for (auto& v : gsi_d) v = u(rng);
+    o.gm.assign(gm_d.begin(), gm_d.end());
+    o.gsi.assign(gsi_d.begin(), gsi_d.end());
+    // Reference: G = grad_means (+ grad_si * dSI/dmeans by central differences of the reference SI).
+    o.G.assign(6 * C, 0.0);
+    if (with_means) o.G = gm_d;
+    if (with_si) {
+      const std::vector<double> d = fd_si_grad(o.r.means, o.r.counts, gsi_d, 6, C, eps);
+      for (size_t i = 0; i < o.G.size(); ++i) o.G[i] += d[i];
+      std::vector<double> g_max, g_rest;
+      ref_coeffs(o.r, 6, C, eps, g_max, g_rest, o.argmax);
+      o.coeffs.assign(g_max.begin(), g_max.end());
+      o.coeffs.insert(o.coeffs.end(), g_rest.begin(), g_rest.end());
+    }
+    o.out.assign(45 * C, encode<out_t>(NAN));
+    layers.push_back(std::move(o));
   }
-  std::vector<acc_t> g_max(p.C), g_rest(p.C);
-  std::vector<int64_t> argmax(p.C);
-  if (with_si)
-    selk_sim::launch(dim3(1), dim3(32), 0, si_grad_coeffs_kernel<acc_t>, grad_si.data(), means.data(),
-                     r.counts.data(), p.K, p.C, static_cast<acc_t>(eps), g_max.data(), g_rest.data(), argmax.data());
-  std::vector<out_t> out(p.N * p.C, encode<out_t>(NAN));
-  // 4 grid rows for 45 samples: grid-stride over n; 128-thread blocks over 21 units: partial block.
-  selk_sim::launch(dim3(1, 4), dim3(kUnitThreads), 0, unit_grad_kernel<acc_t, out_t>, gm.data(), r.counts.data(),
-                   p.labels.data(), p.N, p.K, p.C, p.ignore, p.S, with_si ? g_max.data() : nullptr,
-                   with_si ? g_rest.data() : nullptr, with_si ? argmax.data() : nullptr, out.data());
-  std::vector<double> got(out.size()), want(out.size(), 0.0);
-  for (size_t i = 0; i < out.size(); ++i) got[i] = decode(out[i]);
-  for (int64_t n = 0; n < p.N; ++n) {
-    if (!counted(p, n)) continue;
-    const int64_t k = p.labels[n];
-    for (int64_t c = 0; c < p.C; ++c) want[n * p.C + c] = G[k * p.C + c] / (r.counts[k] * p.S);
+  GradTable<acc_t, out_t> table{};
+  int64_t grid = 1;
+  for (size_t j = 0; j < layers.size(); ++j) {
+    One& o = layers[j];
+    GradLayer<acc_t, out_t>& d = table.layer[j];
+    d.grad_si = with_si ? o.gsi.data() : nullptr;
+    d.coeffs = with_si ? o.coeffs.data() : nullptr;
+    d.argmax = with_si ? o.argmax.data() : nullptr;
+    d.grad_means = with_means ? o.gm.data() : nullptr;
+    d.out = o.out.data();
+    d.C = o.p.C;
+    d.S = o.p.S;
+    d.blocks = grad_layer_blocks(45, d.C, /*sm_count=*/1) % 7 + 1;  // small grids: grid-stride
+    grid = std::max(grid, d.blocks);
   }
-  double tol = std::is_same_v<out_t, double> ? 1e-12 : 1e-6;
-  if (std::is_same_v<out_t, f16_t>) tol = 1e-3;
-  if (std::is_same_v<out_t, bf16_t>) tol = 8e-3;
-  if (with_si) tol = std::max(tol, 1e-6);  // finite differences
-  SELK_CHECK_CLOSE(got, want, tol, tol * 1e-2);
+  selk_sim::launch(dim3(static_cast<unsigned>(grid), 2), dim3(kGradThreads), 0, unit_grad_kernel<acc_t, out_t>, table,
+                   s.labels.data(), s.counts.data(), int64_t(45));
+  for (One& o : layers) {
+    std::vector<double> got(o.out.size()), want(o.out.size(), 0.0);
+    for (size_t i = 0; i < o.out.size(); ++i) got[i] = decode(o.out[i]);
+    for (int64_t n = 0; n < o.p.N; ++n) {
+      if (!counted(o.p, n)) continue;
+      const int64_t k = o.p.labels[n];
+      for (int64_t c = 0; c < o.p.C; ++c) want[n * o.p.C + c] = o.G[k * o.p.C + c] / (o.r.counts[k] * o.p.S);
+    }
+    double tol = std::is_same_v<out_t, double> ? 1e-12 : 1e-6;
+    if (std::is_same_v<out_t, f16_t>) tol = 1e-3;
+    if (std::is_same_v<out_t, bf16_t>) tol = 8e-3;
+    if (with_si) tol = std::max(tol, 1e-5);  // finite differences
+    SELK_CHECK_CLOSE(got, want, tol, tol * 1e-2);
+  }
 }
 
 }  // namespace
@@ -356,7 +484,7 @@ SELK_TEST(forward_bf16) { forward_all_layouts<bf16_t>(); }
 
 SELK_TEST(k_larger_than_a_block_and_label_chunks) {
   // 300 classes (scan over several 64-thread chunks, 60 of them present), 500 samples (8 chunks).
-  check_forward<float>(make_problem(500, 5, 2, 300, 60, 31), Layout::kNCHW, 64, 3);
+  forward_layers<float>(500, 300, 60, {{5, 2, Layout::kNCHW}, {33, 3, Layout::kPositionsMajor}}, 64, 132, 31);
   // A full 1024-thread segment block over 2100 samples (3 chunks, the last partial).
   const Problem p = make_problem(2100, 1, 1, 37, 37, 32);
   check_segments(p, run_segments(p, kSegmentThreads));
@@ -371,50 +499,127 @@ SELK_TEST(counts_beyond_shared_memory) {
   check_segments(p, run_segments(p, 64));
 }
 
+SELK_TEST(invalid_labels_give_nan) {
+  // make_problem puts out-of-range labels in: the count is on the device, and every SI, mean and
+  // coefficient is NaN (never a silently wrong number).
+  const Problem p = make_problem(40, 5, 3, 4, 4, 71);
+  const Segs s = run_segments(p, 64);
+  check_segments(p, s);
+  SELK_CHECK(s.invalid > 0);
+  std::vector<LayerData<float>> layers{make_layer<float>(p, Layout::kNCHW)};
+  run_unit_means<float>(layers, p.N, 132);
+  run_class_si<float, float>(layers, s, p.K, 1e-7, true);
+  for (float v : layers[0].means) SELK_CHECK(std::isnan(v));
+  for (float v : layers[0].si) SELK_CHECK(std::isnan(v));
+  for (float v : layers[0].coeffs) SELK_CHECK(std::isnan(v));
+}
+
+SELK_TEST(ties_go_to_the_first_class) {
+  // Equal class means in classes handled by different warp rows (k = 1 and k = 9): argmax 1.
+  Problem p = make_problem(12, 3, 1, 12, 12, 81, /*positive=*/true);
+  for (int64_t n = 0; n < p.N; ++n) p.labels[n] = n;
+  for (int64_t c = 0; c < p.C; ++c) {
+    p.x[1 * p.C + c] = 3.0;
+    p.x[9 * p.C + c] = 3.0;
+  }
+  const Segs s = run_segments(p, 32);
+  std::vector<LayerData<double>> layers{make_layer<double>(p, Layout::kNCHW)};
+  run_unit_means<double>(layers, p.N, 132);
+  run_class_si<double, double>(layers, s, p.K, 1e-7, true);
+  for (int64_t c = 0; c < p.C; ++c) SELK_CHECK(layers[0].argmax[c] == 1);
+}
+
 SELK_TEST(fewer_than_two_classes_and_empty_batch) {
   Problem p = make_problem(20, 6, 3, 4, 1, 41);  // only class 0 (plus ignored / out of range)
-  const Fwd<float> f = run_forward<float>(p, Layout::kNCHW, 32, 1, 1e-7);
-  for (float v : f.si) SELK_CHECK(v == 0.0f);
+  for (auto& l : p.labels)
+    if (l != 0) l = p.ignore;
+  const Segs s = run_segments(p, 32);
+  std::vector<LayerData<float>> layers{make_layer<float>(p, Layout::kNCHW)};
+  run_unit_means<float>(layers, p.N, 132);
+  run_class_si<float, float>(layers, s, p.K, 1e-7, true);
+  for (float v : layers[0].si) SELK_CHECK(v == 0.0f);
+  for (float v : layers[0].coeffs) SELK_CHECK(v == 0.0f);
+  for (int64_t a : layers[0].argmax) SELK_CHECK(a == -1);
   for (auto& l : p.labels) l = p.ignore;  // no class present at all
-  const Fwd<float> g = run_forward<float>(p, Layout::kNCHW, 32, 1, 1e-7);
-  for (float v : g.means) SELK_CHECK(v == 0.0f);
-  for (float v : g.si) SELK_CHECK(v == 0.0f);
-  for (int64_t c : g.segs.counts) SELK_CHECK(c == 0);
-  std::vector<float> gs(6, 1.0f), gmax(6), grest(6);
-  std::vector<int64_t> am(6);
-  selk_sim::launch(dim3(1), dim3(32), 0, si_grad_coeffs_kernel<float>, gs.data(), f.means.data(), f.segs.counts.data(),
-                   p.K, p.C, 1e-7f, gmax.data(), grest.data(), am.data());
-  for (int c = 0; c < 6; ++c) SELK_CHECK(gmax[c] == 0.0f && grest[c] == 0.0f && am[c] == -1);
+  const Segs t = run_segments(p, 32);
+  run_class_si<float, float>(layers, t, p.K, 1e-7, true);
+  for (float v : layers[0].means) SELK_CHECK(v == 0.0f);
+  for (float v : layers[0].si) SELK_CHECK(v == 0.0f);
+  for (int64_t c : t.counts) SELK_CHECK(c == 0);
   const Problem e = make_problem(0, 4, 3, 5, 5, 42);
-  const Fwd<float> h = run_forward<float>(e, Layout::kNCHW, 64, 1, 1e-7);
-  for (float v : h.means) SELK_CHECK(v == 0.0f);
-  for (int64_t c : h.segs.counts) SELK_CHECK(c == 0);
+  const Segs u = run_segments(e, 64);
+  std::vector<LayerData<float>> empty{make_layer<float>(e, Layout::kNCHW)};
+  run_class_si<float, float>(empty, u, e.K, 1e-7, true);
+  for (float v : empty[0].means) SELK_CHECK(v == 0.0f);
+  for (int64_t c : u.counts) SELK_CHECK(c == 0);
+}
+
+SELK_TEST(class_means_only) {
+  Problem p = make_problem(30, 9, 4, 5, 5, 91);
+  for (auto& l : p.labels)
+    if (l != p.ignore && (l < 0 || l >= p.K)) l = p.ignore;
+  const Segs s = run_segments(p, 64);
+  SELK_CHECK(s.invalid == 0);
+  std::vector<LayerData<float>> layers{make_layer<float>(p, Layout::kNCHW)};
+  run_unit_means<float>(layers, p.N, 132);
+  run_class_si<float, float>(layers, s, p.K, 1e-7, false);
+  SELK_CHECK_CLOSE(layers[0].means, reference(p, 1e-7).means, 2e-6, 2e-6);
+  for (float v : layers[0].si) SELK_CHECK(std::isnan(v));  // untouched
 }
 
 SELK_TEST(bitwise_identical_across_schedules) {
   const Problem p = make_problem(200, 33, 7, 9, 9, 51);
   std::vector<std::vector<float>> runs;
   for (uint64_t seed : {0, 1, 7, 12345}) {
-    selk_sim::ScopedSeed s(seed);
-    Fwd<bf16_t> f = run_forward<bf16_t>(p, Layout::kChannelsLast, 64, 3, 1e-7);
-    f.means.insert(f.means.end(), f.si.begin(), f.si.end());
-    runs.push_back(f.means);
+    selk_sim::ScopedSeed guard(seed);
+    Problem q = p;
+    for (auto& l : q.labels)
+      if (l >= q.K || (l < 0 && l != q.ignore)) l = q.ignore;
+    const Segs s = run_segments(q, 64);
+    std::vector<LayerData<bf16_t>> layers{make_layer<bf16_t>(q, Layout::kPositionsMajor)};
+    run_unit_means<bf16_t>(layers, q.N, 1);
+    run_class_si<float, bf16_t>(layers, s, q.K, 1e-7, true);
+    std::vector<float> all = layers[0].means;
+    all.insert(all.end(), layers[0].si.begin(), layers[0].si.end());
+    all.insert(all.end(), layers[0].coeffs.begin(), layers[0].coeffs.end());
+    runs.push_back(all);
   }
   for (auto& r : runs) SELK_CHECK(std::memcmp(r.data(), runs[0].data(), r.size() * sizeof(float)) == 0);
 }
 
-SELK_TEST(class_means_backward_all_out_dtypes) {
-  check_unit_grad<float, float>(false);
-  check_unit_grad<float, f16_t>(false);
-  check_unit_grad<float, bf16_t>(false);
-  check_unit_grad<double, double>(false);
+SELK_TEST(unit_grad_class_means_all_out_dtypes) {
+  check_unit_grad<float, float>(false, true);
+  check_unit_grad<float, f16_t>(false, true);
+  check_unit_grad<float, bf16_t>(false, true);
+  check_unit_grad<double, double>(false, true);
 }
 
-SELK_TEST(selectivity_index_backward_all_out_dtypes) {
-  check_unit_grad<double, double>(true);
-  check_unit_grad<float, float>(true);
-  check_unit_grad<float, bf16_t>(true);
-  check_unit_grad<float, f16_t>(true);
+SELK_TEST(unit_grad_selectivity_all_out_dtypes) {
+  check_unit_grad<double, double>(true, false);
+  check_unit_grad<float, float>(true, false);
+  check_unit_grad<float, bf16_t>(true, true);
+  check_unit_grad<float, f16_t>(true, false);
+}
+
+SELK_TEST(launch_plan_matches_the_tables) {
+  // 8 layers of one dtype: 4 launches per step (segment, means, class/SI, backward); a second
+  // dtype adds one launch per dtype-keyed kernel; 17 layers of one dtype split at 16.
+  std::vector<LayerShape> eight;
+  for (int i = 0; i < 8; ++i) eight.push_back({64 << (i / 2), 3136 >> (2 * (i / 2)), 6, kRowsVec});
+  SELK_CHECK(plan_step(eight, 256, 1000, 132).size() == 4);
+  std::vector<LayerShape> mixed = eight;
+  mixed[3].dtype = 15;
+  mixed[5].dtype = 7;
+  const auto plan = plan_step(mixed, 256, 1000, 132);
+  SELK_CHECK(plan.size() == 1 + 3 + 2 + 3);
+  std::vector<LayerShape> many(17, LayerShape{16, 4, 6, kRowsVec});
+  SELK_CHECK(plan_step(many, 8, 10, 132).size() == 1 + 2 + 2 + 2);
+  // The forward reads x exactly once.
+  int64_t read = 0, x_bytes = 0;
+  for (const Launch& l : plan_step(eight, 256, 1000, 132))
+    if (l.kernel == kUnitMeansKernel) read += l.bytes_read;
+  for (const LayerShape& l : eight) x_bytes += 256 * l.C * l.S * 4;
+  SELK_CHECK(read == x_bytes);
 }
 
 SELK_TEST(selectivity_from_means_backward) {
