@@ -19,6 +19,9 @@ Forward+backward always calls ``torch.autograd.grad(out.sum(), x)`` so that no v
 ``.grad`` accumulation the others do not. The fused backward returns a stride-0 broadcast of an
 [N, C] tensor; a user accumulating into ``x.grad`` would materialise it (one write of x's size).
 
+The training-step suite (:mod:`selkernels.bench_step`: the regularizer inside a real step, and the
+modeled GPU cost per step) runs first; ``--family step`` runs only it.
+
 Op families plug in through :func:`register_suite`: a function ``(config) -> list[Case]``. A family
 that has ``(title, [(name, callable), ...])`` groups uses :func:`cases_from_groups`.
 """
@@ -631,9 +634,29 @@ def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
                       min_run_time=args.min_run_time if args.min_run_time else (0.01 if args.quick else 0.2),
                       compile=args.compile if args.compile is not None else not args.quick, filter=args.filter,
                       block_time=0.0005, min_rounds=3 if args.quick else 7)
-    cases = collect_cases(cfg, args.family)
-    if not cases:
+    families = args.family
+    run_step = (not families or "step" in families) and cfg.filter.lower() in "step"
+    cases = collect_cases(cfg, [f for f in families if f != "step"] if families else None)
+    if families == ["step"]:
+        cases = []
+    if not cases and not run_step:
         raise SystemExit(f"selkernels bench: no case matches --filter {args.filter!r}")
+    if run_step:  # the step-level suite first: the regularizer's cost inside a training step
+        from .bench_step import main_step
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        step_results, step_table = main_step(cfg.device, quick=cfg.quick, compile_variants=cfg.compile,
+                                             min_rounds=3 if cfg.quick else 5,
+                                             min_run_time=0.01 if cfg.quick else 0.5)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "step_table.txt"), "w") as f:
+                f.write(step_table + "\n")
+            with open(os.path.join(args.out, "step_results.json"), "w") as f:
+                json.dump([asdict(r) for r in step_results], f, indent=1)
+        if not cases:
+            return 0
     t0 = time.perf_counter()
     results, notes = run(cfg, cases, progress=not args.no_progress)
     rows = summarize(results)
@@ -665,7 +688,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current setting)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions: a smoke run of seconds")
     parser.add_argument("--filter", default="", help="only cases whose 'family name dtype' contains this substring")
-    parser.add_argument("--family", nargs="+", default=None, help="op families to run (default: all)")
+    parser.add_argument("--family", nargs="+", default=None,
+                        help="suites to run: step (the training-step suite, run first) and the op families "
+                        f"{', '.join(_SUITES)} (default: all)")
     parser.add_argument("--min-run-time", type=float, default=0.0,
                         help="seconds of timed calls per variant, on average (default 0.2, 0.01 with --quick)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -14,10 +14,12 @@ so it runs on any backend (NCCL for CUDA tensors, gloo for CPU tensors) with the
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
@@ -35,6 +37,16 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
+def _default(group):
+    return dist.group.WORLD if group is None else group
+
+
+def _sum_over_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
+    """One sum all-reduce as a functional collective: a new tensor, and an op torch.compile traces
+    (an in-place ``dist.all_reduce`` would break the graph)."""
+    return funcol.wait_tensor(funcol.all_reduce(tensor.contiguous(), "sum", _default(group)))
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, with the exact backward: d(sum)/d(own input) is the sum over ranks of the
     gradients flowing into the result, i.e. an all-reduce-sum of the gradient."""
@@ -42,15 +54,47 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group):
         ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _sum_over_ranks(tensor, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return _sum_over_ranks(grad, ctx.group), None
+
+
+# (layout key, group name, signature) every rank of the group has confirmed.
+_AGREED_LAYOUTS = set()
+
+
+@torch.library.custom_op("selkernels_dist::agree_bucket_layout", mutates_args=())
+def _agree_bucket_layout(like: torch.Tensor, signature: List[int], group_name: str, layout_key: str) -> torch.Tensor:
+    """Raise the same ValueError on every rank unless all ranks of the group will all-reduce
+    buckets of the same layout (``signature``: K, accumulation bits, layer widths); returns a
+    0-dim zero that the bucket adds, so the check runs before the collective even when compiled.
+
+    A custom op, so torch.compile(fullgraph=True) keeps it in the graph and it runs with the
+    concrete shapes of each call. The exchange is a tiny ``all_gather_object``: on every call, or,
+    with a ``layout_key``, on the first call of each layout under that key only (every rank must
+    then see a new layout at the same call, as ranks sharing one model and one K do).
+    """
+    key = (layout_key, group_name, tuple(signature))
+    if not layout_key or key not in _AGREED_LAYOUTS:
+        group = _resolve_process_group(group_name)
+        layouts: List[Optional[List[int]]] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(layouts, list(signature), group=group)
+        if any(layout != list(signature) for layout in layouts):
+            described = "; ".join(f"rank {r}: num_classes={lay[0]}, layer widths {lay[2:]}, float{lay[1]}"
+                                  for r, lay in enumerate(layouts))
+            raise ValueError("global selectivity: the ranks disagree on the class statistics they all-reduce "
+                             f"({described}); every rank must pass the same num_classes and the same layers "
+                             "(widths) in the same order")
+        if layout_key:
+            _AGREED_LAYOUTS.add(key)
+    return like.new_zeros(())
+
+
+@_agree_bucket_layout.register_fake
+def _agree_bucket_layout_fake(like, signature, group_name, layout_key):
+    return like.new_empty(())
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -66,7 +110,7 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int, *,
                        ignore_index: int = -100, group=None,
-                       unit_dim: int = 1) -> Tuple[List[torch.Tensor], torch.Tensor]:
+                       unit_dim: int = 1, layout_key: str = "") -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Class means of several activations over the batch joined across the ranks of ``group``.
 
     Args:
@@ -82,6 +126,15 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
 
     Communication: one all-reduce of ``K * sum_l C_l + K`` elements forward (the per-class sums of
     every layer and the class counts, once), and one of the same size backward when differentiated.
+    Before it, the ranks exchange the bucket's layout (K, dtype, widths: a tiny
+    ``all_gather_object``), so that ranks that disagree on K or on the layers all raise the same
+    ``ValueError`` naming every rank's layout instead of aborting inside the collective. It runs
+    on every call, or, when ``layout_key`` is a non-empty string (the same on every rank, e.g. one
+    per regularizer), on the first call of each layout under that key only.
+
+    Traceable by ``torch.compile(fullgraph=True)``: the collectives are functional collectives
+    inside an autograd.Function, and the layout check is a custom op (``selkernels_dist::``) that
+    runs with each call's concrete shapes.
     With one rank (or no initialized process group) it is :func:`selkernels.class_means` per layer,
     no communication.
     """
@@ -89,7 +142,8 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     if not xs:
         raise ValueError("xs must hold at least one tensor")
     num_classes = _check_num_classes(num_classes)
-    local = [class_means(x, labels, num_classes, ignore_index=ignore_index, unit_dim=unit_dim) for x in xs]
+    # One fused call, one label segmentation for all layers.
+    local = class_means(list(xs), labels, num_classes, ignore_index=ignore_index, unit_dim=unit_dim)
     # The widest accumulation type, so all layers share one buffer and one collective.
     acc = torch.float64 if any(m.dtype == torch.float64 for m, _ in local) else torch.float32
     if world_size(group) == 1:
@@ -99,8 +153,11 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     # Sums, not means, are what add across ranks; counts are exact in the float buffer up to 2**24
     # (float32) samples of one class per step.
     sums = [(m.to(acc) * counts_f[:, None]).reshape(-1) for m, _ in local]
-    buf = all_reduce_sum(torch.cat(sums + [counts_f]), group)
     widths = [m.shape[1] for m, _ in local]
+    # Ranks whose buckets differ in size would abort inside the collective: agree on the layout first.
+    signature = [num_classes, 64 if acc == torch.float64 else 32] + widths
+    agreed = _agree_bucket_layout(counts_f, signature, _default(group).group_name, layout_key)
+    buf = all_reduce_sum(torch.cat(sums + [counts_f]) + agreed, group)
     parts = torch.split(buf, [num_classes * c for c in widths] + [num_classes])
     g_counts_f = parts[-1].detach()  # counts carry no gradient
     g_counts = torch.round(g_counts_f).to(torch.int64)
@@ -112,12 +169,13 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
 
 def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor,
                              num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
-                             group=None, unit_dim: int = 1) -> Union[torch.Tensor, List[torch.Tensor]]:
+                             group=None, unit_dim: int = 1, layout_key: str = "") -> Union[torch.Tensor, List[torch.Tensor]]:
     """Class selectivity index of every unit over the batch joined across the ranks of ``group``.
 
     ``xs`` is one activation tensor [N, C, *spatial] (or [N, *positions, C] with ``unit_dim=-1``)
-    or a list of them (one per layer, same samples): a tensor gives SI [C], a list a list of SI [C_l]. All layers share ONE collective
-    (see :func:`global_class_means`). SI follows :func:`selkernels.selectivity_from_means` on the
+    or a list of them (one per layer, same samples): a tensor gives SI [C], a list a list of SI
+    [C_l]. All layers share ONE collective (see :func:`global_class_means`, also for
+    ``layout_key``). SI follows :func:`selkernels.selectivity_from_means` on the
     global class means and counts (fewer than two classes present over all ranks: SI = 0).
     Identical on every rank; differentiable w.r.t. ``xs``, every rank must call it and (when
     differentiated) run the backward. With one rank (or no initialized process group) it is
@@ -126,11 +184,10 @@ def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], la
     single = isinstance(xs, torch.Tensor)
     eps = _check_eps(eps)
     if world_size(group) == 1:
-        si = [selectivity_index(x, labels, num_classes, eps=eps, ignore_index=ignore_index, unit_dim=unit_dim)
-              for x in ([xs] if single else xs)]
-        return si[0] if single else si
+        return selectivity_index(xs if single else list(xs), labels, num_classes, eps=eps, ignore_index=ignore_index,
+                                 unit_dim=unit_dim)
     means, counts = global_class_means([xs] if single else xs, labels, num_classes, ignore_index=ignore_index,
-                                       group=group, unit_dim=unit_dim)
+                                       group=group, unit_dim=unit_dim, layout_key=layout_key)
     si = [selectivity_from_means(m, counts, eps) for m in means]
     return si[0] if single else si
 

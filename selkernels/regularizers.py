@@ -1,6 +1,7 @@
 """Training-time regularizers built on the fused ops."""
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -12,6 +13,8 @@ from ._options import check_layer_groups, check_statistic, check_unit_dim, group
 from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
 __all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
+
+_REGULARIZER_IDS = itertools.count()
 
 
 def _as_module_list(modules) -> List[nn.Module]:
@@ -46,6 +49,12 @@ class _OutputHook:
             return
         if isinstance(output, (tuple, list)):
             output = output[0]
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            # The penalty reads a view made now, before the layers after this one use the output:
+            # its autograd node is older than theirs, so the backward delivers the penalty's gradient
+            # after the dense one, which autograd then adds into in place (SelectivityRegularizer's
+            # docstring: cost in a training step).
+            output = output.view_as(output)
         owner._outputs[self.index] = output
 
     def __deepcopy__(self, memo):
@@ -152,6 +161,25 @@ class SelectivityRegularizer(_LayerOutputHooks):
     ``torch.save``) carries inert hooks and never writes into this regularizer; copying the model
     and the regularizer together (``copy.deepcopy((model, reg))``) binds the copy to the copy.
 
+    Ranks that disagree on ``num_classes`` or on the hooked layers' widths get the same
+    ``ValueError`` naming every rank's layout, on every rank, at the first ``penalty()`` (a tiny
+    exchange of the layout before the first all-reduce of each layout; see
+    :func:`selkernels.distributed.global_class_means`). Global sync traces under
+    ``torch.compile(fullgraph=True)``.
+
+    Cost in a training step. Beyond the forward's one read of every hooked output, the SI gradient
+    (an [N, C] tensor broadcast over the spatial positions) must be added into the dense gradient
+    each output receives from the layers after it: a read and a write of the output's size. That
+    add is the floor of any regularizer of block outputs, and autograd does it. Autograd adds in
+    place only into a gradient it solely owns that arrives first; it runs the newest nodes first,
+    so a penalty computed after the forward (the newest node) would deliver its broadcast first and
+    every layer would pay an out-of-place add, a fresh output-sized tensor per layer and step
+    (measured with torch 2.13 by profiling a ResNet-20 step: 9 ``aten::add`` of the block outputs'
+    sizes). The hooks therefore hand the SI a view of each output made at hook time, before the
+    later layers use it: the view's node is older than theirs, the SI gradient arrives last, and
+    autograd adds it in place (``aten::add_``); the step then pays the floor.
+    ``selkernels bench --family step`` measures the overhead against that floor.
+
     Use as a context manager, or call ``remove()``, to take the hooks off.
     """
 
@@ -172,6 +200,8 @@ class SelectivityRegularizer(_LayerOutputHooks):
         self.statistic = check_statistic(statistic)
         self.layer_groups = check_layer_groups(layer_groups, len(self.modules))
         self.last_layer_si: Optional[torch.Tensor] = None
+        # Under global sync the ranks check once per layout that they all-reduce the same layout.
+        self._layout_key = f"SelectivityRegularizer-{next(_REGULARIZER_IDS)}"
         self._hook(self.modules)
 
     def unit_selectivity(self, labels: torch.Tensor) -> List[torch.Tensor]:
@@ -185,19 +215,19 @@ class SelectivityRegularizer(_LayerOutputHooks):
         if use_global:
             return _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
                                                   ignore_index=self.ignore_index, group=self.process_group,
-                                                  unit_dim=self.unit_dim)
-        return [selectivity_index(out, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index,
-                                  unit_dim=self.unit_dim) for out in outputs]
+                                                  unit_dim=self.unit_dim, layout_key=self._layout_key)
+        return selectivity_index(outputs, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index,
+                                 unit_dim=self.unit_dim)
 
     def _sum_selectivity(self, outputs, labels, use_global: bool) -> List[torch.Tensor]:
         """SI from class sums (= class means * counts, so the fused means and their backward serve)."""
         if use_global:
             means, counts = _dist.global_class_means(outputs, labels, self.num_classes,
                                                      ignore_index=self.ignore_index, group=self.process_group,
-                                                     unit_dim=self.unit_dim)
+                                                     unit_dim=self.unit_dim, layout_key=self._layout_key)
         else:
-            local = [class_means(out, labels, self.num_classes, ignore_index=self.ignore_index,
-                                 unit_dim=self.unit_dim) for out in outputs]
+            local = class_means(outputs, labels, self.num_classes, ignore_index=self.ignore_index,
+                                unit_dim=self.unit_dim)
             means, counts = [m for m, _ in local], local[0][1]
         return [selectivity_from_means(m * counts.to(m.dtype)[:, None], counts, self.eps) for m in means]
 

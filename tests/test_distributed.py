@@ -17,6 +17,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -58,14 +59,14 @@ def _worker(rank: int, world: int, port: int, err_dir: str, scenarios) -> None:
             dist.destroy_process_group()
 
 
-def _spawn(world: int, scenarios, tmp_path) -> None:
+def _spawn(world: int, scenarios, tmp_path, timeout_s: float = RUN_TIMEOUT_S) -> None:
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), list(scenarios)), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
         while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
             # A failed rank leaves the others waiting in a collective: stop them soon after.
@@ -85,7 +86,7 @@ def _spawn(world: int, scenarios, tmp_path) -> None:
     errors = [(f.name, f.read_text()) for f in sorted(tmp_path.glob("rank*.err"))]
     report = "\n".join(f"--- {name}\n{text}" for name, text in errors)
     assert not errors, f"ranks failed:\n{report}"
-    assert not timed_out, f"ranks {timed_out} still running after {RUN_TIMEOUT_S} s (terminated)"
+    assert not timed_out, f"ranks {timed_out} still running after {timeout_s} s (terminated)"
     assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"
 
 
@@ -144,21 +145,25 @@ def _close(a, b, what, rtol=1e-10, atol=1e-12):
 
 
 class _CountAllReduce:
-    """Counts torch.distributed.all_reduce calls (the library looks the function up on each call)."""
+    """Counts all-reduce calls: the library's functional collectives and torch.distributed.all_reduce
+    (the library looks both up on each call)."""
 
     def __enter__(self):
         self.calls = 0
-        self._orig = dist.all_reduce
+        self._orig = dist.all_reduce, funcol.all_reduce
 
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return self._orig(*args, **kwargs)
+        def counting(orig):
+            def call(*args, **kwargs):
+                self.calls += 1
+                return orig(*args, **kwargs)
 
-        dist.all_reduce = counting
+            return call
+
+        dist.all_reduce, funcol.all_reduce = (counting(f) for f in self._orig)
         return self
 
     def __exit__(self, *exc):
-        dist.all_reduce = self._orig
+        dist.all_reduce, funcol.all_reduce = self._orig
 
 
 def _check_selectivity(rank, world, sizes, x, y):
@@ -408,11 +413,77 @@ def scenario_ddp_step(rank, world):
         _close(p.detach(), q.detach(), f"parameter {name} after two DDP steps")
 
 
+def _train(model, reg, batches, step_fn):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    pens = []
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = step_fn(xb, yb)
+        loss.backward()
+        opt.step()
+        pens.append(loss.detach())
+    return pens, [p.detach().clone() for p in model.parameters()]
+
+
+def scenario_compiled_step(rank, world):
+    """A training step under torch.compile(fullgraph=True, dynamic=True) with sync="global" equals
+    the eager step: losses and parameters after three steps (the third with another batch size)."""
+    mine = _slices([10] * world)[rank]
+    batches = []
+    for seed, n in ((21, 10), (22, 10), (23, 7)):
+        x, y = _batch(n * world, seed=seed)
+        batches.append((x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]))
+    assert batches[0][0].shape[0] == len(range(*mine.indices(10 * world)))
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _net()
+        with SelectivityRegularizer([model.act1, model.act2], ALPHA, K, sync="global") as reg:
+            def step(xb, yb, model=model, reg=reg):
+                return nn.functional.cross_entropy(model(xb), yb) + reg.penalty(yb)
+
+            fn = torch.compile(step, fullgraph=True, dynamic=True) if compiled else step
+            results.append(_train(model, reg, batches, fn))
+    (eager_pens, eager_params), (comp_pens, comp_params) = results
+    for i, (a, b) in enumerate(zip(eager_pens, comp_pens)):
+        _close(b, a, f"compiled loss, step {i}", rtol=1e-9, atol=1e-11)
+    for i, (a, b) in enumerate(zip(eager_params, comp_params)):
+        _close(b, a, f"compiled parameter {i}", rtol=1e-9, atol=1e-11)
+
+
+def scenario_mismatched_layouts(rank, world):
+    """Ranks that disagree on K, or on the hooked layers' widths, all get the same ValueError
+    (not a gloo abort), eager and compiled; afterwards the group still works."""
+    x, y = _batch(8, seed=rank)
+    model = _net()
+    with SelectivityRegularizer([model.act1, model.act2], ALPHA, K + rank, sync="global") as reg:
+        model(x)
+        with pytest.raises(ValueError, match=r"disagree.*rank 0: num_classes=5.*rank 1: num_classes=6"):
+            reg.penalty(y)
+    # Same total size, different order: only the layout check tells them apart.
+    layers = [model.act1, model.act2] if rank == 0 else [model.act2, model.act1]
+    torch._dynamo.reset()
+    with SelectivityRegularizer(layers, ALPHA, K, sync="global") as reg:
+        def penalty_step(xb, yb):
+            model(xb)
+            return reg.penalty(yb)
+
+        step = torch.compile(penalty_step, fullgraph=True)
+        with pytest.raises(ValueError, match=r"layer widths \[6, 10\].*layer widths \[10, 6\]"):
+            step(x, y)
+    si = global_selectivity_index(torch.rand(8, 3, dtype=torch.float64), y, K)  # the group still works
+    assert si.shape == (3,)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------------------------
 def test_two_ranks_even_split_and_ddp(tmp_path):
     _spawn(2, ["scenario_even", "scenario_ddp_step"], tmp_path)
+
+
+def test_two_ranks_compiled_step_and_mismatched_layouts(tmp_path):
+    _spawn(2, ["scenario_compiled_step", "scenario_mismatched_layouts"], tmp_path, timeout_s=400)  # compiles
 
 
 def test_three_ranks_uneven_split(tmp_path):
