@@ -62,7 +62,9 @@ def _extension():
         # cpp_extension adds no OpenMP: without it at::parallel_for runs on one thread.
         cxx.append("-fopenmp")
         ldflags.append("-fopenmp")
-    define_macros = []
+    # The extension has no Python bindings (ops are reached through torch.ops), so it is built
+    # against the stable ABI: one abi3 wheel serves every CPython >= 3.9.
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
@@ -83,6 +85,7 @@ def _extension():
         define_macros=define_macros,
         extra_compile_args=extra,
         extra_link_args=ldflags,
+        py_limited_api=True,
     )
 
 
@@ -90,4 +93,5 @@ setup(
     packages=find_packages(include=["selkernels", "selkernels.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -29,7 +29,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install "${pip_q[@]}" "$torch_spec"
-"$py" -m pip install "${pip_q[@]}" numpy ninja pybind11 setuptools wheel
+"$py" -m pip install "${pip_q[@]}" numpy ninja setuptools wheel
 "$py" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'cuda_build: torch in $venv has no CUDA')"
 
 wheel_dir="$(mktemp -d)"

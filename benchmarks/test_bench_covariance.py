@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_bench_covariance.py --benchmark-only
 
-Same groups as the [covariance] table of ``selkernels bench`` (selkernels/bench_covariance.py): the
+Same groups as the [covariance] table of ``selkernels bench`` (selkernels/bench/covariance.py): the
 streaming update against ``z.T @ z`` and ``torch.cov``, the per-class update against a Python loop over
 classes, and ``spectral_penalty`` against its literal reference, forward and forward+backward.
 Not part of the test suite (pyproject's testpaths is tests/).
@@ -10,7 +10,7 @@ Not part of the test suite (pyproject's testpaths is tests/).
 import pytest
 import torch
 
-from selkernels.bench_covariance import benchmark_groups
+from selkernels.bench.covariance import benchmark_groups
 
 PARAMS = [(title, name, fn) for title, cases in benchmark_groups() for name, fn in cases]
 

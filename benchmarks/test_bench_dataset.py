@@ -1,7 +1,7 @@
 """Regression tracking of the dataset-pass benchmark (ClassSelectivity over 40 batches) with
 pytest-benchmark: ``pytest benchmarks/test_bench_dataset.py --benchmark-only``.
 
-Same case and variants as ``selkernels bench --family dataset`` (selkernels/bench.py): the
+Same case and variants as ``selkernels bench --family dataset`` (selkernels/bench/dataset.py): the
 ClassSelectivity pass, the hand-rolled sum of means * counts, ``x.sum()`` of every batch (the
 bandwidth reference) and the published per-class loop.
 """

@@ -4,7 +4,7 @@
     pytest benchmarks/ --benchmark-only -k "fused and fwd"    # a subset
     pytest benchmarks/ --benchmark-only --benchmark-save=base  # then --benchmark-compare
 
-Same cases and variants as ``selkernels bench`` (selkernels/bench.py): fused, the paper-style loop,
+Same cases and variants as ``selkernels bench`` (selkernels/bench/selectivity.py): fused, the paper-style loop,
 the eager torch composition and its torch.compile, forward and forward+backward. Not part of the test
 suite (pyproject's testpaths is tests/). Compare numbers within one run or one machine only.
 """

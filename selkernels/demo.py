@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._table import render
 from .metrics import ClassSelectivity, LayerSelectivity
 from .regularizers import SelectivityRegularizer
 
@@ -276,10 +277,7 @@ def format_table(rows: Sequence[dict]) -> str:
     body = [[f"{r['alpha']:g}", f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %"]
             + [f"{r[f'si_{b}_mean']:.3f} ± {r[f'si_{b}_std']:.3f}" for b in blocks]
             + [f"{r['si_all_mean']:.3f} ± {r['si_all_std']:.3f}"] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return render(header, body)
 
 
 def plot(tables: Dict[str, List[dict]], path: str) -> None:

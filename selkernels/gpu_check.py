@@ -151,7 +151,7 @@ OP_SHAPES = [  # (name, N, C, spatial, K): as selkernels bench
 
 
 def _median_time(fn: Callable[[], object], device: str, reps: int) -> float:
-    from .bench_step import _time_once
+    from .bench.step import _time_once
 
     fn(), fn()
     times = sorted(_time_once(fn, device) for _ in range(reps))
@@ -282,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in rows:
             print(json.dumps(r))
     else:
-        from .bench_step import main_step
+        from .bench.step import main_step
         from dataclasses import asdict
 
         results, _ = main_step(args.device, quick=args.quick, compile_variants=not args.no_compile,

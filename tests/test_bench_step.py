@@ -1,4 +1,4 @@
-"""The step-level benchmark suite (selkernels/bench_step.py): every case and variant measured,
+"""The step-level benchmark suite (selkernels/bench/step.py): every case and variant measured,
 the variants computing the same penalty, and the modeled GPU cost from the launchers' plan."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import selkernels
-from selkernels import bench_step
-from selkernels.bench_step import (GPU_ASSUMPTIONS, RESNET18_IMAGENET_BLOCKS, RESNET20_BLOCKS, gpu_model,
+from selkernels.bench import step as bench_step
+from selkernels.bench.step import (GPU_ASSUMPTIONS, RESNET18_IMAGENET_BLOCKS, RESNET20_BLOCKS, gpu_model,
                                    modeled_gpu_rows)
 
 

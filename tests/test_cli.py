@@ -118,7 +118,7 @@ def test_bench_plugs_in_another_family(tmp_path, monkeypatch, capsys):
     a = torch.rand(64, 64)
     groups = [("matmul 64", [("a @ a", lambda: a @ a), ("einsum", lambda: torch.einsum("ij,jk->ik", a, a))]),
               ("sum 64", [("a.sum()", lambda: a.sum()), ("python sum", lambda: sum(a.flatten().tolist()))])]
-    monkeypatch.setitem(bench._SUITES, "toy", lambda cfg: bench.cases_from_groups("toy", groups, dtype="float32"))
+    monkeypatch.setitem(bench.SUITES, "toy", lambda cfg: bench.cases_from_groups("toy", groups, dtype="float32"))
     assert cli.main(["bench", "--quick", "--no-progress", "--family", "toy", "--out", str(tmp_path)]) == 0
     stdout = capsys.readouterr().out
     assert "[toy]" in stdout and "[selectivity]" not in stdout

@@ -281,7 +281,7 @@ def test_cuda_per_class_no_host_sync_and_k_beyond_grid_limits():
 
 @CUDA
 def test_cuda_kernels_once_match_cpu():
-    from selkernels.bench_covariance import run_kernels_once
+    from selkernels.bench.covariance import run_kernels_once
 
     errors = run_kernels_once("cuda")
     assert all(err < 1e-10 for err in errors.values()), errors

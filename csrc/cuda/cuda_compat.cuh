@@ -3,26 +3,20 @@
 //
 // The same kernel source compiles in two worlds:
 //   * nvcc (__CUDACC__): the real thing.
-//   * the CPU CUDA-semantics harness (SELK_CUDA_SIM, g++ -std=c++20 -I tests/cuda_harness):
-//     tests/cuda_harness/cuda_sim.h supplies threadIdx, __syncthreads, shuffles, atomics, ...
-//     and runs each CUDA thread as a fiber. See tests/cuda_harness/README.md.
+//   * the CPU CUDA-semantics simulator (tools/cuda_sim/cuda_sim.h), which the harness build
+//     injects with `-include` and `-DSELK_CUDA_SIM`: it supplies threadIdx, __syncthreads,
+//     shuffles, atomics, ... and runs each CUDA thread as a fiber. See tools/cuda_sim/README.md.
+//     Nothing here refers to it, so production code never depends on the test tooling.
 //
 // Kernel-writing rules that keep both worlds honest:
 //   * dynamic shared memory only through SELK_EXTERN_SHARED (a raw `extern __shared__` does not
-//     compile under the harness);
-//   * static `__shared__ T x[N];` is fine (the harness re-poisons it at every block start);
-//   * no `#ifdef __CUDA_ARCH__` device paths the harness would not see (it does not define it).
-#if defined(SELK_CUDA_SIM)
-#include "cuda_sim.h"
-#endif
-
+//     compile under the simulator);
+//   * static `__shared__ T x[N];` is fine (the simulator re-poisons it at every block start);
+//   * no `#ifdef __CUDA_ARCH__` device paths the simulator would not see (it does not define it).
 #include "common/host_device.h"
 
-#if defined(SELK_CUDA_SIM)
-// Pointer to the current block's dynamic shared memory (dyn_smem_bytes of the launch),
-// 16-byte aligned, poisoned with 0xFF bytes at block start.
-#define SELK_EXTERN_SHARED(type, name) type* name = ::selk_sim::detail::dynamic_shared<type>()
-#elif defined(__CUDACC__)
+// The simulator defines its own SELK_EXTERN_SHARED before this header is read.
+#if !defined(SELK_EXTERN_SHARED)
 #define SELK_EXTERN_SHARED(type, name)                        \
   extern __shared__ __align__(16) unsigned char selk_smem_[]; \
   type* name = reinterpret_cast<type*>(selk_smem_)

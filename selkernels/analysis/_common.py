@@ -8,6 +8,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from .._table import format_number, render
+
 FEATURES = ("mean", "flatten")
 
 
@@ -142,11 +144,9 @@ def check_frac(frac) -> float:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v):
-            return str(v)
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.4e}"
-    return str(v)
+    if isinstance(v, float) and math.isfinite(v) and abs(v) >= 1e5:
+        return f"{v:.4e}"
+    return format_number(v, ".4g", missing="nan")
 
 
 def format_table(rows: List[dict], title: str = "") -> str:
@@ -154,13 +154,7 @@ def format_table(rows: List[dict], title: str = "") -> str:
     if not rows:
         return title
     cols = list(rows[0])
-    cells = [[_fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = [title] if title else []
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    return render(cols, [[_fmt(r[c]) for c in cols] for r in rows], title=title)
 
 
 def write_csv(rows: List[dict], path) -> None:

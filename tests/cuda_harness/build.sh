@@ -18,7 +18,9 @@ CXX="${CXX:-g++}"
 SEEDS="${SELK_SIM_SEEDS:-0 1 7}"
 OUT="$HERE/build/$MODE"
 
-BASE=(-std=c++20 -O1 -g -Wall -Wextra -Wno-unused-parameter -I "$ROOT/csrc" -I "$HERE" -DSELK_CUDA_SIM)
+# The simulator is injected into every TU (no kernel header includes it).
+SIM=(-DSELK_CUDA_SIM -include "$ROOT/tools/cuda_sim/cuda_sim.h")
+BASE=(-std=c++20 -O1 -g -Wall -Wextra -Wno-unused-parameter -I "$ROOT/csrc" -I "$HERE" "${SIM[@]}")
 case "$MODE" in
   plain) SAN=() ;;
   tsan) SAN=(-fsanitize=thread) ;;

@@ -1,13 +1,13 @@
 #pragma once
 // Minimal test framework for harness tests (tests/cuda_harness/test_*.cpp, selftest.cpp).
 //
-//   #include "cuda/my_kernels.cuh"   // includes cuda/cuda_compat.cuh -> cuda_sim.h
+//   #include "cuda/my_kernels.cuh"   // the simulator itself is injected by build.sh (-include)
 //   #include "harness_test.h"
 //   SELK_TEST(my_case) { ...; selk_sim::launch(grid, block, smem, kernel, args...); SELK_CHECK(...); }
 //   SELK_SUBCASE(my_crash) { ... }   // only runs as `binary --case my_crash` (see run_self)
 //
 // The binary runs every SELK_TEST and exits non-zero if one fails. `--case NAME` runs one
-// test or subcase, `--list` lists them. SELK_SIM_SEED (env) picks the schedule, see cuda_sim.h.
+// test or subcase, `--list` lists them. SELK_SIM_SEED (env) picks the schedule, see tools/cuda_sim/cuda_sim.h.
 #include <sys/wait.h>
 
 #include <cmath>
@@ -17,8 +17,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include "cuda_sim.h"
 
 namespace selk_test {
 

@@ -30,7 +30,7 @@ mkdir -p "$OUT"
 # Same language level and flags as the extension's nvcc build (setup.py).
 NVFLAGS=(-std=c++17 --expt-relaxed-constexpr -O1 -I "$ROOT/csrc" -I "$HERE")
 SIMFLAGS=(-std=c++20 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Wno-pragma-once-outside-header -DSELK_CUDA_SIM
-          -I "$ROOT/csrc" -I "$HERE")
+          -include "$ROOT/tools/cuda_sim/cuda_sim.h" -I "$ROOT/csrc" -I "$HERE")
 fail=0
 echo "nvcc: $NVCC ($("$NVCC" --version | tail -n 1))"
 

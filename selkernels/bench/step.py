@@ -135,13 +135,13 @@ class _BlockOutputs(nn.Module):
 # Penalties of the variants (each takes the block outputs and labels)
 # ----------------------------------------------------------------------------------------------
 def _torch_penalty(outputs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    from .bench import torch_selectivity
+    from .selectivity import torch_selectivity
 
     return -ALPHA * torch.stack([torch_selectivity(y, labels, num_classes).mean() for y in outputs]).mean()
 
 
 def _paper_penalty(outputs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    from .reference import paper_selectivity_penalty
+    from ..reference import paper_selectivity_penalty
 
     return paper_selectivity_penalty(outputs, labels, ALPHA)
 
@@ -211,7 +211,7 @@ def _compile(fn, name: str, warmup: Callable[[], object], notes: Dict[str, str])
 
 
 def _blocks_case(n: int, shapes, k: int, device: str, dtype: torch.dtype, compile_variants: bool) -> StepCase:
-    from .regularizers import SelectivityRegularizer
+    from ..regularizers import SelectivityRegularizer
 
     net = _BlockOutputs(n, shapes, device, dtype)
     labels = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(1)).to(device)
@@ -251,7 +251,7 @@ def _blocks_case(n: int, shapes, k: int, device: str, dtype: torch.dtype, compil
 
 def _resnet_case(n: int, k: int, width: int, hw: int, device: str, dtype: torch.dtype,
                  compile_variants: bool) -> StepCase:
-    from .regularizers import SelectivityRegularizer
+    from ..regularizers import SelectivityRegularizer
 
     gen = torch.Generator().manual_seed(2)
     images = torch.randn(n, 3, hw, hw, generator=gen).to(device=device, dtype=dtype)
@@ -495,7 +495,7 @@ def modeled_gpu_rows(plan_fn: Optional[Callable] = None, assumptions: dict = GPU
     ImageNet (8 blocks, N=256, K=1000), from ``plan_fn(shapes, num_classes, dtypes)`` (default
     :func:`selkernels.ops.cuda_launch_plan`)."""
     if plan_fn is None:
-        from .ops import cuda_launch_plan as plan_fn
+        from ..ops import cuda_launch_plan as plan_fn
     dtype = getattr(torch, assumptions["activation_dtype"])
     # launches: the plan's + autograd's in-place add of the SI gradient per layer (not in the plan)
     elem = torch.empty((), dtype=dtype).element_size()

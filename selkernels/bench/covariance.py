@@ -1,37 +1,34 @@
-"""Benchmarks of the streaming covariance and the 1/n spectral penalty.
+"""The covariance suite of ``selkernels bench`` (``--family covariance``): the streaming covariance and
+the 1/n spectral penalty.
 
-    python benchmarks/bench_covariance.py --threads 2 --n 1024 --d 256 --k 10 100 [--device cuda]
 
-Times, with torch.utils.benchmark (median of blocked_autorange):
+Groups:
   * StreamingCovariance.update vs a bare ``z.T @ z`` of the same shape (its floor) and vs ``torch.cov``;
   * the per-class update (one fused op) vs its floor (one GEMM over all rows + one read-write pass
     over the float64 [K, D, D] state), a Python loop over the classes, and ``z.T @ z``;
   * spectral_penalty forward and forward+backward vs spectral_penalty_reference.
 Case builders return lists of (name, callable) pairs, the first being the fused op and the rest
-its baselines, so other drivers (the ``selkernels bench`` CLI) can reuse them.
+its baselines, so ``benchmarks/test_bench_covariance.py`` (pytest-benchmark) times the same groups.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 from typing import Callable, Dict, List, Tuple
 
 import torch
-import torch.utils.benchmark as benchmark
 
-import selkernels
-from selkernels import StreamingCovariance, spectral_penalty
-from selkernels.reference import spectral_penalty_reference
+from ..covariance import StreamingCovariance
+from ..reference import spectral_penalty_reference
+from ..spectral_ops import spectral_penalty
+from .core import DTYPES, BenchConfig, Case, cases_from_groups, register_suite
 
-Case = Tuple[str, Callable[[], object]]
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Variant = Tuple[str, Callable[[], object]]
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def covariance_cases(n: int = 1024, d: int = 256, *, dtype=torch.float32, device="cpu", seed: int = 0) -> List[Case]:
+def update_variants(n: int = 1024, d: int = 256, *, dtype=torch.float32, device="cpu", seed: int = 0) -> List[Variant]:
     """StreamingCovariance.update vs bare z.T @ z (the floor: the update's one GEMM) vs torch.cov, on one [n, d] batch."""
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -54,8 +51,8 @@ def covariance_cases(n: int = 1024, d: int = 256, *, dtype=torch.float32, device
     return [("StreamingCovariance.update", update), ("z.T @ z (floor)", gram), ("torch.cov", cov)]
 
 
-def class_covariance_cases(n: int = 1024, d: int = 256, k: int = 10, *, dtype=torch.float32, device="cpu",
-                           seed: int = 0) -> List[Case]:
+def class_update_variants(n: int = 1024, d: int = 256, k: int = 10, *, dtype=torch.float32, device="cpu",
+                           seed: int = 0) -> List[Variant]:
     """Per-class update (one fused op) vs its floor, a Python loop of per-class updates, and a bare z.T @ z.
 
     The floor is what any per-class update must do: the per-class products add up to one GEMM over
@@ -93,8 +90,8 @@ def class_covariance_cases(n: int = 1024, d: int = 256, k: int = 10, *, dtype=to
             (f"Python loop over {k} classes", update_loop), ("z.T @ z", gram)]
 
 
-def spectral_cases(n: int = 256, d: int = 256, *, dtype=torch.float32, device="cpu", backward: bool = False,
-                   tau: int = 10, seed: int = 0) -> List[Case]:
+def spectral_variants(n: int = 256, d: int = 256, *, dtype=torch.float32, device="cpu", backward: bool = False,
+                   tau: int = 10, seed: int = 0) -> List[Variant]:
     """spectral_penalty vs spectral_penalty_reference, forward only or forward + backward."""
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -119,17 +116,17 @@ def spectral_cases(n: int = 256, d: int = 256, *, dtype=torch.float32, device="c
 
 
 def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32,
-                     device="cpu") -> List[Tuple[str, List[Case]]]:
+                     device="cpu") -> List[Tuple[str, List[Variant]]]:
     """Every group this module times, as (title, cases); what main() runs. The one-set update runs
     at [n / 2, d] and [n, 2 d] ([512, 256] and [1024, 512] by default), the per-class one at [n, d]."""
     groups = [(f"streaming covariance, one batch [{m}, {w}]", covariance_cases(m, w, dtype=dtype, device=device))
               for m, w in ((n // 2, d), (n, 2 * d))]
     for k in ks:
         groups.append((f"per-class covariance, [{n}, {d}], K={k}",
-                       class_covariance_cases(n, d, k, dtype=dtype, device=device)))
+                       class_update_variants(n, d, k, dtype=dtype, device=device)))
     for backward in (False, True):
         groups.append((f"spectral penalty, h [{spectral_n}, {d}]",
-                       spectral_cases(spectral_n, d, dtype=dtype, device=device, backward=backward)))
+                       spectral_variants(spectral_n, d, dtype=dtype, device=device, backward=backward)))
     return groups
 
 
@@ -178,57 +175,9 @@ def run_kernels_once(device="cuda", *, seed: int = 0) -> Dict[str, float]:
     return errors
 
 
-def time_cases(cases: List[Case], *, threads: int, min_run_time: float, rounds: int = 5) -> List[Tuple[str, float]]:
-    """Median seconds of each case (one warm-up call first).
-
-    The cases are timed in interleaved rounds (each round runs every case for min_run_time /
-    rounds) and each case's result is the median over rounds, so a load change on a shared
-    machine shifts all cases alike instead of biasing the ratios.
-    """
-    timers = []
-    for name, fn in cases:
-        fn()
-        timers.append((name, benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)))
-    per_round = [[] for _ in cases]
-    for _ in range(rounds):
-        for i, (_, timer) in enumerate(timers):
-            per_round[i].append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
-    return [(name, statistics.median(times)) for (name, _), times in zip(timers, per_round)]
-
-
-def report(title: str, results: List[Tuple[str, float]]) -> None:
-    """The first result is the fused op; every other row shows baseline / fused."""
-    print(f"\n{title}")
-    base = results[0][1]
-    for name, t in results:
-        if name == results[0][0]:
-            ratio = ""
-        elif "floor" in name:
-            ratio = f"   fused = {base / t:5.2f}x this floor"
-        else:
-            ratio = f"   {t / base:6.2f}x the fused time"
-        print(f"  {name:<42s} {t * 1e3:10.3f} ms{ratio}")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1024, help="batch size (rows)")
-    parser.add_argument("--d", type=int, default=256, help="units (columns)")
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 100], help="classes of the per-class cases")
-    parser.add_argument("--spectral-n", type=int, default=256, help="batch size of the spectral penalty cases")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case, over all rounds")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per group")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = _DTYPES[args.dtype]
-    print(f"selkernels {selkernels.__version__}, torch {torch.__version__}, device {args.device}, "
-          f"threads {args.threads}, dtype {args.dtype}")
-    timing = dict(threads=args.threads, min_run_time=args.min_run_time, rounds=args.rounds)
-    for title, cases in benchmark_groups(args.n, args.d, args.k, args.spectral_n, dtype=dtype, device=args.device):
-        report(title, time_cases(cases, **timing))
-
-if __name__ == "__main__":
-    main()
+@register_suite("covariance")
+def covariance_cases(cfg: BenchConfig) -> List[Case]:
+    n, d, ks, spectral_n = (64, 16, (4,), 32) if cfg.quick else (1024, 256, (10, 100), 256)
+    return [case for dtype_name in cfg.dtypes if dtype_name == "float32"  # float32 keeps the default run short
+            for case in cases_from_groups("covariance", benchmark_groups(n, d, ks, spectral_n, dtype=DTYPES[dtype_name],
+                                                                         device=cfg.device), dtype=dtype_name)]

@@ -1,6 +1,7 @@
 #pragma once
-// CUDA-semantics harness: runs CUDA kernel bodies on the CPU, compiled by g++ -std=c++20
-// with -DSELK_CUDA_SIM. Each CUDA thread is a cooperative fiber (hand-written x86-64 context
+// CUDA-semantics simulator: runs CUDA kernel bodies on the CPU, compiled by g++ -std=c++20
+// with -DSELK_CUDA_SIM and injected with `-include tools/cuda_sim/cuda_sim.h` (no production
+// header includes it). Each CUDA thread is a cooperative fiber (hand-written x86-64 context
 // switch); the threads of one block run on one OS thread, interleaving only at barriers and
 // warp collectives; blocks run one after another. See README.md next to this file.
 //
@@ -911,7 +912,8 @@ using selk_sim::uint3;
 // `static thread_local` is per-block storage. All thread_local variables of the executable live
 // in its TLS segment, which the harness fills with 0xFF bytes at every block start (so test
 // executables must not use thread_local for anything else). `extern __shared__` does not
-// compile: use SELK_EXTERN_SHARED from cuda/cuda_compat.cuh.
+// compile: use SELK_EXTERN_SHARED (defined at the end of this file, and for nvcc in
+// csrc/cuda/cuda_compat.cuh).
 #define __shared__ static thread_local
 
 #define threadIdx (::selk_sim::detail::thread_idx())
@@ -1058,3 +1060,7 @@ inline long long __double_as_longlong(double x) {
 inline double __longlong_as_double(long long x) {
   return ::selk_sim::detail::from_bits<double>(::selk_sim::detail::to_bits(x));
 }
+
+// Pointer to the current block's dynamic shared memory (dyn_smem_bytes of the launch), 16-byte
+// aligned, poisoned with 0xFF bytes at block start. csrc/cuda/cuda_compat.cuh defines the nvcc form.
+#define SELK_EXTERN_SHARED(type, name) type* name = ::selk_sim::detail::dynamic_shared<type>()
