@@ -319,10 +319,25 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
     for (const int64_t k : small) small_merges.push_back(merges[k]);
     small_classes_update<gemm_t>(xcp, ld, D, small, offsets, small_merges, m2p);
   }
-  at::Tensor buffer = at::empty({0}, xc.options());
-  for (const int64_t k : present) {
-    const int64_t nb = offsets[k + 1] - offsets[k];
-    if (nb >= kGemmRows) large_class_update<gemm_t>(xc.narrow(0, offsets[k], nb), D, merges[k], m2p + k * D * D, buffer);
+  std::vector<int64_t> large;
+  for (const int64_t k : present)
+    if (offsets[k + 1] - offsets[k] >= kGemmRows) large.push_back(k);
+  const auto run_large = [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({0}, xc.options());
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t k = large[c];
+      large_class_update<gemm_t>(xc.narrow(0, offsets[k], offsets[k + 1] - offsets[k]), D, merges[k],
+                                 m2p + k * D * D, buffer);
+    }
+  };
+  const int64_t num_large = static_cast<int64_t>(large.size());
+  // Enough large classes for every thread: one parallel region over classes (each GEMM and merge
+  // then runs on one thread), instead of a parallel GEMM and a parallel merge per class: fork-joins
+  // cost a time slice each on a loaded machine. Fewer: each class gets all threads.
+  if (num_large >= at::get_num_threads()) {
+    at::parallel_for(0, num_large, 1, run_large);
+  } else {
+    run_large(0, num_large);
   }
   for (const int64_t k : present) {
     const int64_t nb = offsets[k + 1] - offsets[k];
