@@ -43,7 +43,7 @@ def _autocast_off(device: torch.device):
 
 def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     """[N, D] or [N, C, *spatial] -> [M, D] rows of samples."""
-    _check_activations(z, "z")
+    _check_activations(z, "z", require_positions=False)  # reduce decides what no positions means
     if z.shape[1] != dim:
         raise ValueError(f"z.shape[1] must equal dim={dim}, got shape {tuple(z.shape)}")
     if reduce not in _REDUCE:

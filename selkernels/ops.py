@@ -96,7 +96,9 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _check_activations(x, name: str = "x", unit_dim: int = 1) -> None:
+def _check_activations(x, name: str = "x", unit_dim: int = 1, *, require_positions: bool = True) -> None:
+    """Type, dtype and rank of an activation tensor; with ``require_positions``, also that a
+    non-empty batch has at least one spatial position per unit (its mean would be 0/0)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -105,10 +107,9 @@ def _check_activations(x, name: str = "x", unit_dim: int = 1) -> None:
         layout = "[N, C, *spatial]" if unit_dim == 1 else "[N, *positions, D]"
         raise ValueError(f"{name} must have shape {layout} (at least 2 dims), got shape {tuple(x.shape)}")
     units, positions = (x.shape[1], x.shape[2:]) if unit_dim == 1 else (x.shape[-1], x.shape[1:-1])
-    if x.shape[0] > 0 and units > 0 and math.prod(positions) == 0:
+    if require_positions and x.shape[0] > 0 and units > 0 and math.prod(positions) == 0:
         raise ValueError(f"{name} has no spatial positions (shape {tuple(x.shape)}): the spatial mean of a unit "
                          f"is 0/0; an empty batch (N = 0) or no units (C = 0) is accepted")
-
 
 
 def _check_int(value, name: str) -> int:

@@ -117,9 +117,9 @@ def spectral_variants(n: int = 256, d: int = 256, *, dtype=torch.float32, device
 
 def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32,
                      device="cpu") -> List[Tuple[str, List[Variant]]]:
-    """Every group this module times, as (title, cases); what main() runs. The one-set update runs
+    """Every group of the suite, as (title, variants). The one-set update runs
     at [n / 2, d] and [n, 2 d] ([512, 256] and [1024, 512] by default), the per-class one at [n, d]."""
-    groups = [(f"streaming covariance, one batch [{m}, {w}]", covariance_cases(m, w, dtype=dtype, device=device))
+    groups = [(f"streaming covariance, one batch [{m}, {w}]", update_variants(m, w, dtype=dtype, device=device))
               for m, w in ((n // 2, d), (n, 2 * d))]
     for k in ks:
         groups.append((f"per-class covariance, [{n}, {d}], K={k}",
