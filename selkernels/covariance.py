@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
+from ._moments import merge_into
 from .distributed import all_reduce_moments
 from .ops import _check_activations
 
@@ -258,22 +259,6 @@ class StreamingCovariance:
             wide = wide.repeat_interleave(rows // z.shape[0] if z.shape[0] else 0)
         return wide.contiguous()
 
-    def _merge_into(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Chan merge of (n_b, mean_b, m2_b) into the state; batched over a leading class dim."""
-        n_a = self._count.double()
-        nb = n_b.double()
-        n = n_a + nb
-        safe = torch.where(n > 0, n, torch.ones_like(n))
-        delta = mean_b - self._mean
-        self._mean.add_(delta * (nb / safe)[..., None])
-        coef = n_a * nb / safe
-        self._m2.add_(m2_b)
-        # coef delta delta^T accumulated in place (no [K, D, D] temporary)
-        m2 = self._m2.view(-1, self.dim, self.dim)
-        delta = delta.view(-1, self.dim)
-        m2.baddbmm_((delta * coef.view(-1, 1)).unsqueeze(2), delta.unsqueeze(1))
-        self._count.add_(n_b)
-
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Fold another accumulator's statistics into this one (exact; returns self)."""
         if not isinstance(other, StreamingCovariance):
@@ -281,7 +266,8 @@ class StreamingCovariance:
         if other.dim != self.dim or other.num_classes != self.num_classes:
             raise ValueError(f"other has dim={other.dim}, num_classes={other.num_classes}; expected "
                              f"dim={self.dim}, num_classes={self.num_classes}")
-        self._merge_into(other._count.to(self.device), other._mean.to(self.device), other._m2.to(self.device))
+        merge_into((self._count, self._mean, self._m2),
+                   (other._count.to(self.device), other._mean.to(self.device), other._m2.to(self.device)))
         return self
 
     def all_reduce(self, group=None) -> "StreamingCovariance":

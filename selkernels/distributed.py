@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from ._moments import add_deviation, pooled_mean
 from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
 __all__ = ["is_distributed", "world_size", "all_reduce_sum", "global_class_means", "global_selectivity_index",
@@ -233,21 +234,19 @@ def all_reduce_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
     if world_size(group) == 1:
         return count.clone(), mean.clone(), m2.clone()
     with torch.no_grad():
-        present = count > 0
+        present = count > 0  # a rank's entries of count 0 contribute nothing, whatever they hold
         n = torch.where(present, count, torch.zeros_like(count)).to(mean.dtype)
         mean = torch.where(present[..., None], mean, torch.zeros_like(mean))
-        m2 = torch.where(present[..., None, None], m2, torch.zeros_like(m2))
-        d = mean.shape[-1]
-        first = torch.cat([n.reshape(-1, 1), (n[..., None] * mean).reshape(-1, d)], dim=1)
-        dist.all_reduce(first, op=dist.ReduceOp.SUM, group=group)
-        g_n = first[:, 0:1]
-        g_mean = torch.where(g_n > 0, first[:, 1:] / torch.where(g_n > 0, g_n, torch.ones_like(g_n)),
-                             torch.zeros_like(first[:, 1:])).reshape(mean.shape)
-        g_n = g_n.reshape(count.shape)
-        delta = mean - g_mean
-        second = m2 + n[..., None, None] * delta[..., :, None] * delta[..., None, :]
-        second = second.contiguous()
-        dist.all_reduce(second, op=dist.ReduceOp.SUM, group=group)
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            t = t.contiguous()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            return t
+
+        g_n, g_mean = pooled_mean([n], [mean], pool)
+        second = torch.where(present[..., None, None], m2, torch.zeros_like(m2))
+        add_deviation(second, n, mean, g_mean)
+        second = pool(second)
         if not count.dtype.is_floating_point:
             g_n = torch.round(g_n)  # integer counts travel exactly in the float buffer (< 2**53 in float64)
         return g_n.to(count.dtype), g_mean, second

@@ -132,19 +132,6 @@ def _check_counts(counts, k: int, device: torch.device) -> torch.Tensor:
     return counts.long()
 
 
-_LABEL_ERROR = "selkernels: labels must lie in"
-
-
-def _run_checked(op, *args):
-    try:
-        return op(*args)
-    except RuntimeError as err:
-        message = str(err)
-        if message.startswith(_LABEL_ERROR):
-            raise ValueError(message[len("selkernels: "):].splitlines()[0]) from None
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # Label segmentation: computed once per batch, shared by every layer's forward and backward.
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +181,7 @@ def segment_labels(labels: torch.Tensor, num_classes: int, *, ignore_index: int 
     num_classes = _check_num_classes(num_classes)
     _check_class_memory(num_classes, [], labels.device)
     ignore_index = _check_int(ignore_index, "ignore_index")
-    return LabelSegments(*_run_checked(_ops.segment_labels, labels.long(), num_classes, ignore_index))
+    return LabelSegments(*_ops.segment_labels(labels.long(), num_classes, ignore_index))
 
 
 def check_labels(seg: LabelSegments, labels: Optional[torch.Tensor] = None, *, ignore_index: int = -100) -> None:

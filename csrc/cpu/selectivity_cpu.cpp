@@ -283,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_l
       sl[n] = -1;
       continue;
     }
-    // selkernels/ops.py turns this message into a ValueError: keep its prefix.
-    TORCH_CHECK(l[n] >= 0 && l[n] < K, "selkernels: labels must lie in [0, num_classes=", K,
+    // The one check Python cannot make without a second pass over the labels: a ValueError.
+    TORCH_CHECK_VALUE(l[n] >= 0 && l[n] < K, "labels must lie in [0, num_classes=", K,
                 ") or equal ignore_index=", ignore_index, "; found labels[", n, "] = ", l[n]);
     sl[n] = l[n];
     ++cnt[l[n]];

@@ -15,12 +15,11 @@
 #include <numeric>
 #include <vector>
 
+#include "common/acc_type.h"
 #include "common/spectral.h"
 
 namespace selk {
 namespace {
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // lam[j] = sum_i P[i, j]^2 / (N - 1); zero when N < 2 (the variance is undefined).
 template <typename acc_t>

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/acc_type.h"
 #include "cuda/selectivity.cuh"
 
 namespace selk {
@@ -43,8 +44,6 @@ template <typename T>
 typename Storage<T>::type* storage_ptr_mut(at::Tensor& t) {
   return reinterpret_cast<typename Storage<T>::type*>(t.mutable_data_ptr<T>());
 }
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

@@ -9,12 +9,11 @@
 #include <algorithm>
 #include <limits>
 
+#include "common/acc_type.h"
 #include "cuda/spectral.cuh"
 
 namespace selk {
 namespace {
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Row chunks of the column reduction: enough blocks to fill every SM about four times, but no
 // chunk under kMinChunkRows rows (below that the second pass costs more than it spreads).
