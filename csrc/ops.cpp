@@ -36,6 +36,11 @@ TORCH_LIBRARY(selkernels, m) {
       "segmented_unit_grad(Tensor[] grad_si, Tensor[] coeffs, Tensor[] argmax, Tensor[] grad_means, "
       "Tensor labels, Tensor counts, SymInt[] channels, SymInt[] spatial_sizes, int[] out_dtypes) -> Tensor[]");
   m.def("selectivity_from_means(Tensor means, Tensor counts, float eps) -> Tensor");
+  // The launches of one CUDA training step (cuda/launch_plan.h plan_step), on every build: one row
+  // per launch of (kernel id, grid x y z, block x y z, smem bytes, bytes read, bytes written).
+  m.def(
+      "cuda_launch_plan(int[] channels, int[] spatial_sizes, int[] dtypes, int[] layouts, int batch, int num_classes, "
+      "int sm_count) -> Tensor");
   m.def("selectivity_from_means_backward(Tensor grad_si, Tensor means, Tensor counts, float eps) -> Tensor");
 
   // Streaming moments family. Per-class update, in place on the float64 state: z [N, D],

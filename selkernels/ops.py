@@ -1,10 +1,11 @@
 """Public selectivity ops of selkernels: argument checks and fake kernels for torch.ops.selkernels.*.
 
 Every op here is a registered custom op (schema in csrc/ops.cpp, CPU kernel in csrc/cpu, CUDA kernel
-in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck. Their
-autograd is registered in C++ (csrc/selectivity_autograd.cpp): it calls the registered backward
-ops, and costs far less per call than a Python autograd formula on the small activations of a
-training step.
+in csrc/cuda), so it works under torch.compile(fullgraph=True) and torch.library.opcheck. The labels
+of a batch are segmented once (segment_labels); the layer ops take that segmentation and a list of
+layers, so a training step is one call for every hooked layer, forward and backward. Their autograd
+is registered below (one Python call per step for all layers); selectivity_from_means, which runs
+on small [K, C] tensors, has its autograd in C++ (csrc/selectivity_autograd.cpp).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers the schemas and kernels)
 
 __all__ = ["LabelSegments", "segment_labels", "check_labels", "class_means", "selectivity_index",
-           "selectivity_from_means"]
+           "selectivity_from_means", "cuda_launch_plan"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _ops = torch.ops.selkernels
@@ -452,12 +453,14 @@ def _segment_class_means(values: torch.Tensor, labels: torch.Tensor, counts: tor
     return sums / counts.clamp_min(1).unsqueeze(1).to(values.dtype)
 
 
-def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float):
-    """Per unit, in differentiable torch: present mask [K, 1], argmax [C] (first maximum), P [C],
-    mu_max, mu_rest, and whether P >= 2."""
+def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float, argmax: Optional[torch.Tensor] = None):
+    """Per unit, in differentiable torch: present mask [K, 1], argmax [C] (first maximum unless
+    given), P [C], mu_max, mu_rest, and whether P >= 2."""
     present = (counts > 0).unsqueeze(1)
     num_present = present.sum(0).to(means.dtype).expand(means.shape[1])
-    argmax = torch.where(present, means, torch.full_like(means, float("-inf"))).max(0)[1]
+    if argmax is None:
+        argmax = torch.where(present, means, torch.full_like(means, float("-inf"))).max(0)[1]
+    argmax = argmax.clamp_min(0)  # -1 (P < 2): any class; every term is masked by `enough`
     mu_max = means.gather(0, argmax.unsqueeze(0)).squeeze(0)
     total = torch.where(present, means, torch.zeros_like(means)).sum(0)
     enough = num_present >= 2
@@ -465,10 +468,11 @@ def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float):
     return present, argmax, num_present, mu_max, mu_rest, enough
 
 
-def _si_coeff_vjp(means, counts, eps, g_a, g_b):
+def _si_coeff_vjp(means, counts, eps, g_a, g_b, argmax=None):
     """Gradient w.r.t. means [K, C] of sum_c g_a[c] * A[c] + g_b[c] * B[c], where
-    A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients)."""
-    present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps)
+    A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients). ``argmax``: the
+    forward kernel's choice of maximal class (so ties resolve as in the forward)."""
+    present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps, argmax)
     d = a + b + eps
     d2, d3 = d * d, d * d * d
     dA_da = -2 * (2 * b + eps) / d3
@@ -506,7 +510,7 @@ def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
             if gc is None:
                 continue
             p_minus_1 = ((counts > 0).sum() - 1).clamp_min(1).to(gc.dtype)
-            extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1)
+            extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1, argmax[i])
             grad_means[i] = extra if grad_means[i] is None else grad_means[i] + extra
     grad_units = _ops.segmented_unit_grad(grad_si, list(coeffs), list(argmax), _all_or_none(grad_means, means),
                                           labels, counts, [shape[1] for shape in ctx.x_shapes], ctx.spatial,
@@ -621,3 +625,57 @@ def _si_first_coeffs(means, counts, eps):
 
 torch.library.register_autograd("selkernels::selectivity_from_means_backward", _sfm_backward_backward,
                                 setup_context=_sfm_backward_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA launch plan of a training step (computed by the launchers' own host code).
+# ----------------------------------------------------------------------------------------------
+_PLAN_KERNELS = ("segment_labels_kernel", "unit_means_kernel", "class_si_kernel", "unit_grad_kernel")
+
+
+def cuda_launch_plan(shapes: Sequence[Sequence[int]], num_classes: int,
+                     dtypes: Union[torch.dtype, Sequence[torch.dtype]] = torch.float32, *,
+                     channels_last: Union[bool, Sequence[bool]] = False, sm_count: int = 132) -> List[dict]:
+    """The CUDA kernels one training step launches with the regularizer on, without a GPU.
+
+    A step is ``segment_labels`` once, the fused ``selectivity_index`` forward over every layer and
+    its backward. The grids come from the same host code (``csrc/cuda/launch_plan.h``) the CUDA
+    launchers size their grids with, so the model matches what runs.
+
+    Args:
+        shapes: the activation shapes ``[N, C, *spatial]`` of the hooked layers (same N).
+        num_classes: K.
+        dtypes: one dtype per layer, or one for all.
+        channels_last: per layer (or for all): memory ``[N, *spatial, C]`` (also what
+            ``unit_dim=-1`` activations are).
+        sm_count: streaming multiprocessors of the GPU (132: H100 / H200 SXM).
+
+    Returns:
+        One dict per launch, in launch order: ``kernel`` (name), ``grid`` and ``block`` (3-tuples),
+        ``smem_bytes``, ``bytes_read``, ``bytes_written`` (DRAM/L2 traffic modeled from the
+        kernels' access patterns), ``host_syncs`` (always 0: nothing in the step syncs). The
+        autograd engine's own work (adding the broadcast [N, C] gradient into each layer's dense
+        gradient) is not a selkernels launch and is not listed.
+    """
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    if not shapes or any(len(s) < 2 for s in shapes):
+        raise ValueError("shapes must be a non-empty list of [N, C, *spatial] shapes")
+    n = shapes[0][0]
+    if any(s[0] != n for s in shapes):
+        raise ValueError("every shape must have the same N")
+    num_classes = _check_num_classes(num_classes)
+    dtypes = [dtypes] * len(shapes) if isinstance(dtypes, torch.dtype) else list(dtypes)
+    cl = [channels_last] * len(shapes) if isinstance(channels_last, bool) else list(channels_last)
+    if len(dtypes) != len(shapes) or len(cl) != len(shapes):
+        raise ValueError("dtypes and channels_last must have one entry per shape (or be a single value)")
+    if any(d not in _DTYPE_CODES for d in dtypes):
+        raise TypeError(f"dtypes must be float64, float32, float16 or bfloat16, got {dtypes}")
+    spatial = [math.prod(s[2:]) for s in shapes]
+    layouts = []
+    for s, d, last in zip(spatial, dtypes, cl):
+        size = torch.empty((), dtype=d).element_size()
+        layouts.append(0 if s == 1 else 3 if last else (2 if (s * size) % 16 == 0 else 1))
+    rows = _ops.cuda_launch_plan([s[1] for s in shapes], spatial, [_DTYPE_CODES[d] for d in dtypes], layouts, n,
+                                 num_classes, sm_count).tolist()
+    return [{"kernel": _PLAN_KERNELS[r[0]], "grid": tuple(r[1:4]), "block": tuple(r[4:7]), "smem_bytes": r[7],
+             "bytes_read": r[8], "bytes_written": r[9], "host_syncs": 0} for r in rows]

@@ -23,6 +23,13 @@ GRAD_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torc
 _ops = torch.ops.selkernels
 
 
+def _fused(x, labels, k, ignore_index=-100):
+    """SI, class means and counts through the public API (one segmentation for both)."""
+    seg = selkernels.segment_labels(labels, k, ignore_index=ignore_index)
+    means, counts = selkernels.class_means(x, seg)
+    return selkernels.selectivity_index(x, seg), means, counts
+
+
 def _layout(x, layout):
     if layout == "contiguous":
         return x.contiguous()
@@ -55,8 +62,8 @@ def test_other_shapes_match_cpu(dtype, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     labels = torch.randint(0, 7, (shape[0],), generator=g)
-    si_cpu, means_cpu, counts_cpu = _ops.selectivity_index(x, labels, 7, 1e-7, -100)
-    si, means, counts = _ops.selectivity_index(x.cuda(), labels.cuda(), 7, 1e-7, -100)
+    si_cpu, means_cpu, counts_cpu = _fused(x, labels, 7)
+    si, means, counts = _fused(x.cuda(), labels.cuda(), 7)
     torch.testing.assert_close(counts.cpu(), counts_cpu, rtol=0, atol=0)
     torch.testing.assert_close(means.cpu(), means_cpu, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(si.cpu(), si_cpu, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-5)
@@ -83,26 +90,82 @@ def test_ignore_index_absent_classes_and_large_k():
     labels[::4] = -1
     labels[1] = 20000  # a class far beyond those seen, K too large for the shared-memory counts
     k = 20001
-    si_cpu, means_cpu, counts_cpu = _ops.selectivity_index(x, labels, k, 1e-7, -1)
-    si, means, counts = _ops.selectivity_index(x.cuda(), labels.cuda(), k, 1e-7, -1)
+    si_cpu, means_cpu, counts_cpu = _fused(x, labels, k, -1)
+    si, means, counts = _fused(x.cuda(), labels.cuda(), k, -1)
     torch.testing.assert_close(counts.cpu(), counts_cpu, rtol=0, atol=0)
     torch.testing.assert_close(means.cpu(), means_cpu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(si.cpu(), si_cpu, rtol=1e-5, atol=1e-6)
 
 
-def test_out_of_range_labels_are_skipped_not_read():
-    # The raw op on CUDA cannot raise without a host sync: it must skip such labels safely.
-    x = torch.randn(16, 4, 3, device="cuda")
-    labels = torch.tensor([0, 1, 5, -7, 1, 0, 2, 99, 0, 1, 2, 2, 1, 0, 1, 2], device="cuda")
-    means, counts = _ops.class_means(x, labels, 3, -100)
-    ok = (labels >= 0) & (labels < 3)
-    a = x.mean(2)
-    for cls in range(3):
-        sel = ok & (labels == cls)
-        assert int(counts[cls]) == int(sel.sum())
-        torch.testing.assert_close(means[cls], a[sel].mean(0), rtol=1e-6, atol=1e-6)
-    g = _ops.class_means_backward(torch.ones(3, 4, device="cuda"), counts, labels, -100, 3, torch.float32)
-    assert torch.all(g[~ok] == 0)
+def test_invalid_labels_give_nan_without_a_sync_and_check_labels_raises():
+    # CUDA cannot raise without a host sync: the segmentation counts the bad labels on the device,
+    # every result is NaN (never silently wrong, never read out of bounds), check_labels raises.
+    x = torch.randn(16, 4, 3, device="cuda", requires_grad=True)
+    labels = torch.tensor([0, 1, 5, -7, 1, 0, 2, 99, 0, 1, 2, 2, 1, 0, 1, -100], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        seg = selkernels.segment_labels(labels, 3)
+        si = selkernels.selectivity_index(x, seg)
+        means, _ = selkernels.class_means(x, seg)
+        (g,) = torch.autograd.grad(si.sum(), x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(seg.invalid) == 3
+    assert torch.isnan(si).all() and torch.isnan(means).all()
+    assert seg.labels.tolist() == [0, 1, -1, -1, 1, 0, 2, -1, 0, 1, 2, 2, 1, 0, 1, -1]
+    with pytest.raises(ValueError, match=r"labels\[2\] = 5 \(3 such labels\)"):
+        selkernels.check_labels(seg, labels)
+
+
+def test_segment_labels_matches_cpu():
+    labels = torch.randint(-3, 12, (3000,))
+    labels[::7] = -100
+    cpu = selkernels.segment_labels(torch.where((labels < 0) | (labels >= 10), -100, labels), 10)
+    gpu = selkernels.segment_labels(labels.cuda(), 10)
+    bad = ((labels != -100) & ((labels < 0) | (labels >= 10))).sum()
+    assert int(gpu.invalid) == int(bad)
+    for a, b in zip(gpu[:4], cpu[:4]):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_layer_list_matches_cpu_mixed_dtypes_and_layouts():
+    _, labels = make_batch(n=40, k=7)
+    labels[3] = -100
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(40, 64, 8, 8, generator=g), torch.randn(40, 33, 5, 5, generator=g).to(torch.bfloat16),
+          torch.randn(40, 20, 3, 3, generator=g, dtype=torch.float64), torch.randn(40, 17, generator=g).half(),
+          torch.randn(40, 6, 9, generator=g)]
+    layouts = ["contiguous", "channels_last", "channels_last", None, None]
+    on_gpu = [x.cuda() if lay is None else _to_cuda(x, lay) for x, lay in zip(xs, layouts)]
+    ws = [torch.randn(x.shape[1], dtype=torch.float64) for x in xs]
+
+    def run(tensors, lab):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        si = selkernels.selectivity_index(tensors, lab, 7)
+        grads = torch.autograd.grad(sum((s * w.to(s.device, s.dtype)).sum() for s, w in zip(si, ws)), tensors)
+        return si, grads
+
+    si_cpu, g_cpu = run(xs, labels)
+    si_gpu, g_gpu = run(on_gpu, labels.cuda())
+    for a, b, ga, gb, x in zip(si_gpu, si_cpu, g_gpu, g_cpu, xs):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4 if x.dtype != torch.float64 else 1e-10, atol=1e-5)
+        torch.testing.assert_close(ga.cpu().double(), gb.double(), rtol=GRAD_TOL[x.dtype],
+                                   atol=GRAD_TOL[x.dtype] * 1e-2)
+    tok = torch.randn(40, 5, 12, generator=g)
+    torch.testing.assert_close(selkernels.selectivity_index(tok.cuda(), labels.cuda(), 7, unit_dim=-1).cpu(),
+                               selkernels.selectivity_index(tok, labels, 7, unit_dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def test_no_host_sync_in_a_step():
+    xs = [torch.randn(32, c, s, s, device="cuda", requires_grad=True) for c, s in ((16, 8), (32, 4), (64, 2))]
+    labels = torch.randint(0, 10, (32,), device="cuda")
+    selkernels.selectivity_index(xs, labels, 10)  # warm-up (allocator, lazy init)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        si = selkernels.selectivity_index(xs, labels, 10)
+        torch.autograd.grad(sum(s.mean() for s in si), xs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_fewer_than_two_classes_and_empty_batch():
@@ -125,8 +188,8 @@ def test_gradients_match_cpu(dtype, layout):
 
     def grads(xx, lab, ww, wwm):
         xx = xx.requires_grad_()
-        si, means, _ = _ops.selectivity_index(xx, lab, 6, 1e-7, -100)
-        (g_si,) = torch.autograd.grad((si * ww.to(si.dtype)).sum() + (means * wwm.to(si.dtype)).sum(), xx)
+        si = selkernels.selectivity_index(xx, lab, 6)
+        (g_si,) = torch.autograd.grad((si * ww.to(si.dtype)).sum(), xx)
         means2, _ = selkernels.class_means(xx, lab, 6)
         (g_cm,) = torch.autograd.grad((means2 * wwm.to(means2.dtype)).sum(), xx)
         return g_si, g_cm
@@ -189,25 +252,38 @@ def test_deterministic_algorithms_mode():
 def test_opcheck_cuda():
     x, labels = make_batch(n=20, c=5, spatial=(2, 2), k=4, dtype=torch.float32)
     x, labels = x.cuda().requires_grad_(), labels.cuda()
-    torch.library.opcheck(_ops.selectivity_index, (x, labels, 4, 1e-7, -100))
-    torch.library.opcheck(_ops.class_means, (x, labels, 4, -100))
+    y = torch.randn(20, 3, 7, device="cuda", dtype=torch.float64).movedim(-1, 1).requires_grad_()
+    torch.library.opcheck(_ops.segment_labels, (labels, 4, -100))
+    seg = selkernels.segment_labels(labels, 4)
+    torch.library.opcheck(_ops.selectivity_index_segmented, ([x, y], *seg, 1e-7))
+    torch.library.opcheck(_ops.class_means_segmented, ([x, y], *seg))
 
 
-def test_cuda_graph_capture():
-    x, labels = make_batch(n=64, c=16, spatial=(4, 4), k=10, dtype=torch.float32)
-    x, labels = x.cuda(), labels.cuda()
-    expected = _ops.selectivity_index(x, labels, 10, 1e-7, -100)[0].clone()
+def test_cuda_graph_capture_of_a_whole_step():
+    # segment_labels, the fused forward of every layer and its backward, in one graph.
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(64, c, s, s, generator=g).cuda().requires_grad_() for c, s in ((16, 4), (32, 2))]
+    labels = torch.randint(0, 10, (64,), generator=g).cuda()
+
+    def step():
+        seg = selkernels.segment_labels(labels, 10)
+        si = selkernels.selectivity_index(xs, seg)
+        loss = -sum(s.mean() for s in si)
+        return (loss,) + torch.autograd.grad(loss, xs)
+
+    expected = [t.clone() for t in step()]
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _ops.selectivity_index(x, labels, 10, 1e-7, -100)  # warm-up outside capture
+        step()  # warm-up outside capture
         with torch.cuda.graph(graph):
-            si = _ops.selectivity_index(x, labels, 10, 1e-7, -100)[0]
+            out = step()
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(si, expected, rtol=0, atol=0)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph():

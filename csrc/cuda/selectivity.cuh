@@ -386,7 +386,9 @@ SELK_UNROLL_4
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMeansThreads) unit_means_kernel(MeansTable<scalar_t, acc_t> table) {
   SELK_EXTERN_SHARED(acc_t, part);
-  const MeansLayer<scalar_t, acc_t>& L = table.layer[blockIdx.y];
+  // By value: this layer's fields in registers (a reference into the parameter table can make
+  // the compiler copy the whole table to local memory).
+  const MeansLayer<scalar_t, acc_t> L = table.layer[blockIdx.y];
   const int64_t block = blockIdx.x;
   if (block >= L.blocks) return;  // uniform per block
   const int64_t N = table.N;
@@ -443,7 +445,7 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
     class_si_kernel(ClassTable<acc_t> table, const int64_t* __restrict__ counts, const int64_t* __restrict__ offsets,
                     const int64_t* __restrict__ order, const int64_t* __restrict__ invalid, int64_t K, acc_t eps) {
   SELK_EXTERN_SHARED(acc_t, smem);
-  const ClassLayer<acc_t>& L = table.layer[blockIdx.y];
+  const ClassLayer<acc_t> L = table.layer[blockIdx.y];
   const int64_t C = L.C;
   const int64_t tile = blockIdx.x;
   if (tile * kWarpSize >= C) return;  // uniform per block
@@ -461,7 +463,8 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
     }
     acc_t m = acc_t(0);
     if (c < C) {
-      for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];
+SELK_UNROLL_4
+      for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];  // loads pipelined across i
       m = m * (acc_t(1) / static_cast<acc_t>(end - begin));
       if (bad) m = nan;
       L.means[k * C + c] = m;
@@ -562,7 +565,7 @@ template <typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kGradThreads)
     unit_grad_kernel(GradTable<acc_t, out_t> table, const int64_t* __restrict__ labels,
                      const int64_t* __restrict__ counts, int64_t N) {
-  const GradLayer<acc_t, out_t>& L = table.layer[blockIdx.y];
+  const GradLayer<acc_t, out_t> L = table.layer[blockIdx.y];
   const int64_t block = blockIdx.x;
   if (block >= L.blocks) return;
   const int64_t C = L.C;

@@ -515,18 +515,19 @@ SELK_TEST(invalid_labels_give_nan) {
 }
 
 SELK_TEST(ties_go_to_the_first_class) {
-  // Equal class means in classes handled by different warp rows (k = 1 and k = 9): argmax 1.
+  // Equal class means in classes handled by different warp rows (k = 9 in row 1, combined first,
+  // and k = 2 in row 2): argmax 2, the first maximal class, as on the CPU and in torch.max.
   Problem p = make_problem(12, 3, 1, 12, 12, 81, /*positive=*/true);
   for (int64_t n = 0; n < p.N; ++n) p.labels[n] = n;
   for (int64_t c = 0; c < p.C; ++c) {
-    p.x[1 * p.C + c] = 3.0;
+    p.x[2 * p.C + c] = 3.0;
     p.x[9 * p.C + c] = 3.0;
   }
   const Segs s = run_segments(p, 32);
   std::vector<LayerData<double>> layers{make_layer<double>(p, Layout::kNCHW)};
   run_unit_means<double>(layers, p.N, 132);
   run_class_si<double, double>(layers, s, p.K, 1e-7, true);
-  for (int64_t c = 0; c < p.C; ++c) SELK_CHECK(layers[0].argmax[c] == 1);
+  for (int64_t c = 0; c < p.C; ++c) SELK_CHECK(layers[0].argmax[c] == 2);
 }
 
 SELK_TEST(fewer_than_two_classes_and_empty_batch) {
