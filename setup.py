@@ -10,6 +10,7 @@ Environment switches:
   SELKERNELS_FORCE_CPU=1   never build the CUDA sources
   TORCH_CUDA_ARCH_LIST     CUDA architectures; defaults to "8.0;9.0+PTX" when no GPU is visible
 """
+
 import glob
 import os
 import sys
@@ -43,8 +44,13 @@ def _cuda_include_dirs():
     """Headers torch's CUDA wheel ships (cusparse.h, cublas_v2.h, ...) for minimal toolkits."""
     dirs = []
     for site in sys.path:
-        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cusparse/include",
-                    "nvidia/cublas/include", "nvidia/cusolver/include"):
+        for sub in (
+            "nvidia/cu13/include",
+            "nvidia/cuda_runtime/include",
+            "nvidia/cusparse/include",
+            "nvidia/cublas/include",
+            "nvidia/cusolver/include",
+        ):
             path = os.path.join(site, sub)
             if os.path.isdir(path) and path not in dirs:
                 dirs.append(path)

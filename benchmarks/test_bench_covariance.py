@@ -7,6 +7,7 @@ streaming update against ``z.T @ z`` and ``torch.cov``, the per-class update aga
 classes, and ``spectral_penalty`` against its literal reference, forward and forward+backward.
 Not part of the test suite (pyproject's testpaths is tests/).
 """
+
 import pytest
 import torch
 

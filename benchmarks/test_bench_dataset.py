@@ -5,6 +5,7 @@ Same case and variants as ``selkernels bench --family dataset`` (selkernels/benc
 ClassSelectivity pass, the hand-rolled sum of means * counts, ``x.sum()`` of every batch (the
 bandwidth reference) and the published per-class loop.
 """
+
 import pytest
 import torch
 
@@ -24,8 +25,9 @@ def _workload(case):
     return _current["work"]
 
 
-@pytest.mark.parametrize("case,variant", PARAMS, ids=[f"{c.name.replace(' ', '_')}-{v.replace(' ', '_')}"
-                                                      for c, v in PARAMS])
+@pytest.mark.parametrize(
+    "case,variant", PARAMS, ids=[f"{c.name.replace(' ', '_')}-{v.replace(' ', '_')}" for c, v in PARAMS]
+)
 def test_dataset_pass(benchmark, case, variant):
     fn = _workload(case).forward[variant]
     benchmark.group = f"dataset {case.name} {case.shape}"

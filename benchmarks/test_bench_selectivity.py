@@ -8,6 +8,7 @@ Same cases and variants as ``selkernels bench`` (selkernels/bench/selectivity.py
 the eager torch composition and its torch.compile, forward and forward+backward. Not part of the test
 suite (pyproject's testpaths is tests/). Compare numbers within one run or one machine only.
 """
+
 import pytest
 import torch
 
@@ -32,8 +33,9 @@ def _workload(case, variant):
     return _current["work"]
 
 
-@pytest.mark.parametrize("case,mode,variant", PARAMS,
-                         ids=[f"{c.name.replace(' ', '_')}-{c.dtype}-{m}-{v}" for c, m, v in PARAMS])
+@pytest.mark.parametrize(
+    "case,mode,variant", PARAMS, ids=[f"{c.name.replace(' ', '_')}-{c.dtype}-{m}-{v}" for c, m, v in PARAMS]
+)
 def test_selectivity(benchmark, case, mode, variant):
     work = _workload(case, variant)
     fn = (work.forward if mode == "fwd" else work.forward_backward).get(variant)

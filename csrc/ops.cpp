@@ -50,7 +50,8 @@ TORCH_LIBRARY(selkernels, m) {
   // projections P = (h - mean) V and dL/dlam (lam the column variances of P, unsorted order), both
   // saved for the backward, which is then elementwise + one GEMM: the variances are sorted once.
   m.def("spectral_penalty(Tensor h, Tensor V, float slope, int tau) -> (Tensor loss, Tensor P, Tensor grad_lam)");
-  m.def("spectral_penalty_backward(Tensor grad_loss, Tensor P, Tensor grad_lam, Tensor V, ScalarType out_dtype) "
-        "-> Tensor");
+  m.def(
+      "spectral_penalty_backward(Tensor grad_loss, Tensor P, Tensor grad_lam, Tensor V, ScalarType out_dtype) "
+      "-> Tensor");
   m.def("spectral_penalty_backward_basis(Tensor grad_loss, Tensor h, Tensor P, Tensor grad_lam) -> Tensor");
 }

@@ -13,6 +13,7 @@ Prints both tables and writes them (CSV) and their plots (PNG) to --out. Under a
 
     python examples/analyze_digits.py --out digits_analysis
 """
+
 import argparse
 import os
 import time
@@ -27,17 +28,27 @@ from selkernels.analysis import GaussianNoise, PGDAttack, class_density, dimensi
 
 
 def make_model() -> nn.Sequential:
-    return nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(1, 8, 3, padding=1)), ("relu1", nn.ReLU()),
-        ("conv2", nn.Conv2d(8, 16, 3, padding=1)), ("relu2", nn.ReLU()), ("pool", nn.MaxPool2d(2)),
-        ("conv3", nn.Conv2d(16, 32, 3, padding=1)), ("relu3", nn.ReLU()),
-        ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(32, 10)),
-    ]))
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv2d(1, 8, 3, padding=1)),
+                ("relu1", nn.ReLU()),
+                ("conv2", nn.Conv2d(8, 16, 3, padding=1)),
+                ("relu2", nn.ReLU()),
+                ("pool", nn.MaxPool2d(2)),
+                ("conv3", nn.Conv2d(16, 32, 3, padding=1)),
+                ("relu3", nn.ReLU()),
+                ("gap", nn.AdaptiveAvgPool2d(1)),
+                ("flatten", nn.Flatten()),
+                ("fc", nn.Linear(32, 10)),
+            ]
+        )
+    )
 
 
 def batched(x, y, size, shuffle=False, gen=None):
     idx = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
-    return [(x[idx[i:i + size]], y[idx[i:i + size]]) for i in range(0, len(x), size)]
+    return [(x[idx[i : i + size]], y[idx[i : i + size]]) for i in range(0, len(x), size)]
 
 
 def accuracy(model, loader, perturb=None):
@@ -86,22 +97,38 @@ def main():
     noise = GaussianNoise(0.1, clamp=(0.0, 1.0), generator=torch.Generator().manual_seed(1))
     fgsm = PGDAttack.fgsm(model, eps=0.1)
     pgd = PGDAttack(model, eps=0.1, step_size=0.025, steps=10, generator=torch.Generator().manual_seed(2))
-    print(f"trained {args.epochs} epochs in {time.time() - t0:.1f}s; test accuracy: clean "
-          f"{accuracy(model, test_loader):.3f}, noise(0.1) {accuracy(model, test_loader, noise):.3f}, "
-          f"fgsm(0.1) {accuracy(model, test_loader, fgsm):.3f}, pgd(0.1) {accuracy(model, test_loader, pgd):.3f}\n")
+    print(
+        f"trained {args.epochs} epochs in {time.time() - t0:.1f}s; test accuracy: clean "
+        f"{accuracy(model, test_loader):.3f}, noise(0.1) {accuracy(model, test_loader, noise):.3f}, "
+        f"fgsm(0.1) {accuracy(model, test_loader, fgsm):.3f}, pgd(0.1) {accuracy(model, test_loader, pgd):.3f}\n"
+    )
 
     layers = ["relu1", "relu2", "relu3", "fc"]
     t1 = time.time()
-    dim = dimensionality(model, layers, test_loader, {"noise": noise, "fgsm": fgsm, "pgd": pgd},
-                         frac=0.95, grad_units=16, grad_samples=128)
+    dim = dimensionality(
+        model,
+        layers,
+        test_loader,
+        {"noise": noise, "fgsm": fgsm, "pgd": pgd},
+        frac=0.95,
+        grad_units=16,
+        grad_samples=128,
+    )
     print(dim)
     print(f"({time.time() - t1:.1f}s)\n")
     dim.to_csv(os.path.join(args.out, "dimensionality.csv"))
     dim.plot(os.path.join(args.out, "dimensionality.png"))
 
     t1 = time.time()
-    dens = class_density(model, layers, train_loader, num_classes=10, project_dim={"relu2": 8, "relu3": 16},
-                         shrinkage="oas", dp_mixture={"n_components": 5, "max_iter": 200} if args.dp else None)
+    dens = class_density(
+        model,
+        layers,
+        train_loader,
+        num_classes=10,
+        project_dim={"relu2": 8, "relu3": 16},
+        shrinkage="oas",
+        dp_mixture={"n_components": 5, "max_iter": 200} if args.dp else None,
+    )
     print(dens)
     print(f"({time.time() - t1:.1f}s)\n")
     for name in layers:
@@ -109,8 +136,10 @@ def main():
         print(f"{name}: low-density classes {sorted(s.low)}, high-density classes {sorted(s.high)}")
     dens.to_csv(os.path.join(args.out, "class_density.csv"))
     dens.plot(os.path.join(args.out, "class_density.png"))
-    print(f"\nwrote {args.out}/dimensionality.{{csv,png}} and {args.out}/class_density.{{csv,png}} "
-          f"(total {time.time() - t0:.1f}s)")
+    print(
+        f"\nwrote {args.out}/dimensionality.{{csv,png}} and {args.out}/class_density.{{csv,png}} "
+        f"(total {time.time() - t0:.1f}s)"
+    )
 
 
 if __name__ == "__main__":

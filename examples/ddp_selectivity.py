@@ -9,6 +9,7 @@ selectivity index of the batch joined over all ranks with one all-reduce of per-
 counts per step. Rank 0 prints the global SI of each hooked layer next to the SI of its own slice
 (what a per-rank statistic would have used).
 """
+
 import argparse
 import os
 
@@ -24,9 +25,13 @@ import selkernels
 
 def make_model(num_classes: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),   # hooked: index 1
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),   # hooked: index 3
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),  # hooked: index 1
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),  # hooked: index 3
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
     )
 
 
@@ -66,8 +71,7 @@ def main() -> None:
         loader = DataLoader(data, batch_size=args.batch_per_rank, sampler=sampler, drop_last=True)
 
         # Hook the modules of the wrapped model (model, not ddp): their outputs are this rank's slice.
-        reg = selkernels.SelectivityRegularizer([model[1], model[3]], args.alpha, args.num_classes,
-                                                sync="global")
+        reg = selkernels.SelectivityRegularizer([model[1], model[3]], args.alpha, args.num_classes, sync="global")
         # The per-rank statistic of the published scripts, for comparison only (no penalty).
         rank_reg = selkernels.SelectivityRegularizer([model[1], model[3]], 0.0, args.num_classes, sync="local")
         for step, (x, y) in enumerate(loader):
@@ -83,8 +87,11 @@ def main() -> None:
             if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
                 global_si = ", ".join(f"{v:.4f}" for v in reg.last_layer_si.tolist())
                 rank0_si = ", ".join(f"{v:.4f}" for v in local_si)
-                print(f"step {step:3d}  ce {ce.item():.4f}  penalty {penalty.item():+.4f}  "
-                      f"global-batch SI [{global_si}]  rank-0-slice SI [{rank0_si}]", flush=True)
+                print(
+                    f"step {step:3d}  ce {ce.item():.4f}  penalty {penalty.item():+.4f}  "
+                    f"global-batch SI [{global_si}]  rank-0-slice SI [{rank0_si}]",
+                    flush=True,
+                )
         reg.remove()
         rank_reg.remove()
     finally:

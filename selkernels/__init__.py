@@ -6,6 +6,7 @@ eigen-spectrum statistics, and the 1/n spectral regularizer of Nassar et al. (Ne
 ``selkernels.distributed`` computes them on the global batch across torch.distributed ranks;
 :class:`ClassSelectivity` measures the class selectivity of a trained model over a whole dataset.
 """
+
 from . import analysis, distributed, spectrum
 from .covariance import StreamingCovariance
 from .metrics import ClassSelectivity
@@ -15,7 +16,19 @@ from .spectral_ops import spectral_penalty
 
 __version__ = "0.1.0"
 
-__all__ = ["LabelSegments", "segment_labels", "check_labels", "class_means", "selectivity_index", "selectivity_from_means",
-           "SelectivityRegularizer", "ClassSelectivity",
-           "StreamingCovariance", "spectrum", "spectral_penalty", "SpectralRegularizer",
-           "analysis", "distributed"]
+__all__ = [
+    "LabelSegments",
+    "segment_labels",
+    "check_labels",
+    "class_means",
+    "selectivity_index",
+    "selectivity_from_means",
+    "SelectivityRegularizer",
+    "ClassSelectivity",
+    "StreamingCovariance",
+    "spectrum",
+    "spectral_penalty",
+    "SpectralRegularizer",
+    "analysis",
+    "distributed",
+]

@@ -1,4 +1,5 @@
 """``python -m selkernels bench|demo``."""
+
 from .cli import main
 
 raise SystemExit(main())

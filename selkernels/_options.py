@@ -1,8 +1,9 @@
 """Options shared by the selectivity regularizer and metric: unit layout, statistic, transform,
 layer groups (checks, and the grouped mean over layers)."""
+
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,13 +23,13 @@ def check_statistic(statistic) -> str:
     return statistic
 
 
-def check_transform(transform) -> Optional[str]:
+def check_transform(transform) -> str | None:
     if transform not in TRANSFORMS:
         raise ValueError(f'transform must be None, "relu" or "abs", got {transform!r}')
     return transform
 
 
-def check_layer_groups(layer_groups, num_layers: int) -> Optional[List[List[int]]]:
+def check_layer_groups(layer_groups, num_layers: int) -> list[list[int]] | None:
     """None, or a partition of range(num_layers) into non-empty groups of layer indices."""
     if layer_groups is None:
         return None
@@ -37,15 +38,20 @@ def check_layer_groups(layer_groups, num_layers: int) -> Optional[List[List[int]
     except TypeError:
         raise TypeError("layer_groups must be a sequence of sequences of layer indices") from None
     flat = [i for g in groups for i in g]
-    if (not groups or any(not g for g in groups)
-            or any(isinstance(i, bool) or not isinstance(i, int) for i in flat)
-            or sorted(flat) != list(range(num_layers))):
-        raise ValueError(f"layer_groups must split the {num_layers} hooked modules' indices 0..{num_layers - 1} "
-                         f"into non-empty groups, each index in exactly one group; got {layer_groups!r}")
+    if (
+        not groups
+        or any(not g for g in groups)
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in flat)
+        or sorted(flat) != list(range(num_layers))
+    ):
+        raise ValueError(
+            f"layer_groups must split the {num_layers} hooked modules' indices 0..{num_layers - 1} "
+            f"into non-empty groups, each index in exactly one group; got {layer_groups!r}"
+        )
     return groups
 
 
-def grouped_mean(unit_si: Sequence[torch.Tensor], layer_groups: Optional[Sequence[Sequence[int]]]) -> torch.Tensor:
+def grouped_mean(unit_si: Sequence[torch.Tensor], layer_groups: Sequence[Sequence[int]] | None) -> torch.Tensor:
     """Mean SI over groups of layers, each group's SI the mean over all units of its layers.
 
     This is how Ranadive et al.'s published training and analysis code averages a ResNet: the SI

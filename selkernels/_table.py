@@ -1,8 +1,9 @@
 """The one plain-text table formatter of selkernels (benchmarks, demo, analyses)."""
+
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from collections.abc import Sequence
 
 
 def format_number(value, spec: str = ".4g", missing: str = "n/a") -> str:
@@ -21,6 +22,6 @@ def render(header: Sequence[str], body: Sequence[Sequence[str]], *, left: int = 
     def line(cells):
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    lines: List[str] = [title] if title else []
+    lines: list[str] = [title] if title else []
     lines += [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in body]
     return "\n".join(lines)

@@ -9,12 +9,12 @@ Golub & LeVeque (1979):
 
 which is exact for any split of the data, so ``merge`` combines shards, ranks or epochs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Mapping
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -51,8 +51,10 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
     if reduce == "mean" and z.dim() > 2 and z.shape[0] > 0 and z[0, 0].numel() == 0:
         # the per-sample spatial mean over no positions is 0/0; folding it in would poison the state
-        raise ValueError(f"z has no spatial positions (shape {tuple(z.shape)}), so reduce=\"mean\" has no "
-                         "per-sample mean; pass reduce=\"flatten\" (0 samples) or skip the batch")
+        raise ValueError(
+            f'z has no spatial positions (shape {tuple(z.shape)}), so reduce="mean" has no '
+            'per-sample mean; pass reduce="flatten" (0 samples) or skip the batch'
+        )
     z = z.detach()
     if z.dim() == 2:
         return z
@@ -61,7 +63,7 @@ def _as_samples(z: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2).reshape(-1, dim)
 
 
-def _available_bytes(device: torch.device) -> Optional[int]:
+def _available_bytes(device: torch.device) -> int | None:
     """Free memory of the device, or None where it cannot be known (e.g. meta)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -88,7 +90,8 @@ def _check_class_state_fits(dim: int, num_classes: int, device: torch.device) ->
         raise MemoryError(
             f"StreamingCovariance(dim={dim}, num_classes={num_classes}) needs num_classes * dim * dim float64 "
             f"= {need / 2**30:.2f} GiB of per-class state (M2 [K, D, D]), but only {free / 2**30:.2f} GiB are "
-            f"available on {device}; use fewer classes, a smaller dim, or several accumulators over class subsets")
+            f"available on {device}; use fewer classes, a smaller dim, or several accumulators over class subsets"
+        )
 
 
 class StreamingCovariance:
@@ -133,11 +136,12 @@ class StreamingCovariance:
     Copies: ``copy.deepcopy`` and ``pickle`` copy the state (plain tensors).
     """
 
-    def __init__(self, dim: int, *, num_classes: Optional[int] = None, device=None, ignore_index: int = -100):
+    def __init__(self, dim: int, *, num_classes: int | None = None, device=None, ignore_index: int = -100):
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= _INT64_MAX:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or not 1 <= num_classes <= _INT64_MAX):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= _INT64_MAX
+        ):
             raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -154,14 +158,18 @@ class StreamingCovariance:
         # so it traces under torch.compile) and it is never read.
         lead = () if num_classes is None else (num_classes + 1,)
         f64 = dict(dtype=torch.float64, device=device)
-        self._state = (torch.zeros(lead, dtype=torch.int64, device=device), torch.zeros(lead + (dim,), **f64),
-                       torch.zeros(lead + (dim, dim), **f64))
+        self._state = (
+            torch.zeros(lead, dtype=torch.int64, device=device),
+            torch.zeros(lead + (dim,), **f64),
+            torch.zeros(lead + (dim, dim), **f64),
+        )
         self._bind_views()
 
     def _bind_views(self) -> None:
         """count/mean/M2: the state without its spare row."""
-        self._count, self._mean, self._m2 = (self._state if self.num_classes is None
-                                             else tuple(t[:self.num_classes] for t in self._state))
+        self._count, self._mean, self._m2 = (
+            self._state if self.num_classes is None else tuple(t[: self.num_classes] for t in self._state)
+        )
 
     def __getstate__(self):
         # Views are rebuilt on load: pickle does not keep a view sharing its base's storage.
@@ -204,12 +212,12 @@ class StreamingCovariance:
         return self._m2 * inv_std[..., :, None] * inv_std[..., None, :]
 
     # ------------------------------------------------------------------------------------------
-    def update(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None, *, reduce: str = "mean") -> None:
+    def update(self, z: torch.Tensor, labels: torch.Tensor | None = None, *, reduce: str = "mean") -> None:
         """Fold a batch in (see the class docstring for shapes and ``reduce``)."""
         with _autocast_off(self.device):
             self._update(z, labels, reduce)
 
-    def _update(self, z: torch.Tensor, labels: Optional[torch.Tensor], reduce: str) -> None:
+    def _update(self, z: torch.Tensor, labels: torch.Tensor | None, reduce: str) -> None:
         x = _as_samples(z, self.dim, reduce)
         if x.device != self.device:
             raise ValueError(f"z must be on the statistics' device ({self.device}), got {x.device}")
@@ -221,9 +229,13 @@ class StreamingCovariance:
             # The one-set update is the per-class op with a single class: one fused pass (batch
             # mean, centring, symmetric product, Chan merge) on the device, no host sync.
             labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-            torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, self._count.view(1),
-                                                       self._mean.view(1, self.dim),
-                                                       self._m2.view(1, self.dim, self.dim))
+            torch.ops.selkernels.class_moments_update_(
+                x.contiguous(),
+                labels,
+                self._count.view(1),
+                self._mean.view(1, self.dim),
+                self._m2.view(1, self.dim, self.dim),
+            )
             return
         labels = self._check_labels(labels, z, x.shape[0])
         torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._state)
@@ -232,8 +244,12 @@ class StreamingCovariance:
         """int64 labels of the rows of x, ignore_index mapped to the spare state row."""
         if labels is None:
             raise ValueError("labels are required with num_classes")
-        if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex
-                or labels.dtype == torch.bool):
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.dtype.is_floating_point
+            or labels.dtype.is_complex
+            or labels.dtype == torch.bool
+        ):
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
             raise ValueError(f"labels must have shape [N] = [{z.shape[0]}], got {tuple(labels.shape)}")
@@ -252,25 +268,31 @@ class StreamingCovariance:
         elif wide.numel() and bool(bad.any()):
             index = int(bad.nonzero()[0, 0])
             value = int(wide[index]) + (2**64 if labels.dtype == torch.uint64 and int(wide[index]) < 0 else 0)
-            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}) or equal "
-                             f"ignore_index={self.ignore_index}; found labels[{index}] = {value}")
+            raise ValueError(
+                f"labels must lie in [0, num_classes={self.num_classes}) or equal "
+                f"ignore_index={self.ignore_index}; found labels[{index}] = {value}"
+            )
         wide = torch.where(ignored, self.num_classes, wide)
         if rows != z.shape[0]:  # reduce="flatten": every position carries its sample's label
             wide = wide.repeat_interleave(rows // z.shape[0] if z.shape[0] else 0)
         return wide.contiguous()
 
-    def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
+    def merge(self, other: StreamingCovariance) -> StreamingCovariance:
         """Fold another accumulator's statistics into this one (exact; returns self)."""
         if not isinstance(other, StreamingCovariance):
             raise TypeError(f"other must be a StreamingCovariance, got {type(other).__name__}")
         if other.dim != self.dim or other.num_classes != self.num_classes:
-            raise ValueError(f"other has dim={other.dim}, num_classes={other.num_classes}; expected "
-                             f"dim={self.dim}, num_classes={self.num_classes}")
-        merge_into((self._count, self._mean, self._m2),
-                   (other._count.to(self.device), other._mean.to(self.device), other._m2.to(self.device)))
+            raise ValueError(
+                f"other has dim={other.dim}, num_classes={other.num_classes}; expected "
+                f"dim={self.dim}, num_classes={self.num_classes}"
+            )
+        merge_into(
+            (self._count, self._mean, self._m2),
+            (other._count.to(self.device), other._mean.to(self.device), other._m2.to(self.device)),
+        )
         return self
 
-    def all_reduce(self, group=None) -> "StreamingCovariance":
+    def all_reduce(self, group=None) -> StreamingCovariance:
         """Replace these statistics by those of all ranks' samples joined, over the ranks of
         ``group`` (default: the default group); exact (Chan merge, see
         :func:`selkernels.distributed.all_reduce_moments`: two all-reduces, ``B * (D + 1)`` and
@@ -291,11 +313,16 @@ class StreamingCovariance:
         for tensor in self._state:
             tensor.zero_()
 
-    def state_dict(self) -> Dict[str, object]:
-        return {"dim": self.dim, "num_classes": self.num_classes, "count": self._count.clone(),
-                "mean": self._mean.clone(), "M2": self._m2.clone()}
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "dim": self.dim,
+            "num_classes": self.num_classes,
+            "count": self._count.clone(),
+            "mean": self._mean.clone(),
+            "M2": self._m2.clone(),
+        }
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> None:
         """Replace the statistics by ``state`` (from :meth:`state_dict`), validated first: a state
         that fails a check raises (naming the entry) and leaves these statistics unchanged."""
         if not isinstance(state, Mapping):
@@ -304,8 +331,10 @@ class StreamingCovariance:
         if missing:
             raise ValueError(f"state is missing {missing}: expected a dict from state_dict()")
         if state["dim"] != self.dim or state["num_classes"] != self.num_classes:
-            raise ValueError(f"state has dim={state['dim']}, num_classes={state['num_classes']}; expected "
-                             f"dim={self.dim}, num_classes={self.num_classes}")
+            raise ValueError(
+                f"state has dim={state['dim']}, num_classes={state['num_classes']}; expected "
+                f"dim={self.dim}, num_classes={self.num_classes}"
+            )
         lead = tuple(self._count.shape)
         count = _checked_state_tensor(state, "count", lead, integer=True)
         mean = _checked_state_tensor(state, "mean", lead + (self.dim,), integer=False)
@@ -315,7 +344,7 @@ class StreamingCovariance:
         self._m2.copy_(m2)
 
 
-def _checked_state_tensor(state, key: str, shape: Tuple[int, ...], *, integer: bool) -> torch.Tensor:
+def _checked_state_tensor(state, key: str, shape: tuple[int, ...], *, integer: bool) -> torch.Tensor:
     """state[key] if it is a tensor of exactly ``shape`` holding valid moments, else a ValueError."""
     value = state[key]
     if not isinstance(value, torch.Tensor):

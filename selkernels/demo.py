@@ -19,6 +19,7 @@ batches). Reported per model and alpha: mean SI per layer and test accuracy, mea
 deviation over seeds. ``--figures DIR`` also draws the per-layer SI histograms of the seed-0 models
 and unit-ablation curves (:func:`selkernels.analysis.ablation_curve`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,23 +38,22 @@ from ._table import render
 from .metrics import ClassSelectivity, LayerSelectivity
 from .regularizers import SelectivityRegularizer
 
-__all__ = ["DemoConfig", "SmallCNN", "SmallViT", "load_digits_split", "train_one", "run_demo", "format_table",
-           "main"]
+__all__ = ["DemoConfig", "SmallCNN", "SmallViT", "load_digits_split", "train_one", "run_demo", "format_table", "main"]
 
 NUM_CLASSES = 10
 
 
 @dataclass
 class DemoConfig:
-    alphas: Tuple[float, ...] = (-10.0, -1.0, 0.0, 1.0, 10.0)
-    seeds: Tuple[int, ...] = (0, 1, 2)
+    alphas: tuple[float, ...] = (-10.0, -1.0, 0.0, 1.0, 10.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 15
     batch_size: int = 64
     lr: float = 3e-3
     width: int = 16
     threads: int = 0  # 0: torch's current setting
     train_subset: int = 0  # 0: the whole training split (the quick run uses a few hundred samples)
-    models: Tuple[str, ...] = ("cnn", "vit")
+    models: tuple[str, ...] = ("cnn", "vit")
     vit_dim: int = 32
 
 
@@ -83,7 +83,7 @@ class SmallCNN(nn.Module):
         x = self.blocks[2](x)
         return self.head(x.mean((2, 3)))
 
-    def hooked(self) -> List[nn.Module]:
+    def hooked(self) -> list[nn.Module]:
         return list(self.blocks)
 
 
@@ -135,11 +135,11 @@ class SmallViT(nn.Module):
             h = block(h)
         return self.head(self.norm(h).mean(1))
 
-    def hooked(self) -> List[nn.Module]:
+    def hooked(self) -> list[nn.Module]:
         return [block.mlp[1] for block in self.blocks]
 
 
-def make_model(name: str, cfg: "DemoConfig") -> nn.Module:
+def make_model(name: str, cfg: DemoConfig) -> nn.Module:
     if name == "cnn":
         return SmallCNN(cfg.width)
     if name == "vit":
@@ -155,14 +155,16 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0):
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(range(len(y)), test_size=test_fraction, random_state=split_seed,
-                                           stratify=y.numpy())
+    idx_train, idx_test = train_test_split(
+        range(len(y)), test_size=test_fraction, random_state=split_seed, stratify=y.numpy()
+    )
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 256) -> Tuple[float, List[LayerSelectivity]]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> tuple[float, list[LayerSelectivity]]:
     """(test accuracy, per-layer selectivity of the hooked layers) on the whole set, streamed in
     batches through :class:`selkernels.ClassSelectivity` (the SI of the whole set, as if it were
     one batch)."""
@@ -171,7 +173,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     correct = 0
     with ClassSelectivity(names, NUM_CLASSES, unit_dim=model.unit_dim) as metric:
         for start in range(0, len(y), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             correct += int((model(xb).argmax(1) == yb).sum())
             metric.update(yb)
         return correct / len(y), metric.compute()
@@ -187,13 +189,12 @@ def train_one(alpha: float, seed: int, data, cfg: DemoConfig, model_name: str = 
     # Annealing to zero leaves each model at a settled point, so seeds differ less at the end.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed)
-    with SelectivityRegularizer(model.hooked(), alpha=alpha, num_classes=NUM_CLASSES,
-                                unit_dim=model.unit_dim) as reg:
+    with SelectivityRegularizer(model.hooked(), alpha=alpha, num_classes=NUM_CLASSES, unit_dim=model.unit_dim) as reg:
         for _ in range(cfg.epochs):
             model.train()
             order = torch.randperm(len(y_train), generator=gen)
             for start in range(0, len(order), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
+                idx = order[start : start + cfg.batch_size]
                 xb, yb = x_train[idx], y_train[idx]
                 loss = F.cross_entropy(model(xb), yb) + reg.penalty(yb)
                 opt.zero_grad(set_to_none=True)
@@ -212,10 +213,10 @@ class RunResult:
     alpha: float
     seed: int
     accuracy: float
-    layer_si: List[float]
+    layer_si: list[float]
 
 
-def run_demo(cfg: DemoConfig, *, progress: bool = True, keep: Optional[dict] = None) -> List[RunResult]:
+def run_demo(cfg: DemoConfig, *, progress: bool = True, keep: dict | None = None) -> list[RunResult]:
     """Train every (model, alpha, seed). ``keep``, if given, receives {(model, alpha): (trained
     model, per-layer LayerSelectivity)} of the first seed, for the figures."""
     from tqdm.auto import tqdm
@@ -224,7 +225,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, keep: Optional[dict] = N
         torch.set_num_threads(cfg.threads)
     data = load_digits_split()
     if cfg.train_subset:
-        data = (data[0][:cfg.train_subset], data[1][:cfg.train_subset]) + data[2:]
+        data = (data[0][: cfg.train_subset], data[1][: cfg.train_subset]) + data[2:]
     runs = [(m, a, s) for m in cfg.models for a in cfg.alphas for s in cfg.seeds]
     results = []
     bar = tqdm(runs, desc="selkernels demo", unit="model", disable=not progress, dynamic_ncols=True)
@@ -237,11 +238,11 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, keep: Optional[dict] = N
     return results
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(results: Sequence[RunResult]) -> Dict[str, List[dict]]:
+def summarize(results: Sequence[RunResult]) -> dict[str, list[dict]]:
     """Per model, one row per alpha: mean and std over seeds of the accuracy and of every hooked
     layer's mean SI."""
     tables = {}
@@ -254,33 +255,36 @@ def summarize(results: Sequence[RunResult]) -> Dict[str, List[dict]]:
             row["accuracy_mean"], row["accuracy_std"] = _mean_std([r.accuracy for r in sel])
             for j in range(len(sel[0].layer_si)):
                 row[f"si_{prefix}{j + 1}_mean"], row[f"si_{prefix}{j + 1}_std"] = _mean_std(
-                    [r.layer_si[j] for r in sel])
+                    [r.layer_si[j] for r in sel]
+                )
             row["si_all_mean"], row["si_all_std"] = _mean_std([statistics.fmean(r.layer_si) for r in sel])
             rows.append(row)
         tables[name] = rows
     return tables
 
 
-def _layers_of(rows: Sequence[dict]) -> List[str]:
+def _layers_of(rows: Sequence[dict]) -> list[str]:
     return [k[3:-5] for k in rows[0] if k.startswith("si_") and k.endswith("_mean") and k != "si_all_mean"]
 
 
-def format_tables(tables: Dict[str, List[dict]]) -> str:
-    titles = dict(cnn=f"SmallCNN (conv blocks, units = channels)",
-                  vit="SmallViT (MLP hidden units, unit_dim=-1)")
+def format_tables(tables: dict[str, list[dict]]) -> str:
+    titles = dict(cnn="SmallCNN (conv blocks, units = channels)", vit="SmallViT (MLP hidden units, unit_dim=-1)")
     return "\n\n".join(f"{titles.get(name, name)}\n{format_table(rows)}" for name, rows in tables.items())
 
 
 def format_table(rows: Sequence[dict]) -> str:
     blocks = _layers_of(rows)
     header = ["alpha", "test accuracy"] + [f"SI {b}" for b in blocks] + ["SI mean of layers"]
-    body = [[f"{r['alpha']:g}", f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %"]
-            + [f"{r[f'si_{b}_mean']:.3f} ± {r[f'si_{b}_std']:.3f}" for b in blocks]
-            + [f"{r['si_all_mean']:.3f} ± {r['si_all_std']:.3f}"] for r in rows]
+    body = [
+        [f"{r['alpha']:g}", f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} %"]
+        + [f"{r[f'si_{b}_mean']:.3f} ± {r[f'si_{b}_std']:.3f}" for b in blocks]
+        + [f"{r['si_all_mean']:.3f} ± {r['si_all_std']:.3f}"]
+        for r in rows
+    ]
     return render(header, body)
 
 
-def plot(tables: Dict[str, List[dict]], path: str) -> None:
+def plot(tables: dict[str, list[dict]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,12 +304,19 @@ def _plot_model(name: str, rows: Sequence[dict], ax_si, ax_acc) -> None:
     xs = range(len(alphas))
     blocks = _layers_of(rows)
     for b in blocks:
-        ax_si.errorbar(xs, [r[f"si_{b}_mean"] for r in rows], [r[f"si_{b}_std"] for r in rows], marker="o",
-                       capsize=3, label=b)
+        ax_si.errorbar(
+            xs, [r[f"si_{b}_mean"] for r in rows], [r[f"si_{b}_std"] for r in rows], marker="o", capsize=3, label=b
+        )
     ax_si.set_ylabel(f"{name}: test-set mean class selectivity")
     ax_si.legend()
-    ax_acc.errorbar(xs, [100 * r["accuracy_mean"] for r in rows], [100 * r["accuracy_std"] for r in rows],
-                    marker="o", capsize=3, color="k")
+    ax_acc.errorbar(
+        xs,
+        [100 * r["accuracy_mean"] for r in rows],
+        [100 * r["accuracy_std"] for r in rows],
+        marker="o",
+        capsize=3,
+        color="k",
+    )
     ax_acc.set_ylabel(f"{name}: test accuracy (%)")
     for ax in (ax_si, ax_acc):
         ax.set_xticks(list(xs))
@@ -314,26 +325,32 @@ def _plot_model(name: str, rows: Sequence[dict], ax_si, ax_acc) -> None:
         ax.grid(alpha=0.3)
 
 
-def write_outputs(out_dir: str, cfg: DemoConfig, results: Sequence[RunResult], tables: Dict[str, List[dict]],
-                  table: str) -> Dict[str, str]:
+def write_outputs(
+    out_dir: str, cfg: DemoConfig, results: Sequence[RunResult], tables: dict[str, list[dict]], table: str
+) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, v) for k, v in dict(csv="demo.csv", json="demo.json", table="demo.txt",
-                                                           plot="demo.png").items()}
+    paths = {
+        k: os.path.join(out_dir, v)
+        for k, v in dict(csv="demo.csv", json="demo.json", table="demo.txt", plot="demo.png").items()
+    }
     rows = [dict(model=name, **row) for name, model_rows in tables.items() for row in model_rows]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         w.writeheader()
         w.writerows(rows)
     with open(paths["json"], "w") as f:
-        json.dump(dict(config=asdict(cfg), torch=torch.__version__, runs=[asdict(r) for r in results],
-                       summary=tables), f, indent=1)
+        json.dump(
+            dict(config=asdict(cfg), torch=torch.__version__, runs=[asdict(r) for r in results], summary=tables),
+            f,
+            indent=1,
+        )
     with open(paths["table"], "w") as f:
         f.write(table + "\n")
     plot(tables, paths["plot"])
     return paths
 
 
-def write_figures(out_dir: str, kept: dict, cfg: DemoConfig) -> Dict[str, str]:
+def write_figures(out_dir: str, kept: dict, cfg: DemoConfig) -> dict[str, str]:
     """Per-layer SI histograms of every model (one colour per alpha, seed 0), and unit-ablation
     curves (most selective first vs random) of each model's last hooked layer at alpha = 0 (or the
     alpha closest to it). Small PNGs, for the README."""
@@ -342,21 +359,27 @@ def write_figures(out_dir: str, kept: dict, cfg: DemoConfig) -> Dict[str, str]:
 
     os.makedirs(out_dir, exist_ok=True)
     _, _, x_test, y_test = load_digits_split()
-    loader = [(x_test[i:i + 256], y_test[i:i + 256]) for i in range(0, len(y_test), 256)]
+    loader = [(x_test[i : i + 256], y_test[i : i + 256]) for i in range(0, len(y_test), 256)]
     paths = {}
     for name in cfg.models:
         runs = {f"alpha={a:g}": kept[(name, a)][1] for a in cfg.alphas}
         paths[f"si_{name}"] = os.path.join(out_dir, f"si_histograms_{name}.png")
-        plot_selectivity_histograms(runs, paths[f"si_{name}"],
-                                    title=f"{name}: test-set class selectivity of units per layer (seed 0)")
+        plot_selectivity_histograms(
+            runs, paths[f"si_{name}"], title=f"{name}: test-set class selectivity of units per layer (seed 0)"
+        )
         alpha = min(cfg.alphas, key=abs)
         model = kept[(name, alpha)][0]
         layer = model.hooked()[-1]
-        curves = [ablation_curve(model, layer, loader, order=order, unit_dim=model.unit_dim)
-                  for order in ("selectivity", "random")]
+        curves = [
+            ablation_curve(model, layer, loader, order=order, unit_dim=model.unit_dim)
+            for order in ("selectivity", "random")
+        ]
         paths[f"ablation_{name}"] = os.path.join(out_dir, f"ablation_{name}.png")
-        plot_ablation(curves, paths[f"ablation_{name}"],
-                      title=f"{name}, last hooked layer, alpha={alpha:g}:\nmost selective units zeroed first vs random")
+        plot_ablation(
+            curves,
+            paths[f"ablation_{name}"],
+            title=f"{name}, last hooked layer, alpha={alpha:g}:\nmost selective units zeroed first vs random",
+        )
         for curve in curves:
             print(curve.table())
     return paths
@@ -371,11 +394,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (few samples, one epoch)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help="directory for demo.csv, demo.json, demo.txt and demo.png")
-    parser.add_argument("--figures", default=None, help="directory for the per-layer SI histograms and the "
-                        "unit-ablation curves of the seed-0 models (PNG)")
+    parser.add_argument(
+        "--figures",
+        default=None,
+        help="directory for the per-layer SI histograms and the unit-ablation curves of the seed-0 models (PNG)",
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
+def main(argv: Sequence[str] | None = None, *, args=None) -> int:
     if args is None:
         import argparse
 
@@ -399,12 +425,16 @@ def main(argv: Optional[Sequence[str]] = None, *, args=None) -> int:
     results = run_demo(cfg, progress=not args.no_progress, keep=kept if args.figures else None)
     tables = summarize(results)
     table = format_tables(tables)
-    print(f"\nselkernels demo: digits, SmallCNN(width={cfg.width}) and SmallViT(dim={cfg.vit_dim}), {cfg.epochs} "
-          f"epochs, {len(cfg.seeds)} seeds, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\nselkernels demo: digits, SmallCNN(width={cfg.width}) and SmallViT(dim={cfg.vit_dim}), {cfg.epochs} "
+        f"epochs, {len(cfg.seeds)} seeds, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s"
+    )
     print(table)
-    print("SI: test-set mean class selectivity of each hooked layer's units (CNN: post-ReLU channels; ViT: MLP "
-          "hidden ReLU units averaged over tokens), from class means over the whole test set "
-          "(selkernels.ClassSelectivity); mean ± std over seeds.")
+    print(
+        "SI: test-set mean class selectivity of each hooked layer's units (CNN: post-ReLU channels; ViT: MLP "
+        "hidden ReLU units averaged over tokens), from class means over the whole test set "
+        "(selkernels.ClassSelectivity); mean ± std over seeds."
+    )
     if args.out:
         paths = write_outputs(args.out, cfg, results, tables, table)
         print("wrote " + ", ".join(paths.values()))

@@ -12,9 +12,10 @@ so it runs on any backend (NCCL for CUDA tensors, gloo for CPU tensors) with the
   single-process gradient on the joined batch.
 * :func:`all_reduce_moments` — exact (Chan) merge of count / mean / M2 moments across ranks.
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,14 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from ._moments import add_deviation, pooled_mean
 from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
-__all__ = ["is_distributed", "world_size", "all_reduce_sum", "global_class_means", "global_selectivity_index",
-           "all_reduce_moments"]
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "all_reduce_sum",
+    "global_class_means",
+    "global_selectivity_index",
+    "all_reduce_moments",
+]
 
 
 def is_distributed() -> bool:
@@ -67,7 +74,7 @@ _AGREED_LAYOUTS = set()
 
 
 @torch.library.custom_op("selkernels_dist::agree_bucket_layout", mutates_args=())
-def _agree_bucket_layout(like: torch.Tensor, signature: List[int], group_name: str, layout_key: str) -> torch.Tensor:
+def _agree_bucket_layout(like: torch.Tensor, signature: list[int], group_name: str, layout_key: str) -> torch.Tensor:
     """Raise the same ValueError on every rank unless all ranks of the group will all-reduce
     buckets of the same layout (``signature``: K, accumulation bits, layer widths); returns a
     0-dim zero that the bucket adds, so the check runs before the collective even when compiled.
@@ -80,14 +87,18 @@ def _agree_bucket_layout(like: torch.Tensor, signature: List[int], group_name: s
     key = (layout_key, group_name, tuple(signature))
     if not layout_key or key not in _AGREED_LAYOUTS:
         group = _resolve_process_group(group_name)
-        layouts: List[Optional[List[int]]] = [None] * dist.get_world_size(group)
+        layouts: list[list[int] | None] = [None] * dist.get_world_size(group)
         dist.all_gather_object(layouts, list(signature), group=group)
         if any(layout != list(signature) for layout in layouts):
-            described = "; ".join(f"rank {r}: num_classes={lay[0]}, layer widths {lay[2:]}, float{lay[1]}"
-                                  for r, lay in enumerate(layouts))
-            raise ValueError("global selectivity: the ranks disagree on the class statistics they all-reduce "
-                             f"({described}); every rank must pass the same num_classes and the same layers "
-                             "(widths) in the same order")
+            described = "; ".join(
+                f"rank {r}: num_classes={lay[0]}, layer widths {lay[2:]}, float{lay[1]}"
+                for r, lay in enumerate(layouts)
+            )
+            raise ValueError(
+                "global selectivity: the ranks disagree on the class statistics they all-reduce "
+                f"({described}); every rank must pass the same num_classes and the same layers "
+                "(widths) in the same order"
+            )
         if layout_key:
             _AGREED_LAYOUTS.add(key)
     return like.new_zeros(())
@@ -109,9 +120,16 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllReduceSum.apply(tensor, group)
 
 
-def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int, *,
-                       ignore_index: int = -100, group=None,
-                       unit_dim: int = 1, layout_key: str = "") -> Tuple[List[torch.Tensor], torch.Tensor]:
+def global_class_means(
+    xs: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = -100,
+    group=None,
+    unit_dim: int = 1,
+    layout_key: str = "",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Class means of several activations over the batch joined across the ranks of ``group``.
 
     Args:
@@ -168,9 +186,17 @@ def global_class_means(xs: Sequence[torch.Tensor], labels: torch.Tensor, num_cla
     return means, g_counts
 
 
-def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor,
-                             num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
-                             group=None, unit_dim: int = 1, layout_key: str = "") -> Union[torch.Tensor, List[torch.Tensor]]:
+def global_selectivity_index(
+    xs: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    eps: float = 1e-7,
+    ignore_index: int = -100,
+    group=None,
+    unit_dim: int = 1,
+    layout_key: str = "",
+) -> torch.Tensor | list[torch.Tensor]:
     """Class selectivity index of every unit over the batch joined across the ranks of ``group``.
 
     ``xs`` is one activation tensor [N, C, *spatial] (or [N, *positions, C] with ``unit_dim=-1``)
@@ -185,10 +211,18 @@ def global_selectivity_index(xs: Union[torch.Tensor, Sequence[torch.Tensor]], la
     single = isinstance(xs, torch.Tensor)
     eps = _check_eps(eps)
     if world_size(group) == 1:
-        return selectivity_index(xs if single else list(xs), labels, num_classes, eps=eps, ignore_index=ignore_index,
-                                 unit_dim=unit_dim)
-    means, counts = global_class_means([xs] if single else xs, labels, num_classes, ignore_index=ignore_index,
-                                       group=group, unit_dim=unit_dim, layout_key=layout_key)
+        return selectivity_index(
+            xs if single else list(xs), labels, num_classes, eps=eps, ignore_index=ignore_index, unit_dim=unit_dim
+        )
+    means, counts = global_class_means(
+        [xs] if single else xs,
+        labels,
+        num_classes,
+        ignore_index=ignore_index,
+        group=group,
+        unit_dim=unit_dim,
+        layout_key=layout_key,
+    )
     si = [selectivity_from_means(m, counts, eps) for m in means]
     return si[0] if single else si
 
@@ -211,8 +245,9 @@ def _check_moments(count, mean, m2):
         raise ValueError("count, mean and m2 must be on the same device")
 
 
-def all_reduce_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
-                       group=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def all_reduce_moments(
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact merge of running moments across the ranks of ``group`` (Chan et al.'s parallel formula).
 
     Each rank holds moments of its own samples: ``count`` [*B] (number of samples, integer or

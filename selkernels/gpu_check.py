@@ -10,6 +10,7 @@ a check that every ``selkernels::`` op with a kernel for the device was dispatch
 from the dispatcher, so a new op without a workload here fails the check instead of going
 unchecked). ``table`` reads the ``status.tsv`` and JSON files the script leaves in DIR.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,17 +27,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["registered_ops", "run_driver", "op_benchmark", "format_summary"]
 
 
-def registered_ops(device: str) -> List[str]:
+def registered_ops(device: str) -> list[str]:
     """``selkernels::`` ops with a kernel for the device type's dispatch key."""
     key = "CUDA" if device.startswith("cuda") else "CPU"
-    return sorted(n for n in torch._C._dispatch_get_all_op_names()
-                  if n.startswith("selkernels::") and torch._C._dispatch_has_kernel_for_dispatch_key(n, key))
+    return sorted(
+        n
+        for n in torch._C._dispatch_get_all_op_names()
+        if n.startswith("selkernels::") and torch._C._dispatch_has_kernel_for_dispatch_key(n, key)
+    )
 
 
 class _OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.seen: Set[str] = set()
+        self.seen: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
@@ -44,7 +49,7 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _workloads(device: str) -> Dict[str, Callable[[], None]]:
+def _workloads(device: str) -> dict[str, Callable[[], None]]:
     """Small calls through every public entry point, forward and backward, mixed dtypes and layouts."""
     import selkernels
     from selkernels import reference
@@ -59,17 +64,23 @@ def _workloads(device: str) -> Dict[str, Callable[[], None]]:
 
     def selectivity_single():
         for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-            for x in (rand(37, 9, 5, 5, dtype=dtype), rand(37, 9, 5, 5, dtype=dtype).to(memory_format=torch.channels_last),
-                      rand(37, 6, dtype=dtype)):
+            for x in (
+                rand(37, 9, 5, 5, dtype=dtype),
+                rand(37, 9, 5, 5, dtype=dtype).to(memory_format=torch.channels_last),
+                rand(37, 6, dtype=dtype),
+            ):
                 x.requires_grad_(True)
                 means, counts = selkernels.class_means(x, labels, 7)
                 si = selkernels.selectivity_index(x, labels, 7)
                 torch.autograd.grad(si.sum() + means.sum(), x)
 
     def selectivity_layers():
-        xs = [rand(37, 4, 6, 6).requires_grad_(True), rand(37, 5, 3, 3, dtype=torch.bfloat16).requires_grad_(True),
-              rand(37, 3, dtype=torch.float64).requires_grad_(True),
-              rand(37, 2, 2, 8).to(memory_format=torch.channels_last).requires_grad_(True)]
+        xs = [
+            rand(37, 4, 6, 6).requires_grad_(True),
+            rand(37, 5, 3, 3, dtype=torch.bfloat16).requires_grad_(True),
+            rand(37, 3, dtype=torch.float64).requires_grad_(True),
+            rand(37, 2, 2, 8).to(memory_format=torch.channels_last).requires_grad_(True),
+        ]
         seg = selkernels.segment_labels(labels, 7)
         si = selkernels.selectivity_index(xs, seg)
         cm = selkernels.class_means(xs, seg)
@@ -86,7 +97,7 @@ def _workloads(device: str) -> Dict[str, Callable[[], None]]:
     def double_backward():
         x = rand(37, 5, 3, 3, dtype=torch.float64).requires_grad_(True)
         means, counts = selkernels.class_means(x, labels, 7)
-        (g,) = torch.autograd.grad((means ** 2).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad((means**2).sum(), x, create_graph=True)
         torch.autograd.grad(g.sum(), x)
 
     def covariance():
@@ -104,15 +115,26 @@ def _workloads(device: str) -> Dict[str, Callable[[], None]]:
         torch.autograd.grad(loss, (h, v))
 
     def regularizer_step():
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
-                                  torch.nn.ReLU()).to(device)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU()
+        ).to(device)
         with selkernels.SelectivityRegularizer([net[1], net[3]], alpha=-1.0, num_classes=7) as reg:
             out = net(rand(37, 3, 8, 8))
             (out.mean() + reg.penalty(labels)).backward()
         reference.paper_selectivity_penalty([out.detach()], labels.clamp_min(0), -1.0)
 
-    return {f.__name__: f for f in (selectivity_single, selectivity_layers, selectivity_from_means, double_backward,
-                                    covariance, spectral, regularizer_step)}
+    return {
+        f.__name__: f
+        for f in (
+            selectivity_single,
+            selectivity_layers,
+            selectivity_from_means,
+            double_backward,
+            covariance,
+            spectral,
+            regularizer_step,
+        )
+    }
 
 
 def run_driver(device: str = "cpu", print_fn=print) -> int:
@@ -158,7 +180,7 @@ def _median_time(fn: Callable[[], object], device: str, reps: int) -> float:
     return times[len(times) // 2]
 
 
-def op_benchmark(device: str = "cpu", *, shapes=OP_SHAPES, reps: int = 20) -> List[dict]:
+def op_benchmark(device: str = "cpu", *, shapes=OP_SHAPES, reps: int = 20) -> list[dict]:
     """Per shape: fused forward and forward+backward against the best torch composition and the
     published loop, and ``x.sum()`` for the bandwidth fraction (float32)."""
     import selkernels
@@ -171,14 +193,23 @@ def op_benchmark(device: str = "cpu", *, shapes=OP_SHAPES, reps: int = 20) -> Li
         x = torch.rand((n, c) + tuple(spatial), generator=gen).to(device)
         labels = torch.randint(0, k, (n,), generator=gen).to(device)
         xg = x.clone().requires_grad_(True)
-        variants = {"fused": lambda t: selkernels.selectivity_index(t, labels, k),
-                    "torch": lambda t: torch_selectivity(t, labels, k),
-                    "paper": lambda t: reference.paper_class_selectivity(t, labels)}
-        row = dict(case=name, shape=f"N={n} C={c} {'x'.join(map(str, spatial))} K={k}",
-                   xsum_ms=_median_time(x.sum, device, reps) * 1e3)
+        variants = {
+            "fused": lambda t, labels=labels, k=k: selkernels.selectivity_index(t, labels, k),
+            "torch": lambda t, labels=labels, k=k: torch_selectivity(t, labels, k),
+            "paper": lambda t, labels=labels: reference.paper_class_selectivity(t, labels),
+        }
+        row = dict(
+            case=name,
+            shape=f"N={n} C={c} {'x'.join(map(str, spatial))} K={k}",
+            xsum_ms=_median_time(x.sum, device, reps) * 1e3,
+        )
         for v, f in variants.items():
-            row[f"{v}_fwd_ms"] = _median_time(lambda f=f: f(x), device, reps) * 1e3
-            row[f"{v}_fwdbwd_ms"] = _median_time(lambda f=f: torch.autograd.grad(f(xg).sum(), xg), device, reps) * 1e3
+            row[f"{v}_fwd_ms"] = _median_time(lambda f=f, x=x: f(x), device, reps) * 1e3
+
+            def fwd_bwd(f=f, xg=xg):
+                return torch.autograd.grad(f(xg).sum(), xg)
+
+            row[f"{v}_fwdbwd_ms"] = _median_time(fwd_bwd, device, reps) * 1e3
         row["bandwidth_vs_xsum"] = row["xsum_ms"] / row["fused_fwd_ms"]
         rows.append(row)
     return rows
@@ -187,7 +218,7 @@ def op_benchmark(device: str = "cpu", *, shapes=OP_SHAPES, reps: int = 20) -> Li
 # ----------------------------------------------------------------------------------------------
 # Summary table (printed last by gpu_check.sh)
 # ----------------------------------------------------------------------------------------------
-def _read_status(path: str) -> List[List[str]]:
+def _read_status(path: str) -> list[list[str]]:
     """status.tsv: one line per step, ``name<TAB>exit code<TAB>seconds<TAB>note``."""
     if not os.path.exists(path):
         return []
@@ -196,9 +227,13 @@ def _read_status(path: str) -> List[List[str]]:
 
 
 # Per step, the log lines that say how it went (the last match of each pattern).
-_LOG_SUMMARIES = {"gpu_tests": (r"\d+ (passed|failed)|error",), "memcheck": (r"ERROR SUMMARY", r"^driver: \d+"),
-                  "racecheck": (r"RACECHECK SUMMARY|ERROR SUMMARY", r"^driver: \d+"),
-                  "synccheck": (r"ERROR SUMMARY", r"^driver: \d+"), "build": (r"error:",)}
+_LOG_SUMMARIES = {
+    "gpu_tests": (r"\d+ (passed|failed)|error",),
+    "memcheck": (r"ERROR SUMMARY", r"^driver: \d+"),
+    "racecheck": (r"RACECHECK SUMMARY|ERROR SUMMARY", r"^driver: \d+"),
+    "synccheck": (r"ERROR SUMMARY", r"^driver: \d+"),
+    "build": (r"error:",),
+}
 
 
 def _log_note(out_dir: str, name: str) -> str:
@@ -219,7 +254,7 @@ def _log_note(out_dir: str, name: str) -> str:
 
 def format_summary(out_dir: str) -> str:
     """The short table: each step's result, then the key op- and step-level figures."""
-    lines = ["== selkernels gpu_check summary (logs in %s)" % out_dir]
+    lines = [f"== selkernels gpu_check summary (logs in {out_dir})"]
     status = _read_status(os.path.join(out_dir, "status.tsv"))
     width = max([len(s[0]) for s in status] + [4])
     for name, rc, secs, note, *_ in status:
@@ -232,9 +267,11 @@ def format_summary(out_dir: str) -> str:
             rows = json.load(f)
         lines.append("op (float32)                fwd ms  fwd+bwd ms  bw/x.sum  vs torch fwd+bwd  vs paper fwd+bwd")
         for r in rows:
-            lines.append(f"{r['case'][:26]:<26}  {r['fused_fwd_ms']:6.3f}  {r['fused_fwdbwd_ms']:10.3f}  "
-                         f"{r['bandwidth_vs_xsum']:8.0%}  {r['torch_fwdbwd_ms'] / r['fused_fwdbwd_ms']:15.1f}x  "
-                         f"{r['paper_fwdbwd_ms'] / r['fused_fwdbwd_ms']:15.1f}x")
+            lines.append(
+                f"{r['case'][:26]:<26}  {r['fused_fwd_ms']:6.3f}  {r['fused_fwdbwd_ms']:10.3f}  "
+                f"{r['bandwidth_vs_xsum']:8.0%}  {r['torch_fwdbwd_ms'] / r['fused_fwdbwd_ms']:15.1f}x  "
+                f"{r['paper_fwdbwd_ms'] / r['fused_fwdbwd_ms']:15.1f}x"
+            )
     step_path = os.path.join(out_dir, "stepbench.json")
     if os.path.exists(step_path):
         with open(step_path) as f:
@@ -244,18 +281,21 @@ def format_summary(out_dir: str) -> str:
             if r["variant"] in ("none", "compiled none"):
                 continue
 
-            def num(key, spec):
+            def num(key, spec, r=r):
                 return "" if r.get(key) is None else format(r[key], spec)
 
-            lines.append(f"{r['case'][:20]:<20} {r['variant'][:20]:<20} {r['median_ms']:7.2f}  "
-                         f"{num('overhead_ms', '11.2f'):>11}  {num('overhead_pct', '9.1f'):>9}  "
-                         f"{num('floor_multiple', '7.2f'):>7}")
+            lines.append(
+                f"{r['case'][:20]:<20} {r['variant'][:20]:<20} {r['median_ms']:7.2f}  "
+                f"{num('overhead_ms', '11.2f'):>11}  {num('overhead_pct', '9.1f'):>9}  "
+                f"{num('floor_multiple', '7.2f'):>7}"
+            )
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m selkernels.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m selkernels.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("driver", "opbench", "stepbench"):
         p = sub.add_parser(name)
@@ -282,11 +322,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in rows:
             print(json.dumps(r))
     else:
-        from .bench.step import main_step
         from dataclasses import asdict
 
-        results, _ = main_step(args.device, quick=args.quick, compile_variants=not args.no_compile,
-                               min_rounds=3 if args.quick else 10, min_run_time=0.01 if args.quick else 0.3)
+        from .bench.step import main_step
+
+        results, _ = main_step(
+            args.device,
+            quick=args.quick,
+            compile_variants=not args.no_compile,
+            min_rounds=3 if args.quick else 10,
+            min_run_time=0.01 if args.quick else 0.3,
+        )
         rows = [asdict(r) for r in results]
     if args.out:
         with open(args.out, "w") as f:

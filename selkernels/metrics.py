@@ -6,12 +6,13 @@ function of the class means over ALL samples, so it cannot be averaged over batc
 here from per-class activation SUMS and class COUNTS accumulated batch by batch (float64, O(K * C)
 per layer), which add exactly across batches, metric objects and ranks.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,11 +39,12 @@ def _check_activation(x, name: str) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"{name} must have at least 2 dims ([N, C, *spatial] or [N, *positions, D]), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least 2 dims ([N, C, *spatial] or [N, *positions, D]), got shape {tuple(x.shape)}"
+        )
 
 
-def batch_class_means(xs: Sequence[torch.Tensor], seg, *, unit_dim: int, transform: Optional[str]):
+def batch_class_means(xs: Sequence[torch.Tensor], seg, *, unit_dim: int, transform: str | None):
     """[(means [K, C_l], counts int64 [K]) per layer] of one batch: per class, the mean over its
     samples of each unit's (transformed) mean over positions; one fused call for all layers, labels
     segmented once (``seg``, a :class:`selkernels.LabelSegments`). Not differentiable."""
@@ -67,7 +69,7 @@ def _segment(labels, x: torch.Tensor, num_classes: int, ignore_index: int):
     return segment_labels(labels, num_classes, ignore_index=ignore_index)
 
 
-def add_class_sums(state: Optional[torch.Tensor], means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def add_class_sums(state: torch.Tensor | None, means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """state += means * counts in float64 (one fused op, no temporaries); a new state if None.
     Exact per batch up to the op's rounding of the means; float64 so many batches add without
     growing error."""
@@ -168,10 +170,20 @@ class ClassSelectivity(_LayerOutputHooks):
     rank must call it then); ``sync="local"`` computes each rank's own data.
     """
 
-    def __init__(self, modules: Union[None, nn.Module, Iterable[nn.Module], Dict[str, nn.Module]],
-                 num_classes: int, *, unit_dim: int = 1, statistic: str = "mean", transform: Optional[str] = None,
-                 eps: float = 1e-7, ignore_index: int = -100, sync: Optional[str] = None, process_group=None,
-                 layer_groups: Optional[Sequence[Sequence[int]]] = None):
+    def __init__(
+        self,
+        modules: None | nn.Module | Iterable[nn.Module] | dict[str, nn.Module],
+        num_classes: int,
+        *,
+        unit_dim: int = 1,
+        statistic: str = "mean",
+        transform: str | None = None,
+        eps: float = 1e-7,
+        ignore_index: int = -100,
+        sync: str | None = None,
+        process_group=None,
+        layer_groups: Sequence[Sequence[int]] | None = None,
+    ):
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -185,8 +197,8 @@ class ClassSelectivity(_LayerOutputHooks):
         self.sync = sync
         self.process_group = process_group
         if modules is None:
-            self.modules: List[nn.Module] = []
-            self.names: List[str] = []
+            self.modules: list[nn.Module] = []
+            self.names: list[str] = []
         else:
             self.names = [str(k) for k in modules] if isinstance(modules, dict) else []
             self.modules = _as_module_list(modules)
@@ -200,9 +212,9 @@ class ClassSelectivity(_LayerOutputHooks):
     # -- state ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget all accumulated data (the hooks stay)."""
-        self._sums: List[Optional[torch.Tensor]] = [None] * len(self.modules)
-        self._counts: Optional[torch.Tensor] = None
-        self._invalid: Optional[torch.Tensor] = None
+        self._sums: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._counts: torch.Tensor | None = None
+        self._invalid: torch.Tensor | None = None
         self._reduced = False
 
     @property
@@ -225,22 +237,25 @@ class ClassSelectivity(_LayerOutputHooks):
             width = x.shape[self.unit_dim]
             known = self._sums[i]
             if known is not None and known.shape[1] != width:
-                raise ValueError(f"activations[{i}] has {width} units on dim {self.unit_dim}, but earlier "
-                                 f"batches of this layer had {known.shape[1]}")
+                raise ValueError(
+                    f"activations[{i}] has {width} units on dim {self.unit_dim}, but earlier "
+                    f"batches of this layer had {known.shape[1]}"
+                )
             if known is not None and known.device != x.device:
                 raise ValueError(f"activations[{i}] is on {x.device}, but the state is on {known.device}")
             if x.shape[0] != xs[0].shape[0]:
                 raise ValueError(f"activations[{i}] has {x.shape[0]} samples, activations[0] {xs[0].shape[0]}")
 
-    def update_from(self, activations: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor) -> None:
+    def update_from(self, activations: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Add a batch: one activation tensor per layer (a list, or one tensor for one layer) and
         the labels [N]. All checks run before the state changes."""
         xs = [activations] if isinstance(activations, torch.Tensor) else list(activations)
         self._init_layers(len(xs))
         self._check_batch(xs)
         if self._reduced:
-            raise RuntimeError("the state holds the sum over ranks after all_reduce(): call reset() before "
-                               "adding more data")
+            raise RuntimeError(
+                "the state holds the sum over ranks after all_reduce(): call reset() before adding more data"
+            )
         if not xs:
             return
         seg = _segment(labels, xs[0], self.num_classes, self.ignore_index)
@@ -267,7 +282,7 @@ class ClassSelectivity(_LayerOutputHooks):
 
         return hook
 
-    def merge(self, other: "ClassSelectivity") -> "ClassSelectivity":
+    def merge(self, other: ClassSelectivity) -> ClassSelectivity:
         """Add ``other``'s data to this metric's (same configuration); returns self."""
         if not isinstance(other, ClassSelectivity):
             raise TypeError(f"other must be a ClassSelectivity, got {type(other).__name__}")
@@ -281,20 +296,22 @@ class ClassSelectivity(_LayerOutputHooks):
             if mine is not None and mine.shape != theirs.shape:
                 raise ValueError(f"layer {i}: other has {theirs.shape[1]} units, this metric {mine.shape[1]}")
         device = self._device() or other._device()
-        self._sums = [t.to(device).clone() if m is None else m.add_(t.to(device))
-                      for m, t in zip(self._sums, other._sums)]
+        self._sums = [
+            t.to(device).clone() if m is None else m.add_(t.to(device)) for m, t in zip(self._sums, other._sums)
+        ]
         c = other._counts.to(device)
         self._counts = c.clone() if self._counts is None else self._counts.add_(c)
         bad = other._invalid.to(device)
         self._invalid = bad.clone() if self._invalid is None else self._invalid.add_(bad)
         return self
 
-    def _device(self) -> Optional[torch.device]:
+    def _device(self) -> torch.device | None:
         return None if self._counts is None else self._counts.device
 
     def _config(self) -> dict:
-        return dict(num_classes=self.num_classes, unit_dim=self.unit_dim, statistic=self.statistic,
-                    transform=self.transform)
+        return dict(
+            num_classes=self.num_classes, unit_dim=self.unit_dim, statistic=self.statistic, transform=self.transform
+        )
 
     def _check_config(self, config: dict, what: str) -> None:
         for key, mine in self._config().items():
@@ -303,9 +320,13 @@ class ClassSelectivity(_LayerOutputHooks):
 
     def state_dict(self) -> dict:
         """The accumulated data and the configuration it depends on (tensors are copies)."""
-        return dict(self._config(), num_layers=self.num_layers,
-                    counts=None if self._counts is None else self._counts.clone(),
-                    sums=[None if s is None else s.clone() for s in self._sums], reduced=self._reduced)
+        return dict(
+            self._config(),
+            num_layers=self.num_layers,
+            counts=None if self._counts is None else self._counts.clone(),
+            sums=[None if s is None else s.clone() for s in self._sums],
+            reduced=self._reduced,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the accumulated data by ``state`` (from :meth:`state_dict`), after checking it:
@@ -325,14 +346,25 @@ class ClassSelectivity(_LayerOutputHooks):
             if any(s is not None for s in sums):
                 raise ValueError("state has sums but no counts")
         else:
-            if (not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 or tuple(counts.shape) != (k,)
-                    or bool((counts < 0).any())):
+            if (
+                not isinstance(counts, torch.Tensor)
+                or counts.dtype != torch.int64
+                or tuple(counts.shape) != (k,)
+                or bool((counts < 0).any())
+            ):
                 raise ValueError(f"state['counts'] must be an int64 tensor [{k}] of counts >= 0")
             for i, s in enumerate(sums):
-                if (not isinstance(s, torch.Tensor) or s.dtype != torch.float64 or s.dim() != 2 or s.shape[0] != k
-                        or s.device != counts.device or not bool(torch.isfinite(s).all())):
-                    raise ValueError(f"state['sums'][{i}] must be a finite float64 tensor [{k}, C] on the "
-                                     "device of the counts")
+                if (
+                    not isinstance(s, torch.Tensor)
+                    or s.dtype != torch.float64
+                    or s.dim() != 2
+                    or s.shape[0] != k
+                    or s.device != counts.device
+                    or not bool(torch.isfinite(s).all())
+                ):
+                    raise ValueError(
+                        f"state['sums'][{i}] must be a finite float64 tensor [{k}, C] on the device of the counts"
+                    )
         device = self._device()
         self.reset()
         self._init_layers(len(sums))
@@ -365,10 +397,15 @@ class ClassSelectivity(_LayerOutputHooks):
         if bool((g_widths < 0).any()):
             return None, None  # no rank has data
         k = self.num_classes
-        sums = [torch.zeros(k, w, dtype=torch.float64, device=backend_device) if s is None else s.to(backend_device)
-                for s, w in zip(self._sums, g_widths.tolist())]
-        counts = (torch.zeros(k, dtype=torch.int64, device=backend_device) if self._counts is None
-                  else self._counts.to(backend_device))
+        sums = [
+            torch.zeros(k, w, dtype=torch.float64, device=backend_device) if s is None else s.to(backend_device)
+            for s, w in zip(self._sums, g_widths.tolist())
+        ]
+        counts = (
+            torch.zeros(k, dtype=torch.int64, device=backend_device)
+            if self._counts is None
+            else self._counts.to(backend_device)
+        )
         # Counts travel exactly in float64 (below 2**53 samples per class).
         buf = torch.cat([s.reshape(-1) for s in sums] + [counts.to(torch.float64)])
         _dist.dist.all_reduce(buf, op=_dist.dist.ReduceOp.SUM, group=group)
@@ -396,13 +433,15 @@ class ClassSelectivity(_LayerOutputHooks):
         return _dist.world_size(self.process_group) > 1
 
     # -- results -------------------------------------------------------------------------------
-    def compute(self) -> List[LayerSelectivity]:
+    def compute(self) -> list[LayerSelectivity]:
         """One :class:`LayerSelectivity` per layer, in order (float64 results, on the state's
         device). Raises if no data was added (on any rank, under global sync)."""
         if self._invalid is not None and int(self._invalid) > 0:
-            raise ValueError(f"{int(self._invalid)} labels given to update() were outside [0, num_classes="
-                             f"{self.num_classes}) and not ignore_index={self.ignore_index}; the state is invalid, "
-                             "call reset()")
+            raise ValueError(
+                f"{int(self._invalid)} labels given to update() were outside [0, num_classes="
+                f"{self.num_classes}) and not ignore_index={self.ignore_index}; the state is invalid, "
+                "call reset()"
+            )
         sums, counts = self._sums, self._counts
         if self._is_global() and not self._reduced:
             sums, counts = self._reduced_state()
@@ -413,14 +452,18 @@ class ClassSelectivity(_LayerOutputHooks):
             result, vanishing = layer_result(name, s, counts, statistic=self.statistic, eps=self.eps)
             if vanishing and self.transform is None and i not in self._warned:
                 self._warned.add(i)
-                warnings.warn(f"ClassSelectivity layer {name!r}: {vanishing} of {s.shape[1]} units have "
-                              f"mu_max + mu_rest <= eps={self.eps:g} (signed activations); their SI is not "
-                              'bounded by 1. Use transform="relu" or "abs" for activations that can be '
-                              "negative (GELU, SiLU, pre-activation).", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"ClassSelectivity layer {name!r}: {vanishing} of {s.shape[1]} units have "
+                    f"mu_max + mu_rest <= eps={self.eps:g} (signed activations); their SI is not "
+                    'bounded by 1. Use transform="relu" or "abs" for activations that can be '
+                    "negative (GELU, SiLU, pre-activation).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             results.append(result)
         return results
 
-    def mean_si(self, results: Optional[List[LayerSelectivity]] = None) -> float:
+    def mean_si(self, results: list[LayerSelectivity] | None = None) -> float:
         """Mean SI of the model: per ``layer_groups`` (mean over each group's units, then over
         groups), else the mean over layers of each layer's mean over units."""
         results = self.compute() if results is None else results

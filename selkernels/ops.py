@@ -13,18 +13,27 @@ the smallest op (``selectivity_from_means`` fwd+bwd on [10, 64], one thread): se
 "Architecture" section; with one fused call per step for all layers the Python cost is paid once
 per step, not per layer.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers the schemas and kernels)
 
-__all__ = ["LabelSegments", "segment_labels", "check_labels", "class_means", "selectivity_index",
-           "selectivity_from_means", "cuda_launch_plan"]
+__all__ = [
+    "LabelSegments",
+    "segment_labels",
+    "check_labels",
+    "class_means",
+    "selectivity_index",
+    "selectivity_from_means",
+    "cuda_launch_plan",
+]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _ops = torch.ops.selkernels
@@ -90,8 +99,10 @@ def _check_class_memory(num_classes, xs: Sequence[torch.Tensor], device: torch.d
     total = _device_memory_bytes(device)
     if total is not None and needed > total:
         units = "+".join(str(x.shape[1]) for x in xs) or "0"
-        raise ValueError(f"num_classes={num_classes} needs about {needed / 2**30:.1f} GiB for the per-class "
-                         f"statistics of C={units} units, more than the {total / 2**30:.1f} GiB of {device}")
+        raise ValueError(
+            f"num_classes={num_classes} needs about {needed / 2**30:.1f} GiB for the per-class "
+            f"statistics of C={units} units, more than the {total / 2**30:.1f} GiB of {device}"
+        )
 
 
 def _check_eps(eps) -> float:
@@ -114,14 +125,16 @@ def _check_activations(x, name: str = "x", unit_dim: int = 1, *, require_positio
         raise ValueError(f"{name} must have shape {layout} (at least 2 dims), got shape {tuple(x.shape)}")
     units, positions = (x.shape[1], x.shape[2:]) if unit_dim == 1 else (x.shape[-1], x.shape[1:-1])
     if require_positions and x.shape[0] > 0 and units > 0 and math.prod(positions) == 0:
-        raise ValueError(f"{name} has no spatial positions (shape {tuple(x.shape)}): the spatial mean of a unit "
-                         f"is 0/0; an empty batch (N = 0) or no units (C = 0) is accepted")
+        raise ValueError(
+            f"{name} has no spatial positions (shape {tuple(x.shape)}): the spatial mean of a unit "
+            f"is 0/0; an empty batch (N = 0) or no units (C = 0) is accepted"
+        )
 
 
 def _check_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not -2**63 <= value < 2**63:
+    if not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value
 
@@ -129,8 +142,10 @@ def _check_int(value, name: str) -> int:
 def _check_counts(counts, k: int, device: torch.device) -> torch.Tensor:
     """Per-class sample counts [K]: an integer tensor (a float count has no meaning: 0.5 samples)."""
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != k:
-        raise ValueError(f"counts must be a 1-D tensor [K] = [{k}] matching means, got "
-                         f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+        raise ValueError(
+            f"counts must be a 1-D tensor [K] = [{k}] matching means, got "
+            f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}"
+        )
     if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
         raise TypeError(f"counts must be an integer tensor (samples per class), got {counts.dtype}")
     if counts.device != device:
@@ -148,14 +163,14 @@ class LabelSegments(NamedTuple):
     of the batch. K = ``counts.shape[0]`` (dynamic under ``torch.compile(dynamic=True)``).
     """
 
-    labels: torch.Tensor   #: int64 [N]: the class of each sample, -1 where ignored or invalid
-    counts: torch.Tensor   #: int64 [K]: samples per class
+    labels: torch.Tensor  #: int64 [N]: the class of each sample, -1 where ignored or invalid
+    counts: torch.Tensor  #: int64 [K]: samples per class
     offsets: torch.Tensor  #: int64 [K + 1]: exclusive prefix sum of counts
-    order: torch.Tensor    #: int64 [N]: samples stably sorted by class, ignored/invalid ones last
+    order: torch.Tensor  #: int64 [N]: samples stably sorted by class, ignored/invalid ones last
     invalid: torch.Tensor  #: int64 []: number of labels outside [0, K) that are not ignore_index
 
 
-def _check_label_tensor(labels, n: Optional[int] = None) -> torch.Tensor:
+def _check_label_tensor(labels, n: int | None = None) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -187,10 +202,29 @@ def segment_labels(labels: torch.Tensor, num_classes: int, *, ignore_index: int 
     num_classes = _check_num_classes(num_classes)
     _check_class_memory(num_classes, [], labels.device)
     ignore_index = _check_int(ignore_index, "ignore_index")
-    return LabelSegments(*_ops.segment_labels(labels.long(), num_classes, ignore_index))
+    return LabelSegments(
+        *_ops.segment_labels(_labels_as_int64(labels, num_classes, ignore_index), num_classes, ignore_index)
+    )
 
 
-def check_labels(seg: LabelSegments, labels: Optional[torch.Tensor] = None, *, ignore_index: int = -100) -> None:
+def _labels_as_int64(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """int64 labels; uint64 values >= 2**63 (negative once reinterpreted) stay invalid, never
+    mistaken for a negative ignore_index: refused at once on CPU, counted invalid elsewhere."""
+    if labels.dtype != torch.uint64:
+        return labels.long()
+    wide = labels.view(torch.int64)
+    huge = wide < 0
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and bool(huge.any()):
+        index = int(huge.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}) or equal ignore_index={ignore_index}; "
+            f"found labels[{index}] = {int(wide[index]) + 2**64}"
+        )
+    out_of_range = num_classes if num_classes != ignore_index else num_classes + 1
+    return torch.where(huge, out_of_range, wide)
+
+
+def check_labels(seg: LabelSegments, labels: torch.Tensor | None = None, *, ignore_index: int = -100) -> None:
     """Raise ``ValueError`` if ``seg`` was made from labels outside ``[0, K)``.
 
     One device-to-host copy (a sync on CUDA). Pass the original ``labels`` (and the
@@ -218,10 +252,14 @@ def _segments_for(labels_or_seg, n: int, device: torch.device, num_classes, igno
         seg = labels_or_seg
         if num_classes is not None:
             num_classes = _check_num_classes(num_classes)
-            if isinstance(num_classes, int) and isinstance(seg.counts.shape[0], int) and \
-                    num_classes != seg.counts.shape[0]:
-                raise ValueError(f"num_classes={num_classes} does not match the segmentation "
-                                 f"(K = {seg.counts.shape[0]})")
+            if (
+                isinstance(num_classes, int)
+                and isinstance(seg.counts.shape[0], int)
+                and num_classes != seg.counts.shape[0]
+            ):
+                raise ValueError(
+                    f"num_classes={num_classes} does not match the segmentation (K = {seg.counts.shape[0]})"
+                )
         if seg.labels.shape[0] != n:
             raise ValueError(f"the label segmentation has N = {seg.labels.shape[0]} samples, x has {n}")
     else:
@@ -234,7 +272,7 @@ def _segments_for(labels_or_seg, n: int, device: torch.device, num_classes, igno
     return seg
 
 
-def _layers(x_or_list, unit_dim: int) -> Tuple[List[torch.Tensor], bool]:
+def _layers(x_or_list, unit_dim: int) -> tuple[list[torch.Tensor], bool]:
     """The layers as [N, C, *spatial] tensors (views: unit_dim=-1 moves the unit dim, no copy)."""
     if isinstance(unit_dim, bool) or unit_dim not in (1, -1):
         raise ValueError(f"unit_dim must be 1 ([N, C, *spatial]) or -1 ([N, *positions, D]), got {unit_dim!r}")
@@ -247,17 +285,19 @@ def _layers(x_or_list, unit_dim: int) -> Tuple[List[torch.Tensor], bool]:
     for i, x in enumerate(xs):
         _check_activations(x, "x" if single else f"x[{i}]", unit_dim)
         if x.shape[0] != xs[0].shape[0]:
-            raise ValueError(f"every tensor of x must have the same N; x[0] has {xs[0].shape[0]}, "
-                             f"x[{i}] has {x.shape[0]}")
+            raise ValueError(
+                f"every tensor of x must have the same N; x[0] has {xs[0].shape[0]}, x[{i}] has {x.shape[0]}"
+            )
         if x.device != xs[0].device:
-            raise ValueError(f"every tensor of x must be on one device; x[0] is on {xs[0].device}, "
-                             f"x[{i}] on {x.device}")
+            raise ValueError(
+                f"every tensor of x must be on one device; x[0] is on {xs[0].device}, x[{i}] on {x.device}"
+            )
     if unit_dim == -1:
         xs = [x.movedim(-1, 1) for x in xs]
     return xs, single
 
 
-def _for_kernel(xs: List[torch.Tensor]) -> List[torch.Tensor]:
+def _for_kernel(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Under torch.compile, the per-sample spatial mean is plain torch (Inductor fuses it into the
     layer that produces x, and its backward's broadcast into the consumer of the gradient); the
     custom op then sees [N, C] unit means. Eager keeps the fused one-pass kernel."""
@@ -276,8 +316,14 @@ def _spatial_size(x: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # class_means
 # ----------------------------------------------------------------------------------------------
-def class_means(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Union[torch.Tensor, LabelSegments],
-                num_classes: Optional[int] = None, *, ignore_index: int = -100, unit_dim: int = 1):
+def class_means(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | LabelSegments,
+    num_classes: int | None = None,
+    *,
+    ignore_index: int = -100,
+    unit_dim: int = 1,
+):
     """Class-conditional mean activation of every unit, of one layer or of several in one call.
 
     Args:
@@ -359,9 +405,15 @@ def _selectivity_from_means_backward_fake(grad_si, means, counts, eps):
 # ----------------------------------------------------------------------------------------------
 # selectivity_index: class means + SI of every layer in one op, forward and backward
 # ----------------------------------------------------------------------------------------------
-def selectivity_index(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Union[torch.Tensor, LabelSegments],
-                      num_classes: Optional[int] = None, *, eps: float = 1e-7, ignore_index: int = -100,
-                      unit_dim: int = 1):
+def selectivity_index(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | LabelSegments,
+    num_classes: int | None = None,
+    *,
+    eps: float = 1e-7,
+    ignore_index: int = -100,
+    unit_dim: int = 1,
+):
     """Class selectivity index of every unit, of one layer or of several in one fused call.
 
     Equivalent to ``selectivity_from_means(*class_means(x, labels, num_classes), eps)`` over the
@@ -392,9 +444,13 @@ def selectivity_index(x: Union[torch.Tensor, Sequence[torch.Tensor]], labels: Un
 @torch.library.register_fake("selkernels::segment_labels")
 def _segment_labels_fake(labels, num_classes, ignore_index):
     n = labels.shape[0]
-    return (labels.new_empty((n,), dtype=torch.int64), labels.new_empty((num_classes,), dtype=torch.int64),
-            labels.new_empty((num_classes + 1,), dtype=torch.int64), labels.new_empty((n,), dtype=torch.int64),
-            labels.new_empty((), dtype=torch.int64))
+    return (
+        labels.new_empty((n,), dtype=torch.int64),
+        labels.new_empty((num_classes,), dtype=torch.int64),
+        labels.new_empty((num_classes + 1,), dtype=torch.int64),
+        labels.new_empty((n,), dtype=torch.int64),
+        labels.new_empty((), dtype=torch.int64),
+    )
 
 
 @torch.library.register_fake("selkernels::class_means_segmented")
@@ -414,8 +470,7 @@ def _selectivity_index_segmented_fake(xs, labels, counts, offsets, order, invali
 
 
 @torch.library.register_fake("selkernels::segmented_unit_grad")
-def _segmented_unit_grad_fake(grad_si, coeffs, argmax, grad_means, labels, counts, channels, spatial_sizes,
-                              out_dtypes):
+def _segmented_unit_grad_fake(grad_si, coeffs, argmax, grad_means, labels, counts, channels, spatial_sizes, out_dtypes):
     return [labels.new_empty((labels.shape[0], c), dtype=_DTYPE_OF_CODE[d]) for c, d in zip(channels, out_dtypes)]
 
 
@@ -443,11 +498,12 @@ def _segment_class_means(values: torch.Tensor, labels: torch.Tensor, counts: tor
     """Differentiable class means [K, C] of [N, C] values (ignored samples skipped, absent classes 0)."""
     keep = (labels >= 0).unsqueeze(1)
     sums = values.new_zeros((counts.shape[0], values.shape[1])).index_add(
-        0, labels.clamp_min(0), torch.where(keep, values, torch.zeros_like(values)))
+        0, labels.clamp_min(0), torch.where(keep, values, torch.zeros_like(values))
+    )
     return sums / counts.clamp_min(1).unsqueeze(1).to(values.dtype)
 
 
-def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float, argmax: Optional[torch.Tensor] = None):
+def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float, argmax: torch.Tensor | None = None):
     """Per unit, in differentiable torch: present mask [K, 1], argmax [C] (first maximum unless
     given), P [C], mu_max, mu_rest, and whether P >= 2."""
     present = (counts > 0).unsqueeze(1)
@@ -492,9 +548,9 @@ def _si_index_setup(ctx, inputs, output):
 def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
     layers = len(ctx.x_shapes)
     labels, counts = ctx.saved_tensors[:2]
-    means = ctx.saved_tensors[2:2 + layers]
-    coeffs = ctx.saved_tensors[2 + layers:2 + 2 * layers]
-    argmax = ctx.saved_tensors[2 + 2 * layers:]
+    means = ctx.saved_tensors[2 : 2 + layers]
+    coeffs = ctx.saved_tensors[2 + layers : 2 + 2 * layers]
+    argmax = ctx.saved_tensors[2 + 2 * layers :]
     grad_si = list(grad_si) if grad_si is not None else [None] * layers
     grad_means = list(grad_means) if grad_means is not None else [None] * layers
     grad_si = [g if g is not None else c.new_zeros(c.shape[1:]) for g, c in zip(grad_si, coeffs)]
@@ -506,9 +562,17 @@ def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
             p_minus_1 = ((counts > 0).sum() - 1).clamp_min(1).to(gc.dtype)
             extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1, argmax[i])
             grad_means[i] = extra if grad_means[i] is None else grad_means[i] + extra
-    grad_units = _ops.segmented_unit_grad(grad_si, list(coeffs), list(argmax), _all_or_none(grad_means, means),
-                                          labels, counts, [shape[1] for shape in ctx.x_shapes], ctx.spatial,
-                                          ctx.x_dtypes)
+    grad_units = _ops.segmented_unit_grad(
+        grad_si,
+        list(coeffs),
+        list(argmax),
+        _all_or_none(grad_means, means),
+        labels,
+        counts,
+        [shape[1] for shape in ctx.x_shapes],
+        ctx.spatial,
+        ctx.x_dtypes,
+    )
     return _broadcast_unit_grads(ctx, grad_units), None, None, None, None, None, None
 
 
@@ -519,8 +583,9 @@ def _all_or_none(grads, likes):
     return [g if g is not None else torch.zeros_like(like) for g, like in zip(grads, likes)]
 
 
-torch.library.register_autograd("selkernels::selectivity_index_segmented", _si_index_backward,
-                                setup_context=_si_index_setup)
+torch.library.register_autograd(
+    "selkernels::selectivity_index_segmented", _si_index_backward, setup_context=_si_index_setup
+)
 
 
 def _class_means_setup(ctx, inputs, output):
@@ -535,15 +600,27 @@ def _class_means_backward(ctx, grad_means):
     labels, counts = ctx.saved_tensors
     grad_means = list(grad_means) if grad_means is not None else [None] * layers
     k = counts.shape[0]
-    likes = [counts.new_empty((k, shape[1]), dtype=_acc_dtype(_DTYPE_OF_CODE[code]))
-             for shape, code in zip(ctx.x_shapes, ctx.x_dtypes)]
-    grad_units = _ops.segmented_unit_grad([], [], [], _all_or_none(grad_means, likes), labels, counts,
-                                          [shape[1] for shape in ctx.x_shapes], ctx.spatial, ctx.x_dtypes)
+    likes = [
+        counts.new_empty((k, shape[1]), dtype=_acc_dtype(_DTYPE_OF_CODE[code]))
+        for shape, code in zip(ctx.x_shapes, ctx.x_dtypes)
+    ]
+    grad_units = _ops.segmented_unit_grad(
+        [],
+        [],
+        [],
+        _all_or_none(grad_means, likes),
+        labels,
+        counts,
+        [shape[1] for shape in ctx.x_shapes],
+        ctx.spatial,
+        ctx.x_dtypes,
+    )
     return _broadcast_unit_grads(ctx, grad_units), None, None, None, None, None
 
 
-torch.library.register_autograd("selkernels::class_means_segmented", _class_means_backward,
-                                setup_context=_class_means_setup)
+torch.library.register_autograd(
+    "selkernels::class_means_segmented", _class_means_backward, setup_context=_class_means_setup
+)
 
 
 def _unit_grad_setup(ctx, inputs, output):
@@ -564,8 +641,11 @@ def _unit_grad_backward(ctx, grad_units):
     for i in range(layers):
         gg = grad_units[i] if grad_units is not None else None
         like = saved[layers + i] if ctx.with_si else None
-        acc = like.dtype if like is not None else (torch.float64 if gg is not None and gg.dtype == torch.float64
-                                                   else torch.float32)
+        acc = (
+            like.dtype
+            if like is not None
+            else (torch.float64 if gg is not None and gg.dtype == torch.float64 else torch.float32)
+        )
         if gg is None:
             G = None
         else:
@@ -586,8 +666,7 @@ def _unit_grad_backward(ctx, grad_units):
     return g_si, g_coeffs, g_argmax, g_means, None, None, None, None, None
 
 
-torch.library.register_autograd("selkernels::segmented_unit_grad", _unit_grad_backward,
-                                setup_context=_unit_grad_setup)
+torch.library.register_autograd("selkernels::segmented_unit_grad", _unit_grad_backward, setup_context=_unit_grad_setup)
 
 
 def _sfm_backward_setup(ctx, inputs, output):
@@ -617,8 +696,9 @@ def _si_first_coeffs(means, counts, eps):
     return (2 * b + eps) / (d * d), -(2 * a + eps) / (d * d)
 
 
-torch.library.register_autograd("selkernels::selectivity_from_means_backward", _sfm_backward_backward,
-                                setup_context=_sfm_backward_setup)
+torch.library.register_autograd(
+    "selkernels::selectivity_from_means_backward", _sfm_backward_backward, setup_context=_sfm_backward_setup
+)
 
 
 def _sfm_setup(ctx, inputs, output):
@@ -642,9 +722,14 @@ torch.library.register_autograd("selkernels::selectivity_from_means", _sfm_backw
 _PLAN_KERNELS = ("segment_labels_kernel", "unit_means_kernel", "class_si_kernel", "unit_grad_kernel")
 
 
-def cuda_launch_plan(shapes: Sequence[Sequence[int]], num_classes: int,
-                     dtypes: Union[torch.dtype, Sequence[torch.dtype]] = torch.float32, *,
-                     channels_last: Union[bool, Sequence[bool]] = False, sm_count: int = 132) -> List[dict]:
+def cuda_launch_plan(
+    shapes: Sequence[Sequence[int]],
+    num_classes: int,
+    dtypes: torch.dtype | Sequence[torch.dtype] = torch.float32,
+    *,
+    channels_last: bool | Sequence[bool] = False,
+    sm_count: int = 132,
+) -> list[dict]:
     """The CUDA kernels one training step launches with the regularizer on, without a GPU.
 
     A step is ``segment_labels`` once, the fused ``selectivity_index`` forward over every layer and
@@ -684,7 +769,18 @@ def cuda_launch_plan(shapes: Sequence[Sequence[int]], num_classes: int,
     for s, d, last in zip(spatial, dtypes, cl):
         size = torch.empty((), dtype=d).element_size()
         layouts.append(0 if s == 1 else 3 if last else (2 if (s * size) % 16 == 0 else 1))
-    rows = _ops.cuda_launch_plan([s[1] for s in shapes], spatial, [_DTYPE_CODES[d] for d in dtypes], layouts, n,
-                                 num_classes, sm_count).tolist()
-    return [{"kernel": _PLAN_KERNELS[r[0]], "grid": tuple(r[1:4]), "block": tuple(r[4:7]), "smem_bytes": r[7],
-             "bytes_read": r[8], "bytes_written": r[9], "host_syncs": 0} for r in rows]
+    rows = _ops.cuda_launch_plan(
+        [s[1] for s in shapes], spatial, [_DTYPE_CODES[d] for d in dtypes], layouts, n, num_classes, sm_count
+    ).tolist()
+    return [
+        {
+            "kernel": _PLAN_KERNELS[r[0]],
+            "grid": tuple(r[1:4]),
+            "block": tuple(r[4:7]),
+            "smem_bytes": r[7],
+            "bytes_read": r[8],
+            "bytes_written": r[9],
+            "host_syncs": 0,
+        }
+        for r in rows
+    ]

@@ -13,9 +13,10 @@ Two kinds live here:
   float64 and as the "best eager composition" in the benchmarks. They follow the library's
   conventions (absent classes skipped, SI = 0 when fewer than two classes are present).
 """
+
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -46,8 +47,9 @@ def paper_class_selectivity(x: torch.Tensor, labels: torch.Tensor, eps: float = 
     return (mu_max - mu_rest) / (mu_max + mu_rest + eps)
 
 
-def paper_selectivity_penalty(activations: Sequence[torch.Tensor], labels: torch.Tensor, alpha: float,
-                              eps: float = 1e-7) -> torch.Tensor:
+def paper_selectivity_penalty(
+    activations: Sequence[torch.Tensor], labels: torch.Tensor, alpha: float, eps: float = 1e-7
+) -> torch.Tensor:
     """-alpha * mean over layers of the mean SI over units (so loss = CE + penalty)."""
     layer_si = torch.stack([paper_class_selectivity(a, labels, eps).mean() for a in activations])
     return -alpha * layer_si.mean()
@@ -89,8 +91,9 @@ def published_dataset_selectivity(batches, transform=None, eps: float = 1e-6) ->
     return _published_si_from_sums(class_sums, eps)
 
 
-def published_grouped_penalty(activations: Sequence[torch.Tensor], labels: torch.Tensor, groups,
-                              alpha: float, eps: float = 1e-6) -> torch.Tensor:
+def published_grouped_penalty(
+    activations: Sequence[torch.Tensor], labels: torch.Tensor, groups, alpha: float, eps: float = 1e-6
+) -> torch.Tensor:
     """The published training regularizer: -alpha * mean over groups of the mean over all units of
     the group's layers of the batch SI from per-class sums (loss = CE + this). Differentiable."""
     layer_si = []
@@ -108,8 +111,9 @@ def published_grouped_penalty(activations: Sequence[torch.Tensor], labels: torch
     return -alpha * (sum(group_si) / len(group_si))
 
 
-def class_means_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
+def class_means_reference(
+    x: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorized class means [K, C] and counts [K], computed in x's dtype (float32 for half types)."""
     act = spatial_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
     keep = labels != ignore_index
@@ -133,8 +137,9 @@ def selectivity_from_means_reference(means: torch.Tensor, counts: torch.Tensor, 
     return torch.where(enough, si, torch.zeros_like(si))
 
 
-def selectivity_index_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int, eps: float = 1e-7,
-                                ignore_index: int = -100) -> torch.Tensor:
+def selectivity_index_reference(
+    x: torch.Tensor, labels: torch.Tensor, num_classes: int, eps: float = 1e-7, ignore_index: int = -100
+) -> torch.Tensor:
     means, counts = class_means_reference(x, labels, num_classes, ignore_index)
     return selectivity_from_means_reference(means, counts, eps)
 

@@ -1,9 +1,10 @@
 """Training-time regularizers built on the fused ops."""
+
 from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ __all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
 _REGULARIZER_IDS = itertools.count()
 
 
-def _as_module_list(modules) -> List[nn.Module]:
+def _as_module_list(modules) -> list[nn.Module]:
     if isinstance(modules, nn.Module):
         return [modules]
     if isinstance(modules, dict):
@@ -39,7 +40,7 @@ class _OutputHook:
 
     __slots__ = ("_owner", "index")
 
-    def __init__(self, owner: Optional["_LayerOutputHooks"], index: int):
+    def __init__(self, owner: _LayerOutputHooks | None, index: int):
         self._owner = None if owner is None else weakref.ref(owner)
         self.index = index
 
@@ -72,7 +73,8 @@ def _remove_handles(handles) -> None:
 class _LayerOutputHooks:
     """Forward hooks that keep the latest output of each hooked module (what both regularizers need).
 
-    Only the latest output per module is held; the penalty takes them and releases them. Use as a context manager, or call ``remove()``, to take the hooks off.
+    Only the latest output per module is held; the penalty takes them and releases them. Use as a
+    context manager, or call ``remove()``, to take the hooks off.
 
     Copies. Copying the hooked model (``copy.deepcopy(model)`` for an EMA or teacher,
     ``pickle``/``torch.save(model)``) gives the copy inert hooks: running the copy changes nothing
@@ -83,8 +85,8 @@ class _LayerOutputHooks:
     model copy, and a pickled ``(model, reg)`` loads as a working pair.
     """
 
-    def _hook(self, modules: List[nn.Module]) -> None:
-        self._outputs: List[Optional[torch.Tensor]] = [None] * len(modules)
+    def _hook(self, modules: list[nn.Module]) -> None:
+        self._outputs: list[torch.Tensor | None] = [None] * len(modules)
         self._handles = [m.register_forward_hook(_OutputHook(self, i)) for i, m in enumerate(modules)]
         weakref.finalize(self, _remove_handles, list(self._handles))
 
@@ -104,8 +106,10 @@ class _LayerOutputHooks:
     def _check_outputs(self) -> None:
         missing = [i for i, out in enumerate(self._outputs) if out is None]
         if missing:
-            raise RuntimeError(f"modules {missing} produced no output since the last penalty(): run the model's "
-                               "forward pass on this batch first")
+            raise RuntimeError(
+                f"modules {missing} produced no output since the last penalty(): run the model's "
+                "forward pass on this batch first"
+            )
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -183,10 +187,20 @@ class SelectivityRegularizer(_LayerOutputHooks):
     Use as a context manager, or call ``remove()``, to take the hooks off.
     """
 
-    def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], alpha: float,
-                 num_classes: int, *, eps: float = 1e-7, ignore_index: int = -100,
-                 sync: Optional[str] = None, process_group=None, unit_dim: int = 1, statistic: str = "mean",
-                 layer_groups: Optional[Sequence[Sequence[int]]] = None):
+    def __init__(
+        self,
+        modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module],
+        alpha: float,
+        num_classes: int,
+        *,
+        eps: float = 1e-7,
+        ignore_index: int = -100,
+        sync: str | None = None,
+        process_group=None,
+        unit_dim: int = 1,
+        statistic: str = "mean",
+        layer_groups: Sequence[Sequence[int]] | None = None,
+    ):
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         self.sync = sync
@@ -199,12 +213,12 @@ class SelectivityRegularizer(_LayerOutputHooks):
         self.unit_dim = check_unit_dim(unit_dim)
         self.statistic = check_statistic(statistic)
         self.layer_groups = check_layer_groups(layer_groups, len(self.modules))
-        self.last_layer_si: Optional[torch.Tensor] = None
+        self.last_layer_si: torch.Tensor | None = None
         # Under global sync the ranks check once per layout that they all-reduce the same layout.
         self._layout_key = f"SelectivityRegularizer-{next(_REGULARIZER_IDS)}"
         self._hook(self.modules)
 
-    def unit_selectivity(self, labels: torch.Tensor) -> List[torch.Tensor]:
+    def unit_selectivity(self, labels: torch.Tensor) -> list[torch.Tensor]:
         """SI of every unit of each hooked module's latest output: a list of differentiable [C_l]
         tensors (over the global batch under global sync, see the class docstring)."""
         self._check_outputs()
@@ -213,21 +227,36 @@ class SelectivityRegularizer(_LayerOutputHooks):
         if self.statistic == "sum":
             return self._sum_selectivity(outputs, labels, use_global)
         if use_global:
-            return _dist.global_selectivity_index(outputs, labels, self.num_classes, eps=self.eps,
-                                                  ignore_index=self.ignore_index, group=self.process_group,
-                                                  unit_dim=self.unit_dim, layout_key=self._layout_key)
-        return selectivity_index(outputs, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index,
-                                 unit_dim=self.unit_dim)
+            return _dist.global_selectivity_index(
+                outputs,
+                labels,
+                self.num_classes,
+                eps=self.eps,
+                ignore_index=self.ignore_index,
+                group=self.process_group,
+                unit_dim=self.unit_dim,
+                layout_key=self._layout_key,
+            )
+        return selectivity_index(
+            outputs, labels, self.num_classes, eps=self.eps, ignore_index=self.ignore_index, unit_dim=self.unit_dim
+        )
 
-    def _sum_selectivity(self, outputs, labels, use_global: bool) -> List[torch.Tensor]:
+    def _sum_selectivity(self, outputs, labels, use_global: bool) -> list[torch.Tensor]:
         """SI from class sums (= class means * counts, so the fused means and their backward serve)."""
         if use_global:
-            means, counts = _dist.global_class_means(outputs, labels, self.num_classes,
-                                                     ignore_index=self.ignore_index, group=self.process_group,
-                                                     unit_dim=self.unit_dim, layout_key=self._layout_key)
+            means, counts = _dist.global_class_means(
+                outputs,
+                labels,
+                self.num_classes,
+                ignore_index=self.ignore_index,
+                group=self.process_group,
+                unit_dim=self.unit_dim,
+                layout_key=self._layout_key,
+            )
         else:
-            local = class_means(outputs, labels, self.num_classes, ignore_index=self.ignore_index,
-                                unit_dim=self.unit_dim)
+            local = class_means(
+                outputs, labels, self.num_classes, ignore_index=self.ignore_index, unit_dim=self.unit_dim
+            )
             means, counts = [m for m, _ in local], local[0][1]
         return [selectivity_from_means(m * counts.to(m.dtype)[:, None], counts, self.eps) for m in means]
 
@@ -249,9 +278,12 @@ class SelectivityRegularizer(_LayerOutputHooks):
         unit_si = self.unit_selectivity(labels)
         layer_si = torch.stack([s.mean() for s in unit_si])
         self.last_layer_si = layer_si.detach()
-        return -self.alpha * (layer_si.mean() if self.layer_groups is None else grouped_mean(unit_si, self.layer_groups))
+        return -self.alpha * (
+            layer_si.mean() if self.layer_groups is None else grouped_mean(unit_si, self.layer_groups)
+        )
 
     __call__ = penalty
+
 
 class SpectralRegularizer(_LayerOutputHooks):
     """1/n spectral regularizer of Nassar et al. (NeurIPS 2020), fused.
@@ -269,18 +301,24 @@ class SpectralRegularizer(_LayerOutputHooks):
     (a copied model's hooks are inert). Use as a context manager, or call ``remove()``.
     """
 
-    def __init__(self, modules: Union[nn.Module, Iterable[nn.Module], Dict[str, nn.Module]], beta: float, *,
-                 slope: float = 1.0, tau: int = 10):
+    def __init__(
+        self,
+        modules: nn.Module | Iterable[nn.Module] | dict[str, nn.Module],
+        beta: float,
+        *,
+        slope: float = 1.0,
+        tau: int = 10,
+    ):
         from .spectral_ops import _check_slope_tau
 
         self.modules = _as_module_list(modules)
         self.beta = float(beta)
         self.slope, self.tau = _check_slope_tau(slope, tau)
-        self.bases: List[Optional[torch.Tensor]] = [None] * len(self.modules)
+        self.bases: list[torch.Tensor | None] = [None] * len(self.modules)
         self._hook(self.modules)
 
     @torch.no_grad()
-    def refresh_basis(self, model: nn.Module, loader: Iterable) -> List[torch.Tensor]:
+    def refresh_basis(self, model: nn.Module, loader: Iterable) -> list[torch.Tensor]:
         """Stream every hooked layer's covariance over ``loader`` (eval mode, no grad) and set V.
 
         ``loader`` yields batches whose first element (or the batch itself) is the model input; a
@@ -293,7 +331,7 @@ class SpectralRegularizer(_LayerOutputHooks):
 
         was_training = model.training
         model.eval()
-        stats: List[Optional[StreamingCovariance]] = [None] * len(self.modules)
+        stats: list[StreamingCovariance | None] = [None] * len(self.modules)
         try:
             for batch in loader:
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -337,4 +375,3 @@ class SpectralRegularizer(_LayerOutputHooks):
         return self.beta * self.layer_penalties().sum()
 
     __call__ = penalty
-

@@ -4,6 +4,7 @@ Schema in csrc/ops.cpp, CPU kernels in csrc/cpu/spectral_cpu.cpp, CUDA kernels i
 csrc/cuda/spectral.cu; this module holds the public wrapper (argument checks), fake kernels and
 autograd. The module-level regularizer is :class:`selkernels.SpectralRegularizer`.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,8 @@ def spectral_penalty(h: torch.Tensor, V: torch.Tensor, *, slope: float = 1.0, ta
     gradient; ranks whose projected variance is 0 contribute nothing (the ratio would be 0/0 when
     the anchor is 0 too). "Is 0" means at most the rounding floor D * eps * lambda_hat_0 (eps of the
     compute dtype): in a rank-deficient batch (N - 1 < D) the exactly-zero variances would otherwise
-    be rounding noise, each adding an arbitrary 1 / D to the loss. Ties in lambda_hat are ordered stably (lower index first).
+    be rounding noise, each adding an arbitrary 1 / D to the loss. Ties in lambda_hat are ordered
+    stably (lower index first).
     Non-finite values: NaN or Inf in h or V, or projections whose summed squares overflow the
     compute dtype (float32: sum of (h - mean)^2 beyond about 3e38; pass float64 then), give a NaN
     loss and a NaN gradient, never a hidden 0.
@@ -173,8 +175,7 @@ def _spectral_penalty_backward(ctx, grad_loss, grad_P, grad_grad_lam):
     grad_loss = (grad_loss + _nan_if_not_finite(P)).contiguous()
     if torch.is_grad_enabled():  # create_graph=True: the fused backward ops have no derivative
         grad_h, grad_V = _differentiable_backward(ctx, grad_loss, h, V)
-        return (grad_h if ctx.needs_input_grad[0] else None,
-                grad_V if ctx.needs_input_grad[1] else None, None, None)
+        return (grad_h if ctx.needs_input_grad[0] else None, grad_V if ctx.needs_input_grad[1] else None, None, None)
     grad_h = grad_V = None
     if ctx.needs_input_grad[0]:
         grad_h = _ops.spectral_penalty_backward(grad_loss, P, grad_lam, V, ctx.h_dtype)
@@ -183,8 +184,9 @@ def _spectral_penalty_backward(ctx, grad_loss, grad_P, grad_grad_lam):
     return grad_h, grad_V, None, None
 
 
-torch.library.register_autograd("selkernels::spectral_penalty", _spectral_penalty_backward,
-                                setup_context=_spectral_penalty_setup)
+torch.library.register_autograd(
+    "selkernels::spectral_penalty", _spectral_penalty_backward, setup_context=_spectral_penalty_setup
+)
 # Autocast policy: float32 compute. Without these, an autocast region would reach the kernel with
 # autocast still on, and the GEMM inside it would run (and return) in bfloat16/float16.
 for _device_type in ("cpu", "cuda"):

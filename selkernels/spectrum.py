@@ -5,15 +5,21 @@ applied first) or, for the ``*_from_eigvals`` entry points, eigenvalues [..., D]
 descending; leading dims are batch dims (e.g. per-class covariances [K, D, D]). All results are
 float64 and live on the input's device.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["eigenvalues", "power_law_alpha", "participation_ratio", "effective_rank", "n_components",
-           "default_fit_range"]
+__all__ = [
+    "eigenvalues",
+    "power_law_alpha",
+    "participation_ratio",
+    "effective_rank",
+    "n_components",
+    "default_fit_range",
+]
 
 
 def _check_matrix(cov) -> torch.Tensor:
@@ -51,8 +57,11 @@ def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False):
     """
     cov = _check_matrix(cov).double()
     finite = torch.isfinite(cov).flatten(-2).all(-1)
-    scale = cov.abs().flatten(-2).amax(-1) if cov.shape[-1] else torch.zeros(cov.shape[:-2], dtype=cov.dtype,
-                                                                                  device=cov.device)
+    scale = (
+        cov.abs().flatten(-2).amax(-1)
+        if cov.shape[-1]
+        else torch.zeros(cov.shape[:-2], dtype=cov.dtype, device=cov.device)
+    )
     scale = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
     # eigh fails for the whole batch on one non-finite matrix; decompose zeros there, then mark NaN
     cov = torch.where(finite[..., None, None], cov, torch.zeros_like(cov)) / scale[..., None, None]
@@ -66,7 +75,7 @@ def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False):
     return torch.where(finite[..., None], vals, nan)
 
 
-def default_fit_range(dim: int) -> Tuple[int, int]:
+def default_fit_range(dim: int) -> tuple[int, int]:
     """Default 1-based rank range (lo, hi) of the power-law fit for D eigenvalues: (10, D // 2).
 
     The leading ~10 eigenvalues reflect a few dominant directions (and the mean structure) rather
@@ -81,8 +90,9 @@ def default_fit_range(dim: int) -> Tuple[int, int]:
     return (lo, hi) if hi - lo + 1 >= 2 else (1, dim)
 
 
-def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] = None, *, weighted: bool = False,
-                    return_r2: bool = False):
+def power_law_alpha(
+    eigvals: torch.Tensor, fit_range: tuple[int, int] | None = None, *, weighted: bool = False, return_r2: bool = False
+):
     """Exponent alpha of lambda_n ~ n^-alpha: minus the least-squares slope of log lambda_n vs log n.
 
     ``eigvals`` [..., D], descending; n is 1-based. ``fit_range = (lo, hi)`` selects ranks
@@ -109,7 +119,7 @@ def power_law_alpha(eigvals: torch.Tensor, fit_range: Optional[Tuple[int, int]] 
     lo, hi = default_fit_range(dim) if fit_range is None else fit_range
     if not (isinstance(lo, int) and isinstance(hi, int)) or not 1 <= lo < hi <= dim:
         raise ValueError(f"fit_range must be (lo, hi) ints with 1 <= lo < hi <= D={dim}, got {fit_range!r}")
-    sel = lam[..., lo - 1:hi]
+    sel = lam[..., lo - 1 : hi]
     y = torch.where(sel > 0, sel, torch.full_like(sel, float("nan"))).log()
     ranks = torch.arange(lo, hi + 1, dtype=torch.float64, device=lam.device)
     x = ranks.log()
@@ -160,8 +170,8 @@ def n_components(eigvals: torch.Tensor, frac: float = 0.95) -> torch.Tensor:
     """Smallest number of leading components whose cumulative variance fraction is >= frac.
 
     ``eigvals`` [..., D] descending, ``frac`` in (0, 1]. Returns int64 [...]; D for an all-zero
-    spectrum, -1 (not a count) for a spectrum with a NaN entry. The comparison allows a relative 1e-12 slack so that frac = 1 is reached despite
-    rounding of the cumulative sum.
+    spectrum, -1 (not a count) for a spectrum with a NaN entry. The comparison allows a relative
+    1e-12 slack so that frac = 1 is reached despite rounding of the cumulative sum.
     """
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1 or math.isnan(frac):
         raise ValueError(f"frac must be a float in (0, 1], got {frac!r}")
@@ -170,6 +180,7 @@ def n_components(eigvals: torch.Tensor, frac: float = 0.95) -> torch.Tensor:
     total = cum[..., -1:]
     reached = cum >= (frac - 1e-12) * total
     reached = reached & (total > 0)
-    first = torch.where(reached.any(-1), reached.int().argmax(-1), torch.full(lam.shape[:-1], lam.shape[-1] - 1,
-                                                                              device=lam.device))
+    first = torch.where(
+        reached.any(-1), reached.int().argmax(-1), torch.full(lam.shape[:-1], lam.shape[-1] - 1, device=lam.device)
+    )
     return torch.where(torch.isnan(lam).any(-1), -1, first.long() + 1)

@@ -5,9 +5,10 @@ counts as torchmetrics states with ``dist_reduce_fx="sum"``, so torchmetrics' ow
 ``merge_state``, ``reset``, ``state_dict`` and ``MetricCollection`` apply. The layer widths are
 given up front because torchmetrics states need their shapes at construction.
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torchmetrics
@@ -32,9 +33,19 @@ class ClassSelectivityMetric(torchmetrics.Metric):
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, num_classes: int, num_units: Sequence[int], *, unit_dim: int = 1, statistic: str = "mean",
-                 transform: Optional[str] = None, eps: float = 1e-7, ignore_index: int = -100,
-                 layer_groups: Optional[Sequence[Sequence[int]]] = None, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        num_units: Sequence[int],
+        *,
+        unit_dim: int = 1,
+        statistic: str = "mean",
+        transform: str | None = None,
+        eps: float = 1e-7,
+        ignore_index: int = -100,
+        layer_groups: Sequence[Sequence[int]] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.num_classes = _check_num_classes(num_classes)
         widths = list(num_units)
@@ -51,24 +62,27 @@ class ClassSelectivityMetric(torchmetrics.Metric):
             self.add_state(f"sums_{i}", torch.zeros(self.num_classes, w, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(self.num_classes, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, activations: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor) -> None:
+    def update(self, activations: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         xs = [activations] if isinstance(activations, torch.Tensor) else list(activations)
         if len(xs) != len(self.num_units):
             raise ValueError(f"activations must hold {len(self.num_units)} tensors (one per layer), got {len(xs)}")
         for i, (x, w) in enumerate(zip(xs, self.num_units)):
             _check_activation(x, f"activations[{i}]")
             if x.shape[self.unit_dim] != w:
-                raise ValueError(f"activations[{i}] has {x.shape[self.unit_dim]} units on dim {self.unit_dim}, "
-                                 f"num_units[{i}] = {w}")
+                raise ValueError(
+                    f"activations[{i}] has {x.shape[self.unit_dim]} units on dim {self.unit_dim}, num_units[{i}] = {w}"
+                )
         seg = _segment(labels, xs[0], self.num_classes, self.ignore_index)
         parts = batch_class_means(xs, seg, unit_dim=self.unit_dim, transform=self.transform)
         for i, (means, counts) in enumerate(parts):
             add_class_sums(getattr(self, f"sums_{i}"), means.to(self.counts.device), counts.to(self.counts.device))
         self.counts.add_(seg.counts.to(self.counts.device))
 
-    def compute(self) -> List[LayerSelectivity]:
-        return [layer_result(str(i), getattr(self, f"sums_{i}"), self.counts, statistic=self.statistic,
-                             eps=self.eps)[0] for i in range(len(self.num_units))]
+    def compute(self) -> list[LayerSelectivity]:
+        return [
+            layer_result(str(i), getattr(self, f"sums_{i}"), self.counts, statistic=self.statistic, eps=self.eps)[0]
+            for i in range(len(self.num_units))
+        ]
 
     def mean_si(self) -> float:
         """Mean SI over layers, or over ``layer_groups`` (see :func:`selkernels.metrics.grouped_mean`)."""

@@ -1,4 +1,5 @@
 """selkernels.analysis.ablation_curve: accuracy as the most selective (or random) units are zeroed."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,6 +43,7 @@ def _loader(shape, seed=0, batches=3, n=16):
 
 def _accuracy_with_zeroed(model, loader, units, unit_dim):
     """Accuracy with the given units of model.act's output zeroed, by editing the forward."""
+
     def hook(m, i, out):
         out = out.clone()
         idx = [slice(None)] * out.dim()

@@ -1,4 +1,5 @@
 """Bad input gets a clear Python error naming the argument, before any kernel runs."""
+
 import pytest
 import torch
 
@@ -13,26 +14,29 @@ FUSED = [
 
 
 @pytest.mark.parametrize("op", FUSED)
-@pytest.mark.parametrize("x,labels,k,kwargs,exc,match", [
-    (torch.rand(4), LABELS, 3, {}, ValueError, "x must have shape"),
-    (torch.ones(4, 3, dtype=torch.long), LABELS, 3, {}, TypeError, "x must be float"),
-    ([[1.0]], LABELS, 3, {}, TypeError, r"x\[0\] must be a torch.Tensor"),
-    ("x", LABELS, 3, {}, TypeError, "x must be a torch.Tensor or a list"),
-    (X, LABELS[:3], 3, {}, ValueError, "labels must have shape"),
-    (X, LABELS.view(2, 2), 3, {}, ValueError, "labels must have shape"),
-    (X, LABELS.float(), 3, {}, TypeError, "labels must be an integer"),
-    (X, LABELS.bool(), 3, {}, TypeError, "labels must be an integer"),
-    (X, torch.tensor([0, 1, 3, 1]), 3, {}, ValueError, "labels must lie in"),
-    (X, torch.tensor([0, -1, 2, 1]), 3, {}, ValueError, "labels must lie in"),
-    (X, LABELS, 0, {}, ValueError, "num_classes must be >= 1"),
-    (X, LABELS, 2.5, {}, TypeError, "num_classes must be an int"),
-    (X, LABELS, 3, {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
-    (X, LABELS, 3, {"unit_dim": 2}, ValueError, "unit_dim must be 1"),
-    ([X, X[:3]], LABELS, 3, {}, ValueError, "same N"),
-    ([], LABELS, 3, {}, ValueError, "at least one tensor"),
-    ([X, "a"], LABELS, 3, {}, TypeError, r"x\[1\] must be a torch.Tensor"),
-    (X, LABELS, None, {}, TypeError, "num_classes is required"),
-])
+@pytest.mark.parametrize(
+    "x,labels,k,kwargs,exc,match",
+    [
+        (torch.rand(4), LABELS, 3, {}, ValueError, "x must have shape"),
+        (torch.ones(4, 3, dtype=torch.long), LABELS, 3, {}, TypeError, "x must be float"),
+        ([[1.0]], LABELS, 3, {}, TypeError, r"x\[0\] must be a torch.Tensor"),
+        ("x", LABELS, 3, {}, TypeError, "x must be a torch.Tensor or a list"),
+        (X, LABELS[:3], 3, {}, ValueError, "labels must have shape"),
+        (X, LABELS.view(2, 2), 3, {}, ValueError, "labels must have shape"),
+        (X, LABELS.float(), 3, {}, TypeError, "labels must be an integer"),
+        (X, LABELS.bool(), 3, {}, TypeError, "labels must be an integer"),
+        (X, torch.tensor([0, 1, 3, 1]), 3, {}, ValueError, "labels must lie in"),
+        (X, torch.tensor([0, -1, 2, 1]), 3, {}, ValueError, "labels must lie in"),
+        (X, LABELS, 0, {}, ValueError, "num_classes must be >= 1"),
+        (X, LABELS, 2.5, {}, TypeError, "num_classes must be an int"),
+        (X, LABELS, 3, {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        (X, LABELS, 3, {"unit_dim": 2}, ValueError, "unit_dim must be 1"),
+        ([X, X[:3]], LABELS, 3, {}, ValueError, "same N"),
+        ([], LABELS, 3, {}, ValueError, "at least one tensor"),
+        ([X, "a"], LABELS, 3, {}, TypeError, r"x\[1\] must be a torch.Tensor"),
+        (X, LABELS, None, {}, TypeError, "num_classes is required"),
+    ],
+)
 def test_rejected(op, x, labels, k, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         op(x, labels, k, **kwargs)

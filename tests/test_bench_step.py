@@ -1,5 +1,6 @@
 """The step-level benchmark suite (selkernels/bench/step.py): every case and variant measured,
 the variants computing the same penalty, and the modeled GPU cost from the launchers' plan."""
+
 import math
 
 import pytest
@@ -7,14 +8,20 @@ import torch
 
 import selkernels
 from selkernels.bench import step as bench_step
-from selkernels.bench.step import (GPU_ASSUMPTIONS, RESNET18_IMAGENET_BLOCKS, RESNET20_BLOCKS, gpu_model,
-                                   modeled_gpu_rows)
+from selkernels.bench.step import (
+    GPU_ASSUMPTIONS,
+    RESNET18_IMAGENET_BLOCKS,
+    RESNET20_BLOCKS,
+    gpu_model,
+    modeled_gpu_rows,
+)
 
 
 def test_quick_run_measures_every_case_and_variant():
     lines = []
-    results, table = bench_step.main_step(quick=True, compile_variants=False, min_rounds=2, min_run_time=0.0,
-                                          print_fn=lines.append)
+    results, table = bench_step.main_step(
+        quick=True, compile_variants=False, min_rounds=2, min_run_time=0.0, print_fn=lines.append
+    )
     by = {(r.case, r.variant): r for r in results}
     for case in ("blocks K=10", "blocks K=100", "resnet20 K=10"):
         for variant in ("none", "floor", "paper", "torch", "selkernels"):
@@ -51,8 +58,10 @@ def test_variants_compute_the_same_penalty():
 
 def test_gpu_model_arithmetic():
     shapes = [(4, 3, 5, 5), (4, 6, 2, 2)]
-    plan = [dict(kernel="a", grid=(2, 1, 1), block=(256, 1, 1), bytes_read=1000, bytes_written=10, host_syncs=0),
-            dict(kernel="b", grid=(1, 1, 1), block=(128, 1, 1), bytes_read=50, bytes_written=20, host_syncs=1)]
+    plan = [
+        dict(kernel="a", grid=(2, 1, 1), block=(256, 1, 1), bytes_read=1000, bytes_written=10, host_syncs=0),
+        dict(kernel="b", grid=(1, 1, 1), block=(128, 1, 1), bytes_read=50, bytes_written=20, host_syncs=1),
+    ]
     a = dict(GPU_ASSUMPTIONS, bandwidth_gbs=1.0, launch_us=2.0, host_sync_us=7.0)
     row = gpu_model(plan, shapes, 2, 10.0, "toy", a)
     out_bytes = (4 * 3 * 25 + 4 * 6 * 4) * 2

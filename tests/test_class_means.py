@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import make_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import selkernels
 from selkernels import reference
-from conftest import make_batch
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -105,8 +106,7 @@ def test_opcheck():
     y = torch.randn(10, 5, 3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(ops.class_means_segmented, ([x, y], *seg))
     gm = [torch.randn(3, 4), torch.randn(3, 5, dtype=torch.float64)]
-    torch.library.opcheck(ops.segmented_unit_grad,
-                          ([], [], [], gm, seg.labels, seg.counts, [4, 5], [6, 3], [6, 7]))
+    torch.library.opcheck(ops.segmented_unit_grad, ([], [], [], gm, seg.labels, seg.counts, [4, 5], [6, 3], [6, 7]))
 
 
 def test_deterministic_bitwise():
@@ -147,10 +147,12 @@ def test_list_of_layers_matches_each_layer(unit_dim):
     _, labels = make_batch(n=18, k=5)
     labels[4] = -100
     g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(18, 4, 3, 5, generator=g, dtype=torch.float64),
-          torch.randn(18, 7, generator=g).to(torch.float32),
-          torch.randn(18, 6, 2, 2, generator=g).to(torch.bfloat16).to(memory_format=torch.channels_last),
-          torch.randn(18, 3, 2, 2, 2, generator=g).to(torch.float16)]
+    xs = [
+        torch.randn(18, 4, 3, 5, generator=g, dtype=torch.float64),
+        torch.randn(18, 7, generator=g).to(torch.float32),
+        torch.randn(18, 6, 2, 2, generator=g).to(torch.bfloat16).to(memory_format=torch.channels_last),
+        torch.randn(18, 3, 2, 2, 2, generator=g).to(torch.float16),
+    ]
     xs = [x.requires_grad_() for x in xs]
     seg = selkernels.segment_labels(labels, 5)
     out = selkernels.class_means(xs, seg, unit_dim=unit_dim)
@@ -168,13 +170,19 @@ def test_list_of_layers_matches_each_layer(unit_dim):
         (g_ref,) = torch.autograd.grad((ref * w.double()).sum(), xr)
         g_ref = g_ref.movedim(1, -1) if unit_dim == -1 else g_ref
         assert g_list.dtype == x.dtype and g_list.shape == x.shape
-        torch.testing.assert_close(g_list.double(), g_ref, rtol=1e-2 if x.dtype in (torch.float16, torch.bfloat16)
-                                   else 1e-6, atol=1e-5)
+        torch.testing.assert_close(
+            g_list.double(), g_ref, rtol=1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-6, atol=1e-5
+        )
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(0, 40), c=st.integers(1, 9), s=st.sampled_from([(), (1,), (3,), (2, 5)]), k=st.integers(1, 6),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(0, 40),
+    c=st.integers(1, 9),
+    s=st.sampled_from([(), (1,), (3,), (2, 5)]),
+    k=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_random_shapes(n, c, s, k, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, c) + s, generator=g, dtype=torch.float64)

@@ -2,6 +2,7 @@
 
 These check that every case and variant is measured and written out, not how fast anything is.
 """
+
 import csv
 import json
 import math
@@ -89,8 +90,22 @@ def test_eager_baseline_matches_reference(num_classes, present):
 
 
 def test_demo_quick(tmp_path, capsys):
-    assert cli.main(["demo", "--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path),
-                     "--figures", str(tmp_path / "fig")]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--quick",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--figures",
+                str(tmp_path / "fig"),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     for alpha in ("-10", "0", "10"):
         assert f"\n{alpha.rjust(5)} " in stdout
@@ -108,16 +123,19 @@ def test_demo_quick(tmp_path, capsys):
 
 
 def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "selkernels", "bench", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "selkernels", "bench", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "--quick" in proc.stdout
 
 
 def test_bench_plugs_in_another_family(tmp_path, monkeypatch, capsys):
     # Another op family registers (title, [(name, callable), ...]) groups, the fused op first.
     a = torch.rand(64, 64)
-    groups = [("matmul 64", [("a @ a", lambda: a @ a), ("einsum", lambda: torch.einsum("ij,jk->ik", a, a))]),
-              ("sum 64", [("a.sum()", lambda: a.sum()), ("python sum", lambda: sum(a.flatten().tolist()))])]
+    groups = [
+        ("matmul 64", [("a @ a", lambda: a @ a), ("einsum", lambda: torch.einsum("ij,jk->ik", a, a))]),
+        ("sum 64", [("a.sum()", lambda: a.sum()), ("python sum", lambda: sum(a.flatten().tolist()))]),
+    ]
     monkeypatch.setitem(bench.SUITES, "toy", lambda cfg: bench.cases_from_groups("toy", groups, dtype="float32"))
     assert cli.main(["bench", "--quick", "--no-progress", "--family", "toy", "--out", str(tmp_path)]) == 0
     stdout = capsys.readouterr().out

@@ -20,12 +20,14 @@ how to call it (returning its output tensors), and an independent float64 refere
 A mode that a case does not yet pass because another change is fixing it is listed in the case's
 ``xfail`` with the reason (strict: it fails the suite once the fix lands, so the entry is removed).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import pickle
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 import pytest
 import torch
@@ -35,14 +37,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import selkernels
 from selkernels import reference, spectrum
 
-K = 4          # classes
-C = 5          # units
+K = 4  # classes
+C = 5  # units
 SPATIAL = (3, 2)
-D = 6          # spectral / covariance dim
+D = 6  # spectral / covariance dim
 TAU = 1
 
-INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32,
-              torch.uint64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,21 +52,21 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, to
 @dataclasses.dataclass
 class Case:
     name: str
-    make: Callable[[int, torch.Generator], Dict[str, torch.Tensor]]  # n -> inputs (float64 floats)
-    run: Callable[..., Tuple[torch.Tensor, ...]]                   # public API -> output tensors
-    ref: Callable[..., Tuple[torch.Tensor, ...]]                   # float64 reference
-    float_keys: Sequence[str]                                      # activations (cast per mode)
-    grad_keys: Sequence[str] = ()                                  # differentiable inputs
-    label_key: Optional[str] = None
+    make: Callable[[int, torch.Generator], dict[str, torch.Tensor]]  # n -> inputs (float64 floats)
+    run: Callable[..., tuple[torch.Tensor, ...]]  # public API -> output tensors
+    ref: Callable[..., tuple[torch.Tensor, ...]]  # float64 reference
+    float_keys: Sequence[str]  # activations (cast per mode)
+    grad_keys: Sequence[str] = ()  # differentiable inputs
+    label_key: str | None = None
     # stateful modules: build() -> obj, feed(obj, **inputs), read(obj) -> tensors; run = read(feed(build()))
-    build: Optional[Callable] = None
-    feed: Optional[Callable] = None
-    read: Optional[Callable] = None
+    build: Callable | None = None
+    feed: Callable | None = None
+    read: Callable | None = None
     # modules built before the call (outside torch.compile): prepare() -> ctx, then run(ctx, **inputs)
-    prepare: Optional[Callable] = None
-    empty: Sequence[Callable[[], Dict[str, torch.Tensor]]] = ()    # zero-size inputs
-    xfail: Dict[str, str] = dataclasses.field(default_factory=dict)
-    skip: Dict[str, str] = dataclasses.field(default_factory=dict)  # modes that do not apply, and why
+    prepare: Callable | None = None
+    empty: Sequence[Callable[[], dict[str, torch.Tensor]]] = ()  # zero-size inputs
+    xfail: dict[str, str] = dataclasses.field(default_factory=dict)
+    skip: dict[str, str] = dataclasses.field(default_factory=dict)  # modes that do not apply, and why
     tol: float = 1e-6
 
     def __str__(self):
@@ -107,8 +108,7 @@ def _two_layers(x, labels):
 
 
 def _means_counts(n, g):
-    return {"means": torch.rand(K, C, generator=g, dtype=torch.float64),
-            "counts": torch.tensor([3, 0, 2, 5][:K])}
+    return {"means": torch.rand(K, C, generator=g, dtype=torch.float64), "counts": torch.tensor([3, 0, 2, 5][:K])}
 
 
 def _samples(n, g):
@@ -157,8 +157,9 @@ class _Layer(nn.Module):
     def __init__(self, in_features, out_shape):
         super().__init__()
         numel = int(torch.tensor(out_shape).prod())
-        self.weight = nn.Parameter(torch.sin(torch.arange(numel * in_features, dtype=torch.float64) * 0.7)
-                                   .view(numel, in_features) * 0.5)
+        self.weight = nn.Parameter(
+            torch.sin(torch.arange(numel * in_features, dtype=torch.float64) * 0.7).view(numel, in_features) * 0.5
+        )
         self.out_shape = out_shape
 
     def forward(self, x):
@@ -206,100 +207,185 @@ def _spec_reg_ref(h):
     return (reference.spectral_penalty_reference(_Layer(D, (D,))(h.double()), _basis(), tau=TAU),)
 
 
-
-UINT64_XFAIL = ("uint64 labels >= 2**63 wrap to int64 (2**64 - 100 becomes ignore_index) in the selectivity "
-                "label checks; being fixed on branch numerics")
-
 CASES = [
-    Case("class_means", _act,
-         run=lambda x, labels: selkernels.class_means(x, labels, K),
-         ref=lambda x, labels: reference.class_means_reference(x.double(), labels.long(), K),
-         float_keys=("x",), grad_keys=("x",), label_key="labels",
-         empty=[lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
-                lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K}],
-         xfail={"uint64_labels": UINT64_XFAIL}),
-    Case("selectivity_index", _act,
-         run=lambda x, labels: (selkernels.selectivity_index(x, labels, K),),
-         ref=lambda x, labels: (reference.selectivity_index_reference(x.double(), labels.long(), K),),
-         float_keys=("x",), grad_keys=("x",), label_key="labels",
-         empty=[lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
-                lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K}],
-         xfail={"uint64_labels": UINT64_XFAIL}),
-    Case("segment_labels", lambda n, g: {"labels": _labels(n, g)},
-         run=lambda labels: tuple(selkernels.segment_labels(labels, K)), ref=_segments_ref,
-         float_keys=(), label_key="labels", empty=[lambda: {"labels": torch.zeros(0, dtype=torch.int64)}],
-         xfail={"uint64_labels": UINT64_XFAIL}),
-    Case("class_means[unit_dim=-1]", lambda n, g: {"x": _act(n, g)["x"].flatten(2).movedim(1, -1).contiguous(),
-                                                   "labels": _act(n, g)["labels"]},
-         run=lambda x, labels: selkernels.class_means(x, labels, K, unit_dim=-1),
-         ref=lambda x, labels: reference.class_means_reference(x.double().movedim(-1, 1), labels.long(), K),
-         float_keys=("x",), grad_keys=("x",), label_key="labels",
-         empty=[lambda: {"x": torch.rand(0, 3, C), "labels": torch.zeros(0, dtype=torch.int64)}],
-         xfail={"uint64_labels": UINT64_XFAIL}),
-    Case("selectivity_index[layer list, LabelSegments]", lambda n, g: _two_layers(**_act(n, g)),
-         run=lambda x, y, labels: tuple(selkernels.selectivity_index([x, y], selkernels.segment_labels(labels, K))),
-         ref=lambda x, y, labels: (reference.selectivity_index_reference(x.double(), labels.long(), K),
-                                   reference.selectivity_index_reference(y.double(), labels.long(), K)),
-         float_keys=("x", "y"), grad_keys=("x", "y"), label_key="labels",
-         xfail={"uint64_labels": UINT64_XFAIL}),
-    Case("selectivity_from_means", _means_counts,
-         run=lambda means, counts: (selkernels.selectivity_from_means(means, counts),),
-         ref=lambda means, counts: (reference.selectivity_from_means_reference(means.double(), counts) if len(counts)
-                                    else torch.zeros(means.shape[1], dtype=torch.float64),),  # no class: SI 0
-         float_keys=("means",), grad_keys=("means",),
-         empty=[lambda: {"means": torch.rand(K, 0), "counts": torch.ones(K, dtype=torch.int64)},
-                lambda: {"means": torch.rand(0, C), "counts": torch.zeros(0, dtype=torch.int64)}]),
-    Case("spectral_penalty", _spectral,
-         run=lambda h, V: (selkernels.spectral_penalty(h, V, tau=TAU),),
-         ref=lambda h, V: (reference.spectral_penalty_reference(h.double(), V.double(), tau=TAU),),
-         float_keys=("h", "V"), grad_keys=("h", "V"),
-         empty=[lambda: {"h": torch.rand(0, D), "V": torch.eye(D)}, lambda: {"h": torch.rand(8, 0), "V": torch.eye(0)}],
-         tol=1e-5),
-    Case("StreamingCovariance", _samples,
-         run=None, ref=lambda z, labels: _ref_cov_state(z),
-         float_keys=("z",),
-         build=lambda: selkernels.StreamingCovariance(D),
-         feed=lambda stats, z, labels: stats.update(z),
-         read=_cov_read,
-         empty=[lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
-                lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K}]),
-    Case("StreamingCovariance[per class]", _samples,
-         run=None, ref=lambda z, labels: _ref_cov_state(z, labels),
-         float_keys=("z",), label_key="labels",
-         build=lambda: selkernels.StreamingCovariance(D, num_classes=K),
-         feed=lambda stats, z, labels: stats.update(z, labels),
-         read=_cov_read,
-         empty=[lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
-                lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K}]),
-    Case("SelectivityRegularizer", _sel_reg_make, run=_sel_reg_run, ref=_sel_reg_ref, prepare=_sel_reg_prepare,
-         float_keys=("x",), grad_keys=("x",), label_key="labels",
-         empty=[lambda: {"x": torch.rand(0, 7), "labels": torch.zeros(0, dtype=torch.int64)}],
-         xfail={"uint64_labels": UINT64_XFAIL}),
-    Case("SpectralRegularizer", lambda n, g: {"h": _spectral(n, g)["h"]}, run=_spec_reg_run, ref=_spec_reg_ref,
-         prepare=_spec_reg_prepare,
-         float_keys=("h",), grad_keys=("h",),
-         empty=[lambda: {"h": torch.rand(0, D)}], tol=1e-5),
-    Case("spectrum.eigenvalues", _cov_batch,
-         run=lambda cov: (spectrum.eigenvalues(cov),), ref=lambda cov: (_eigvals_ref(cov),),
-         float_keys=("cov",),
-         empty=[lambda: {"cov": torch.rand(0, D, D)}, lambda: {"cov": torch.rand(2, 0, 0)}]),
-    Case("spectrum.participation_ratio", _eigvals_batch,
-         run=lambda lam: (spectrum.participation_ratio(lam),),
-         ref=lambda lam: (lam.double().sum(-1) ** 2 / (lam.double() ** 2).sum(-1),),
-         float_keys=("lam",), empty=[lambda: {"lam": torch.rand(0, D)}]),
-    Case("spectrum.effective_rank", _eigvals_batch,
-         run=lambda lam: (spectrum.effective_rank(lam),),
-         ref=lambda lam: ((lambda p: torch.exp(-(p * p.log()).sum(-1)))(lam.double() / lam.double().sum(-1, keepdim=True)),),
-         float_keys=("lam",), empty=[lambda: {"lam": torch.rand(0, D)}]),
-    Case("spectrum.power_law_alpha", _eigvals_batch,
-         run=lambda lam: (spectrum.power_law_alpha(lam, fit_range=(1, D)),), ref=_power_law_ref,
-         float_keys=("lam",), empty=[lambda: {"lam": torch.rand(0, D)}]),
-    Case("distributed.global_selectivity_index", _act,
-         run=lambda x, labels: (selkernels.distributed.global_selectivity_index(x, labels, K),),
-         ref=lambda x, labels: (reference.selectivity_index_reference(x.double(), labels.long(), K),),
-         float_keys=("x",), grad_keys=("x",), label_key="labels",
-         empty=[lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)}],
-         xfail={"uint64_labels": UINT64_XFAIL}),
+    Case(
+        "class_means",
+        _act,
+        run=lambda x, labels: selkernels.class_means(x, labels, K),
+        ref=lambda x, labels: reference.class_means_reference(x.double(), labels.long(), K),
+        float_keys=("x",),
+        grad_keys=("x",),
+        label_key="labels",
+        empty=[
+            lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
+            lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
+        ],
+    ),
+    Case(
+        "selectivity_index",
+        _act,
+        run=lambda x, labels: (selkernels.selectivity_index(x, labels, K),),
+        ref=lambda x, labels: (reference.selectivity_index_reference(x.double(), labels.long(), K),),
+        float_keys=("x",),
+        grad_keys=("x",),
+        label_key="labels",
+        empty=[
+            lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
+            lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
+        ],
+    ),
+    Case(
+        "segment_labels",
+        lambda n, g: {"labels": _labels(n, g)},
+        run=lambda labels: tuple(selkernels.segment_labels(labels, K)),
+        ref=_segments_ref,
+        float_keys=(),
+        label_key="labels",
+        empty=[lambda: {"labels": torch.zeros(0, dtype=torch.int64)}],
+    ),
+    Case(
+        "class_means[unit_dim=-1]",
+        lambda n, g: {"x": _act(n, g)["x"].flatten(2).movedim(1, -1).contiguous(), "labels": _act(n, g)["labels"]},
+        run=lambda x, labels: selkernels.class_means(x, labels, K, unit_dim=-1),
+        ref=lambda x, labels: reference.class_means_reference(x.double().movedim(-1, 1), labels.long(), K),
+        float_keys=("x",),
+        grad_keys=("x",),
+        label_key="labels",
+        empty=[lambda: {"x": torch.rand(0, 3, C), "labels": torch.zeros(0, dtype=torch.int64)}],
+    ),
+    Case(
+        "selectivity_index[layer list, LabelSegments]",
+        lambda n, g: _two_layers(**_act(n, g)),
+        run=lambda x, y, labels: tuple(selkernels.selectivity_index([x, y], selkernels.segment_labels(labels, K))),
+        ref=lambda x, y, labels: (
+            reference.selectivity_index_reference(x.double(), labels.long(), K),
+            reference.selectivity_index_reference(y.double(), labels.long(), K),
+        ),
+        float_keys=("x", "y"),
+        grad_keys=("x", "y"),
+        label_key="labels",
+    ),
+    Case(
+        "selectivity_from_means",
+        _means_counts,
+        run=lambda means, counts: (selkernels.selectivity_from_means(means, counts),),
+        ref=lambda means, counts: (
+            reference.selectivity_from_means_reference(means.double(), counts)
+            if len(counts)
+            else torch.zeros(means.shape[1], dtype=torch.float64),
+        ),  # no class: SI 0
+        float_keys=("means",),
+        grad_keys=("means",),
+        empty=[
+            lambda: {"means": torch.rand(K, 0), "counts": torch.ones(K, dtype=torch.int64)},
+            lambda: {"means": torch.rand(0, C), "counts": torch.zeros(0, dtype=torch.int64)},
+        ],
+    ),
+    Case(
+        "spectral_penalty",
+        _spectral,
+        run=lambda h, V: (selkernels.spectral_penalty(h, V, tau=TAU),),
+        ref=lambda h, V: (reference.spectral_penalty_reference(h.double(), V.double(), tau=TAU),),
+        float_keys=("h", "V"),
+        grad_keys=("h", "V"),
+        empty=[lambda: {"h": torch.rand(0, D), "V": torch.eye(D)}, lambda: {"h": torch.rand(8, 0), "V": torch.eye(0)}],
+        tol=1e-5,
+    ),
+    Case(
+        "StreamingCovariance",
+        _samples,
+        run=None,
+        ref=lambda z, labels: _ref_cov_state(z),
+        float_keys=("z",),
+        build=lambda: selkernels.StreamingCovariance(D),
+        feed=lambda stats, z, labels: stats.update(z),
+        read=_cov_read,
+        empty=[
+            lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
+            lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K},
+        ],
+    ),
+    Case(
+        "StreamingCovariance[per class]",
+        _samples,
+        run=None,
+        ref=lambda z, labels: _ref_cov_state(z, labels),
+        float_keys=("z",),
+        label_key="labels",
+        build=lambda: selkernels.StreamingCovariance(D, num_classes=K),
+        feed=lambda stats, z, labels: stats.update(z, labels),
+        read=_cov_read,
+        empty=[
+            lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
+            lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K},
+        ],
+    ),
+    Case(
+        "SelectivityRegularizer",
+        _sel_reg_make,
+        run=_sel_reg_run,
+        ref=_sel_reg_ref,
+        prepare=_sel_reg_prepare,
+        float_keys=("x",),
+        grad_keys=("x",),
+        label_key="labels",
+        empty=[lambda: {"x": torch.rand(0, 7), "labels": torch.zeros(0, dtype=torch.int64)}],
+    ),
+    Case(
+        "SpectralRegularizer",
+        lambda n, g: {"h": _spectral(n, g)["h"]},
+        run=_spec_reg_run,
+        ref=_spec_reg_ref,
+        prepare=_spec_reg_prepare,
+        float_keys=("h",),
+        grad_keys=("h",),
+        empty=[lambda: {"h": torch.rand(0, D)}],
+        tol=1e-5,
+    ),
+    Case(
+        "spectrum.eigenvalues",
+        _cov_batch,
+        run=lambda cov: (spectrum.eigenvalues(cov),),
+        ref=lambda cov: (_eigvals_ref(cov),),
+        float_keys=("cov",),
+        empty=[lambda: {"cov": torch.rand(0, D, D)}, lambda: {"cov": torch.rand(2, 0, 0)}],
+    ),
+    Case(
+        "spectrum.participation_ratio",
+        _eigvals_batch,
+        run=lambda lam: (spectrum.participation_ratio(lam),),
+        ref=lambda lam: (lam.double().sum(-1) ** 2 / (lam.double() ** 2).sum(-1),),
+        float_keys=("lam",),
+        empty=[lambda: {"lam": torch.rand(0, D)}],
+    ),
+    Case(
+        "spectrum.effective_rank",
+        _eigvals_batch,
+        run=lambda lam: (spectrum.effective_rank(lam),),
+        ref=lambda lam: (
+            (lambda p: torch.exp(-(p * p.log()).sum(-1)))(lam.double() / lam.double().sum(-1, keepdim=True)),
+        ),
+        float_keys=("lam",),
+        empty=[lambda: {"lam": torch.rand(0, D)}],
+    ),
+    Case(
+        "spectrum.power_law_alpha",
+        _eigvals_batch,
+        run=lambda lam: (spectrum.power_law_alpha(lam, fit_range=(1, D)),),
+        ref=_power_law_ref,
+        float_keys=("lam",),
+        empty=[lambda: {"lam": torch.rand(0, D)}],
+    ),
+    Case(
+        "distributed.global_selectivity_index",
+        _act,
+        run=lambda x, labels: (selkernels.distributed.global_selectivity_index(x, labels, K),),
+        ref=lambda x, labels: (reference.selectivity_index_reference(x.double(), labels.long(), K),),
+        float_keys=("x",),
+        grad_keys=("x",),
+        label_key="labels",
+        empty=[lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)}],
+    ),
 ]
 
 for _case in CASES:
@@ -322,9 +408,14 @@ def _close(got, expected, tol, what=""):
     for a, b in zip(got, expected):
         assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
         if a.dtype.is_floating_point or b.dtype.is_floating_point:
-            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, b.double().abs().max()
-                                                                                        .item() if b.numel() else 1.0),
-                                       equal_nan=True, msg=what)
+            torch.testing.assert_close(
+                a.double(),
+                b.double(),
+                rtol=tol,
+                atol=tol * max(1.0, b.double().abs().max().item() if b.numel() else 1.0),
+                equal_nan=True,
+                msg=what,
+            )
         else:
             assert torch.equal(a.long(), b.long()), what
 
@@ -374,8 +465,9 @@ def test_compile_fullgraph_dynamic(case):
     torch._dynamo.reset()
     if case.build is not None:  # stateful: compile the update of a live module
         eager_obj, compiled_obj = case.build(), case.build()
-        step = torch.compile(lambda inp: case.feed(compiled_obj, **inp), fullgraph=True, dynamic=True,
-                             backend="aot_eager")
+        step = torch.compile(
+            lambda inp: case.feed(compiled_obj, **inp), fullgraph=True, dynamic=True, backend="aot_eager"
+        )
         for n, seed in ((24, 0), (31, 1)):
             inputs = _inputs(case, n, seed)
             case.feed(eager_obj, **inputs)
@@ -392,10 +484,12 @@ def test_compile_fullgraph_dynamic(case):
         eager, compiled = case.call(eager_in), fn(comp_in)
         _close(compiled, eager, 1e-6, case.name)
         if case.grad_keys:
-            torch.autograd.backward([o for o in eager if o.requires_grad], [torch.ones_like(o) for o in eager
-                                                                           if o.requires_grad])
-            torch.autograd.backward([o for o in compiled if o.requires_grad], [torch.ones_like(o) for o in compiled
-                                                                               if o.requires_grad])
+            torch.autograd.backward(
+                [o for o in eager if o.requires_grad], [torch.ones_like(o) for o in eager if o.requires_grad]
+            )
+            torch.autograd.backward(
+                [o for o in compiled if o.requires_grad], [torch.ones_like(o) for o in compiled if o.requires_grad]
+            )
             for k in case.grad_keys:
                 _close((comp_in[k].grad,), (eager_in[k].grad,), 1e-5, f"{case.name} grad {k}")
 

@@ -1,4 +1,5 @@
 """StreamingCovariance: numpy float64 two-pass oracles, Chan merge exactness, per-class fused op."""
+
 import numpy as np
 import pytest
 import torch
@@ -121,8 +122,13 @@ def per_class_oracle(x, labels, K):
     out = []
     for k in range(K):
         rows = x[labels == k]
-        out.append((len(rows), rows.mean(0) if len(rows) else np.zeros(x.shape[1]),
-                    (rows - rows.mean(0)).T @ (rows - rows.mean(0)) if len(rows) else np.zeros((x.shape[1],) * 2)))
+        out.append(
+            (
+                len(rows),
+                rows.mean(0) if len(rows) else np.zeros(x.shape[1]),
+                (rows - rows.mean(0)).T @ (rows - rows.mean(0)) if len(rows) else np.zeros((x.shape[1],) * 2),
+            )
+        )
     return out
 
 
@@ -152,11 +158,11 @@ def test_per_class_tiny_batches_and_merge_with_absent_classes():
     labels[:60][labels[:60] == 3] = 0  # class 3 absent from the first half
     a, b = StreamingCovariance(D, num_classes=K), StreamingCovariance(D, num_classes=K)
     for i in range(60):
-        a.update(x[i:i + 1], labels[i:i + 1])
+        a.update(x[i : i + 1], labels[i : i + 1])
     b.update(x[60:], labels[60:])
     assert int(a.count[3]) == 0
     a.merge(b)
-    for k, (n, mean, m2) in enumerate(per_class_oracle(x, labels, K)):
+    for k, (n, _mean, m2) in enumerate(per_class_oracle(x, labels, K)):
         assert int(a.count[k]) == n
         assert rel_err(a.M2[k], m2) < 1e-9
 
@@ -178,9 +184,13 @@ def test_per_class_flatten_repeats_labels():
 @pytest.mark.parametrize("n,d,k", [(30, 5, 4), (200, 70, 2), (150, 9, 1)])  # small classes, BLAS classes, one set
 def test_class_moments_update_opcheck(dtype, n, d, k):
     g = torch.Generator().manual_seed(11)
-    args = (torch.randn(n, d, generator=g).to(dtype), torch.randint(0, max(k - 1, 1), (n,), generator=g),
-            torch.zeros(k, dtype=torch.int64), torch.zeros(k, d, dtype=torch.float64),
-            torch.zeros(k, d, d, dtype=torch.float64))
+    args = (
+        torch.randn(n, d, generator=g).to(dtype),
+        torch.randint(0, max(k - 1, 1), (n,), generator=g),
+        torch.zeros(k, dtype=torch.int64),
+        torch.zeros(k, d, dtype=torch.float64),
+        torch.zeros(k, d, d, dtype=torch.float64),
+    )
     torch.library.opcheck(torch.ops.selkernels.class_moments_update_, args)
 
 

@@ -7,11 +7,12 @@ Under the CUDA sanitizers (on a GPU machine, from the repository root):
     compute-sanitizer --tool synccheck .venv/bin/python -m pytest tests/test_cuda.py -q -x
     compute-sanitizer --tool initcheck .venv/bin/python -m pytest tests/test_cuda.py -q -x
 """
+
 import pytest
 import torch
+from conftest import make_batch
 
 import selkernels
-from conftest import make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -72,8 +73,12 @@ def test_other_shapes_match_cpu(dtype, shape):
 def test_strided_2d_input():
     x, labels = make_batch(n=40, c=24, spatial=(), k=4, dtype=torch.float32)
     xc = x.cuda().t().contiguous().t()  # [N, C] with stride (1, N): read in place
-    torch.testing.assert_close(selkernels.class_means(xc, labels.cuda(), 4)[0].cpu(),
-                               selkernels.class_means(x, labels, 4)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        selkernels.class_means(xc, labels.cuda(), 4)[0].cpu(),
+        selkernels.class_means(x, labels, 4)[0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_misaligned_rows_use_the_scalar_path():
@@ -81,8 +86,12 @@ def test_misaligned_rows_use_the_scalar_path():
     base = torch.randn(1 + 30 * 6 * 5, dtype=torch.float32)
     x = base[1:].view(30, 6, 5)
     labels = torch.arange(30) % 4
-    torch.testing.assert_close(selkernels.class_means(x.cuda(), labels.cuda(), 4)[0].cpu(),
-                               selkernels.class_means(x, labels, 4)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        selkernels.class_means(x.cuda(), labels.cuda(), 4)[0].cpu(),
+        selkernels.class_means(x, labels, 4)[0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_ignore_index_absent_classes_and_large_k():
@@ -132,9 +141,13 @@ def test_layer_list_matches_cpu_mixed_dtypes_and_layouts():
     _, labels = make_batch(n=40, k=7)
     labels[3] = -100
     g = torch.Generator().manual_seed(4)
-    xs = [torch.randn(40, 64, 8, 8, generator=g), torch.randn(40, 33, 5, 5, generator=g).to(torch.bfloat16),
-          torch.randn(40, 20, 3, 3, generator=g, dtype=torch.float64), torch.randn(40, 17, generator=g).half(),
-          torch.randn(40, 6, 9, generator=g)]
+    xs = [
+        torch.randn(40, 64, 8, 8, generator=g),
+        torch.randn(40, 33, 5, 5, generator=g).to(torch.bfloat16),
+        torch.randn(40, 20, 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(40, 17, generator=g).half(),
+        torch.randn(40, 6, 9, generator=g),
+    ]
     layouts = ["contiguous", "channels_last", "channels_last", None, None]
     on_gpu = [x.cuda() if lay is None else _to_cuda(x, lay) for x, lay in zip(xs, layouts)]
     ws = [torch.randn(x.shape[1], dtype=torch.float64) for x in xs]
@@ -149,11 +162,16 @@ def test_layer_list_matches_cpu_mixed_dtypes_and_layouts():
     si_gpu, g_gpu = run(on_gpu, labels.cuda())
     for a, b, ga, gb, x in zip(si_gpu, si_cpu, g_gpu, g_cpu, xs):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4 if x.dtype != torch.float64 else 1e-10, atol=1e-5)
-        torch.testing.assert_close(ga.cpu().double(), gb.double(), rtol=GRAD_TOL[x.dtype],
-                                   atol=GRAD_TOL[x.dtype] * 1e-2)
+        torch.testing.assert_close(
+            ga.cpu().double(), gb.double(), rtol=GRAD_TOL[x.dtype], atol=GRAD_TOL[x.dtype] * 1e-2
+        )
     tok = torch.randn(40, 5, 12, generator=g)
-    torch.testing.assert_close(selkernels.selectivity_index(tok.cuda(), labels.cuda(), 7, unit_dim=-1).cpu(),
-                               selkernels.selectivity_index(tok, labels, 7, unit_dim=-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        selkernels.selectivity_index(tok.cuda(), labels.cuda(), 7, unit_dim=-1).cpu(),
+        selkernels.selectivity_index(tok, labels, 7, unit_dim=-1),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_no_host_sync_in_a_step():
@@ -174,8 +192,9 @@ def test_fewer_than_two_classes_and_empty_batch():
     assert torch.all(si == 0)
     (g,) = torch.autograd.grad(si.sum(), x)
     assert torch.all(g == 0)
-    means, counts = selkernels.class_means(torch.randn(0, 5, 3, device="cuda"),
-                                           torch.zeros(0, dtype=torch.long, device="cuda"), 3)
+    means, counts = selkernels.class_means(
+        torch.randn(0, 5, 3, device="cuda"), torch.zeros(0, dtype=torch.long, device="cuda"), 3
+    )
     assert torch.all(means == 0) and torch.all(counts == 0)
 
 
@@ -208,11 +227,14 @@ def test_selectivity_from_means_and_backward_match_cpu():
     grad_si = torch.randn(50, generator=g, dtype=torch.float64)
     for dt in (torch.float64, torch.float32):
         m = means.to(dt)
-        torch.testing.assert_close(_ops.selectivity_from_means(m.cuda(), counts.cuda(), 1e-7).cpu(),
-                                   _ops.selectivity_from_means(m, counts, 1e-7))
+        torch.testing.assert_close(
+            _ops.selectivity_from_means(m.cuda(), counts.cuda(), 1e-7).cpu(),
+            _ops.selectivity_from_means(m, counts, 1e-7),
+        )
         torch.testing.assert_close(
             _ops.selectivity_from_means_backward(grad_si.to(dt).cuda(), m.cuda(), counts.cuda(), 1e-7).cpu(),
-            _ops.selectivity_from_means_backward(grad_si.to(dt), m, counts, 1e-7))
+            _ops.selectivity_from_means_backward(grad_si.to(dt), m, counts, 1e-7),
+        )
 
 
 def test_gradcheck_fp64():

@@ -1,5 +1,6 @@
 """CPU CUDA-semantics harness (tests/cuda_harness): build and run its tests in every mode, and
 check the kernel headers with the real nvcc. No GPU and no torch needed."""
+
 import os
 import shutil
 import subprocess
@@ -26,7 +27,10 @@ def _compiler_supports(flags):
         src = os.path.join(tmp, "probe.cpp")
         exe = os.path.join(tmp, "probe")
         with open(src, "w") as fh:
-            fh.write("#include <source_location>\nint main() { return std::source_location::current().line() == 2 ? 0 : 1; }\n")
+            fh.write(
+                "#include <source_location>\n"
+                "int main() { return std::source_location::current().line() == 2 ? 0 : 1; }\n"
+            )
         build = subprocess.run([CXX, "-std=c++20", *flags, src, "-o", exe], capture_output=True)
         if build.returncode != 0:
             return False

@@ -1,4 +1,5 @@
 """Class-conditional density models, shrinkage, DP mixtures and the two-mode summary."""
+
 import csv
 import math
 
@@ -10,8 +11,13 @@ from scipy.stats import multivariate_normal
 from sklearn.covariance import oas
 
 from selkernels import StreamingCovariance
-from selkernels.analysis import (ClassConditionalGaussian, ClassDensityReport, class_density, fit_dp_mixture,
-                                 two_mode_split)
+from selkernels.analysis import (
+    ClassConditionalGaussian,
+    ClassDensityReport,
+    class_density,
+    fit_dp_mixture,
+    two_mode_split,
+)
 
 
 def _gaussian_classes(k=4, d=3, n=60, seed=0, scales=None):
@@ -19,8 +25,10 @@ def _gaussian_classes(k=4, d=3, n=60, seed=0, scales=None):
     xs, ys = [], []
     for c in range(k):
         a = torch.randn(d, d, generator=g, dtype=torch.float64) * (1 if scales is None else scales[c])
-        xs.append(torch.randn(n, d, generator=g, dtype=torch.float64) @ a + 4 * torch.randn(d, generator=g,
-                                                                                           dtype=torch.float64))
+        xs.append(
+            torch.randn(n, d, generator=g, dtype=torch.float64) @ a
+            + 4 * torch.randn(d, generator=g, dtype=torch.float64)
+        )
         ys.append(torch.full((n,), c))
     perm = torch.randperm(k * n, generator=g)
     return torch.cat(xs)[perm], torch.cat(ys)[perm]
@@ -29,7 +37,7 @@ def _gaussian_classes(k=4, d=3, n=60, seed=0, scales=None):
 def _stats(x, y, k, batch=17):
     st = StreamingCovariance(x.shape[1], num_classes=k)
     for i in range(0, len(x), batch):
-        st.update(x[i:i + batch], y[i:i + batch])
+        st.update(x[i : i + batch], y[i : i + batch])
     return st
 
 
@@ -143,7 +151,7 @@ def test_class_density_recovers_two_modes_end_to_end(tmp_path):
     scales = [0.1] * 5 + [1.0] * 5
     x, y = _gaussian_classes(k=k, d=d, n=n, seed=7, scales=scales)
     maps = x[:, :, None, None] + torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
-    loader = [(maps[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)]
+    loader = [(maps[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]
     model = Features(d, k).train()
     rep = class_density(model, ["body"], loader, k, shrinkage=0.0, ridge=0.0)
     assert isinstance(rep, ClassDensityReport) and model.training
@@ -170,7 +178,7 @@ def test_projection_top_k_principal_subspace():
     scales = torch.tensor([5.0, 4.0, 3.0] + [0.1] * 7, dtype=torch.float64)
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ basis.t()
     y = torch.randint(0, 2, (n,), generator=g)
-    loader = [(x[i:i + 100], y[i:i + 100]) for i in range(0, n, 100)]
+    loader = [(x[i : i + 100], y[i : i + 100]) for i in range(0, n, 100)]
     rep = class_density(Features(d, 2), ["body"], loader, 2, project_dim={"body": k})
     proj = rep.projections["body"]
     assert rep.models["body"].dim == k
@@ -202,7 +210,7 @@ def test_dp_mixture_per_class():
 
 def test_class_density_with_dp_mixture():
     x, y = _gaussian_classes(k=3, d=3, n=40, seed=10)
-    loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, len(y), 50)]
+    loader = [(x[i : i + 50], y[i : i + 50]) for i in range(0, len(y), 50)]
     rep = class_density(Features(3, 3), ["body"], loader, 3, dp_mixture={"n_components": 3, "max_iter": 100})
     assert rep.dp_models["body"].mean_log_density.shape == (3,)
     assert "dp_gap_ratio" in rep.to_rows()[0]
@@ -248,7 +256,7 @@ def test_bad_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     x, y = _gaussian_classes(k=4, d=5, n=50, seed=11)
-    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)]
+    loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]
     cpu = class_density(Features(5, 4), ["body"], loader, 4, project_dim=3)
     gpu = class_density(Features(5, 4).cuda(), ["body"], loader, 4, project_dim=3)
     assert gpu.models["body"].cholesky.is_cuda

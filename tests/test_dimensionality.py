@@ -1,4 +1,5 @@
 """Dimensionality analysis, perturbations and gradient variability on synthetic data with known answers."""
+
 import csv
 
 import numpy as np
@@ -26,7 +27,7 @@ def _basis(d, k, seed):
 
 
 def _loader(x, y, batch):
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
 
 
 class Head(nn.Module):
@@ -62,8 +63,9 @@ def test_conv_features_modes(features):
     v = _whitened(n, k, seed=1) @ _basis(c, k, seed=2).t()
     x = v[:, :, None, None].expand(n, c, 2, 3).contiguous()
     model = Head(c * 6)
-    rep = dimensionality(model, ["rep"], _loader(x, torch.zeros(n, dtype=torch.long), 50), {},
-                         features=features, grad_units=0)
+    rep = dimensionality(
+        model, ["rep"], _loader(x, torch.zeros(n, dtype=torch.long), 50), {}, features=features, grad_units=0
+    )
     assert rep.covariances["clean"]["rep"].dim == (c if features == "mean" else c * 6)
     assert rep.n_components["clean"]["rep"] == k
 
@@ -92,9 +94,13 @@ def test_isotropic_noise_change_is_full_dimensional():
     def planar(x, y):
         return x + torch.randn(x.shape[0], 2, dtype=x.dtype) @ dirs.t()
 
-    rep = dimensionality(model, ["rep"], _loader(x, y, 500),
-                         {"noise": GaussianNoise(0.5, generator=torch.Generator().manual_seed(5)), "planar": planar},
-                         grad_units=0)
+    rep = dimensionality(
+        model,
+        ["rep"],
+        _loader(x, y, 500),
+        {"noise": GaussianNoise(0.5, generator=torch.Generator().manual_seed(5)), "planar": planar},
+        grad_units=0,
+    )
     assert rep.n_components["delta_noise"]["rep"] == d
     assert rep.participation_ratio["delta_noise"]["rep"] > 0.95 * d
     assert rep.n_components["delta_planar"]["rep"] == 2
@@ -112,8 +118,9 @@ def test_gradient_variability_known_values():
         lin.weight.copy_(_basis(d, d, seed=7).t() * torch.arange(1, d + 1, dtype=torch.float64)[:, None])
     model = nn.Sequential(lin, nn.Linear(d, 3).double())
     x = torch.randn(40, d, dtype=torch.float64)
-    rep = dimensionality(model, ["0"], _loader(x, torch.zeros(40, dtype=torch.long), 16), {},
-                         grad_units=d, grad_samples=30)
+    rep = dimensionality(
+        model, ["0"], _loader(x, torch.zeros(40, dtype=torch.long), 16), {}, grad_units=d, grad_samples=30
+    )
     across_samples, across_units = rep.gradient_variability["0"]
     assert across_samples == pytest.approx(0.0, abs=1e-12)
     assert across_units == pytest.approx(1 - 1 / d, abs=1e-12)
@@ -124,8 +131,9 @@ def test_gradient_variability_relu_positive():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
     x = torch.randn(64, 10)
-    rep = dimensionality(model, ["1", "3"], _loader(x, torch.zeros(64, dtype=torch.long), 32), {},
-                         grad_units=8, grad_samples=64)
+    rep = dimensionality(
+        model, ["1", "3"], _loader(x, torch.zeros(64, dtype=torch.long), 32), {}, grad_units=8, grad_samples=64
+    )
     for name in ("1", "3"):
         s, u = rep.gradient_variability[name]
         assert 0 < s <= 1 and 0 < u <= 1
@@ -179,8 +187,15 @@ def test_gaussian_noise_statistics_and_clamp():
 
 def test_default_perturbations_and_report_outputs(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).train()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    ).train()
     x = torch.rand(48, 1, 6, 6)
     y = torch.randint(0, 3, (48,))
     rep = dimensionality(model, [model[1], "3"], _loader(x, y, 16), grad_units=2, grad_samples=8)

@@ -6,6 +6,7 @@ result on the whole batch, computed in the same rank. Children write any failure
 file that the parent reports; every child destroys its process group, and the parent bounds the
 run's time and terminates children that outlive it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -25,8 +26,9 @@ import selkernels
 from selkernels import SelectivityRegularizer
 from selkernels.distributed import all_reduce_moments, global_class_means, global_selectivity_index
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 K = 5
 ALPHA = -0.7
@@ -46,14 +48,15 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, err_dir: str, scenarios) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=PG_TIMEOUT)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=PG_TIMEOUT
+        )
         for name in scenarios:
             globals()[name](rank, world)
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -62,8 +65,10 @@ def _worker(rank: int, world: int, port: int, err_dir: str, scenarios) -> None:
 def _spawn(world: int, scenarios, tmp_path, timeout_s: float = RUN_TIMEOUT_S) -> None:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), list(scenarios)), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), list(scenarios)), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -232,8 +237,11 @@ def _check_moments(rank, world, sizes, y):
     def moments(v):
         n = torch.tensor(float(v.shape[0]), dtype=torch.float64)
         if v.shape[0] == 0:  # garbage where the count is 0: must not leak into the merge
-            return n, torch.full((d,), float("nan"), dtype=torch.float64), torch.full((d, d), float("nan"),
-                                                                                       dtype=torch.float64)
+            return (
+                n,
+                torch.full((d,), float("nan"), dtype=torch.float64),
+                torch.full((d, d), float("nan"), dtype=torch.float64),
+            )
         mu = v.mean(0)
         return n, mu, (v - mu).T @ (v - mu)
 
@@ -340,8 +348,8 @@ def _check_class_selectivity(rank, world, sizes, y):
             layer(xb)
             pens.append(reg.penalty(yb))
     _close(pens[1].detach(), pens[0].detach(), "sum-statistic penalty, unit_dim=-1")
-    grad_ref, = torch.autograd.grad(pens[0], x_ref)
-    grad_mine, = torch.autograd.grad(pens[1], x_mine)
+    (grad_ref,) = torch.autograd.grad(pens[0], x_ref)
+    (grad_mine,) = torch.autograd.grad(pens[1], x_mine)
     # Every rank's penalty is the global one; DDP divides the summed gradients by the world size.
     _close(grad_mine, world * grad_ref[mine], "sum-statistic penalty gradient")
 
@@ -399,8 +407,10 @@ def scenario_ddp_step(rank, world):
     model = _net()
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
-    with SelectivityRegularizer([ref.act1, ref.act2], ALPHA, K, sync="local") as ref_reg, \
-            SelectivityRegularizer([model.act1, model.act2], ALPHA, K) as reg:
+    with (
+        SelectivityRegularizer([ref.act1, ref.act2], ALPHA, K, sync="local") as ref_reg,
+        SelectivityRegularizer([model.act1, model.act2], ALPHA, K) as reg,
+    ):
         for xb, yb in ((x, y), (x2, y2)):  # two steps: the second starts from updated weights
             ref_opt.zero_grad()
             (nn.functional.cross_entropy(ref(xb), yb) + ref_reg.penalty(yb)).backward()
@@ -432,13 +442,14 @@ def scenario_compiled_step(rank, world):
     batches = []
     for seed, n in ((21, 10), (22, 10), (23, 7)):
         x, y = _batch(n * world, seed=seed)
-        batches.append((x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]))
+        batches.append((x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]))
     assert batches[0][0].shape[0] == len(range(*mine.indices(10 * world)))
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _net()
         with SelectivityRegularizer([model.act1, model.act2], ALPHA, K, sync="global") as reg:
+
             def step(xb, yb, model=model, reg=reg):
                 return nn.functional.cross_entropy(model(xb), yb) + reg.penalty(yb)
 
@@ -464,6 +475,7 @@ def scenario_mismatched_layouts(rank, world):
     layers = [model.act1, model.act2] if rank == 0 else [model.act2, model.act1]
     torch._dynamo.reset()
     with SelectivityRegularizer(layers, ALPHA, K, sync="global") as reg:
+
         def penalty_step(xb, yb):
             model(xb)
             return reg.penalty(yb)
@@ -493,8 +505,9 @@ def test_three_ranks_uneven_split(tmp_path):
 def test_single_rank_group_is_local_exactly(tmp_path):
     x, y = _batch(20)
     results = {}
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=PG_TIMEOUT)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=PG_TIMEOUT
+    )
     try:
         for sync in ("local", "global", None):
             model = _net()

@@ -1,4 +1,5 @@
 """The CPU-runnable parts of scripts/gpu_check.sh: the sanitizer driver and the summary table."""
+
 import json
 import subprocess
 import sys
@@ -28,21 +29,46 @@ def test_driver_fails_on_an_op_without_workload(monkeypatch):
 
 
 def test_summary_table(tmp_path):
-    (tmp_path / "status.tsv").write_text("build\t0\t95\ttorch 2.11.0+cu130, sm_90\n"
-                                         "gpu_tests\t1\t40\t\n"
-                                         "memcheck\t0\t30\t\n"
-                                         "racecheck\t77\t0\tcompute-sanitizer not found\n"
-                                         "stepbench\t124\t150\ttimed out after 150 s; \n")
+    (tmp_path / "status.tsv").write_text(
+        "build\t0\t95\ttorch 2.11.0+cu130, sm_90\n"
+        "gpu_tests\t1\t40\t\n"
+        "memcheck\t0\t30\t\n"
+        "racecheck\t77\t0\tcompute-sanitizer not found\n"
+        "stepbench\t124\t150\ttimed out after 150 s; \n"
+    )
     (tmp_path / "gpu_tests.log").write_text("....F\n= 1 failed, 4 passed in 3.2s =\n")
-    (tmp_path / "memcheck.log").write_text("driver: 12/12 selkernels ops dispatched on cuda\n"
-                                           "========= ERROR SUMMARY: 0 errors\n")
-    (tmp_path / "opbench.json").write_text(json.dumps([dict(case="resnet20 stage1", fused_fwd_ms=0.02,
-                                                            fused_fwdbwd_ms=0.05, bandwidth_vs_xsum=0.8,
-                                                            torch_fwdbwd_ms=0.5, paper_fwdbwd_ms=2.5)]))
-    (tmp_path / "stepbench.json").write_text(json.dumps([
-        dict(case="blocks K=10", variant="none", median_ms=1.0),
-        dict(case="blocks K=10", variant="selkernels", median_ms=1.2, overhead_ms=0.2, overhead_pct=20.0,
-             floor_multiple=1.3)]))
+    (tmp_path / "memcheck.log").write_text(
+        "driver: 12/12 selkernels ops dispatched on cuda\n========= ERROR SUMMARY: 0 errors\n"
+    )
+    (tmp_path / "opbench.json").write_text(
+        json.dumps(
+            [
+                dict(
+                    case="resnet20 stage1",
+                    fused_fwd_ms=0.02,
+                    fused_fwdbwd_ms=0.05,
+                    bandwidth_vs_xsum=0.8,
+                    torch_fwdbwd_ms=0.5,
+                    paper_fwdbwd_ms=2.5,
+                )
+            ]
+        )
+    )
+    (tmp_path / "stepbench.json").write_text(
+        json.dumps(
+            [
+                dict(case="blocks K=10", variant="none", median_ms=1.0),
+                dict(
+                    case="blocks K=10",
+                    variant="selkernels",
+                    median_ms=1.2,
+                    overhead_ms=0.2,
+                    overhead_pct=20.0,
+                    floor_multiple=1.3,
+                ),
+            ]
+        )
+    )
     table = gpu_check.format_summary(str(tmp_path))
     lines = table.splitlines()
     assert lines[1].startswith("build") and "ok" in lines[1] and "sm_90" in lines[1]
@@ -55,11 +81,21 @@ def test_summary_table(tmp_path):
 
 
 def test_cli_and_script():
-    out = subprocess.run([sys.executable, "-m", "selkernels.gpu_check", "driver", "--device", "cpu"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "selkernels.gpu_check", "driver", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
     if not torch.cuda.is_available():
-        out = subprocess.run([sys.executable, "-m", "selkernels.gpu_check", "driver", "--device", "cuda"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "selkernels.gpu_check", "driver", "--device", "cuda"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert out.returncode == 1 and "is_available() is False" in out.stderr

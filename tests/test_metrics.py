@@ -3,6 +3,7 @@
 Oracles: numpy float64 on the joined data (the definition of Leavitt & Morcos), and the published
 computations of Ranadive et al. in selkernels.reference (per-sample dict accumulation of class sums).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -19,8 +20,9 @@ from selkernels.reference import published_dataset_selectivity, published_groupe
 K = 6
 
 
-def numpy_selectivity(acts: np.ndarray, labels: np.ndarray, num_classes: int, *, statistic="mean", eps=1e-7,
-                      ignore_index=-100):
+def numpy_selectivity(
+    acts: np.ndarray, labels: np.ndarray, num_classes: int, *, statistic="mean", eps=1e-7, ignore_index=-100
+):
     """(si, class_means, counts, preferred) in float64 from per-sample unit activations [N, C]."""
     keep = labels != ignore_index
     acts, labels = acts[keep].astype(np.float64), labels[keep]
@@ -63,8 +65,9 @@ def make_batches(shapes, num_batches=5, seed=0, dtype=torch.float64, signed=Fals
 
 
 def joined(batches):
-    return [torch.cat([xs[i] for xs, _ in batches]) for i in range(len(batches[0][0]))], \
-        torch.cat([y for _, y in batches])
+    return [torch.cat([xs[i] for xs, _ in batches]) for i in range(len(batches[0][0]))], torch.cat(
+        [y for _, y in batches]
+    )
 
 
 @pytest.mark.parametrize("statistic", ["mean", "sum"])
@@ -77,8 +80,7 @@ def test_many_batches_equal_numpy_on_joined_data(statistic, unit_dim, shapes):
     results = metric.compute()
     xs_all, y_all = joined(batches)
     for res, x in zip(results, xs_all):
-        si, means, counts, preferred = numpy_selectivity(unit_acts(x, unit_dim), y_all.numpy(), K,
-                                                         statistic=statistic)
+        si, means, counts, preferred = numpy_selectivity(unit_acts(x, unit_dim), y_all.numpy(), K, statistic=statistic)
         assert res.si.dtype == torch.float64 and res.class_means.dtype == torch.float64
         assert res.counts.dtype == torch.int64 and res.preferred_class.dtype == torch.int64
         np.testing.assert_allclose(res.si.numpy(), si, rtol=0, atol=1e-12)
@@ -144,11 +146,13 @@ def test_state_dict_round_trip_and_validation():
         ClassSelectivity(None, K, statistic="sum").load_state_dict(state)
     with pytest.raises(ValueError, match="num_classes"):
         ClassSelectivity(None, K + 1, statistic="sum", transform="relu").load_state_dict(state)
-    for key, value, match in [("counts", -state["counts"] - 1, "counts"),
-                              ("counts", state["counts"].float(), "counts"),
-                              ("sums", [state["sums"][0].float()], "sums"),
-                              ("sums", [state["sums"][0][:-1]], "sums"),
-                              ("sums", [state["sums"][0] * float("nan")], "sums")]:
+    for key, value, match in [
+        ("counts", -state["counts"] - 1, "counts"),
+        ("counts", state["counts"].float(), "counts"),
+        ("sums", [state["sums"][0].float()], "sums"),
+        ("sums", [state["sums"][0][:-1]], "sums"),
+        ("sums", [state["sums"][0] * float("nan")], "sums"),
+    ]:
         broken = dict(state, **{key: value})
         fresh = ClassSelectivity(None, K, statistic="sum", transform="relu")
         with pytest.raises(ValueError, match=match):
@@ -181,8 +185,11 @@ def test_hooks_update_and_context_manager():
     net.tokens.register_forward_hook(lambda m, i, o: outs.__setitem__("tok", o))
     by_hand_conv = ClassSelectivity(None, K)
     by_hand_tok = ClassSelectivity(None, K, unit_dim=-1, transform="abs")
-    with ClassSelectivity({"conv": net.conv}, K) as conv_metric, \
-            ClassSelectivity([net.tokens], K, unit_dim=-1, transform="abs") as tok_metric, torch.no_grad():
+    with (
+        ClassSelectivity({"conv": net.conv}, K) as conv_metric,
+        ClassSelectivity([net.tokens], K, unit_dim=-1, transform="abs") as tok_metric,
+        torch.no_grad(),
+    ):
         for x, y in data:
             net(x)
             conv_metric.update(y)
@@ -236,8 +243,9 @@ def test_sum_statistic_matches_published_analysis(transform):
         for (x,), y in batches:
             per_neuron.update_from(x, y)
         ours_d = per_neuron.compute()[0].si
-    published_d = published_dataset_selectivity([(x.transpose(1, 2), y) for (x,), y in batches],
-                                                transform=transform, eps=1e-6)
+    published_d = published_dataset_selectivity(
+        [(x.transpose(1, 2), y) for (x,), y in batches], transform=transform, eps=1e-6
+    )
     torch.testing.assert_close(ours_d, published_d, rtol=0, atol=1e-12)
 
 
@@ -304,8 +312,9 @@ def test_regularizer_grouped_sum_matches_published_penalty(statistic):
     xs = [torch.rand(12, c, 3, 3, generator=g, dtype=torch.float64, requires_grad=True) for c in (4, 4, 6)]
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 0, 1])
     groups = [[0, 1], [2]]
-    with SelectivityRegularizer(layers, alpha=0.3, num_classes=K, eps=1e-6, statistic=statistic,
-                                layer_groups=groups) as reg:
+    with SelectivityRegularizer(
+        layers, alpha=0.3, num_classes=K, eps=1e-6, statistic=statistic, layer_groups=groups
+    ) as reg:
         for layer, x in zip(layers, xs):
             layer(x)
         ours = reg.penalty(y)
@@ -327,8 +336,10 @@ def test_regularizer_unit_dim_minus_one_equals_transposed(statistic):
     x = torch.rand(10, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)  # [N, tokens, D]
     y = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
     tok, chan = nn.Identity(), nn.Identity()
-    with SelectivityRegularizer(tok, 1.0, K, unit_dim=-1, statistic=statistic) as reg_t, \
-            SelectivityRegularizer(chan, 1.0, K, statistic=statistic) as reg_c:
+    with (
+        SelectivityRegularizer(tok, 1.0, K, unit_dim=-1, statistic=statistic) as reg_t,
+        SelectivityRegularizer(chan, 1.0, K, statistic=statistic) as reg_c,
+    ):
         tok(x)
         xt = x.transpose(1, 2)
         chan(xt)
@@ -337,11 +348,12 @@ def test_regularizer_unit_dim_minus_one_equals_transposed(statistic):
     assert si_t.shape == (5,)
     torch.testing.assert_close(si_t, si_c, rtol=0, atol=1e-12)
     w = torch.linspace(-1, 2, 5, dtype=torch.float64)
-    g_t, = torch.autograd.grad((si_t * w).sum(), x, retain_graph=True)
-    g_c, = torch.autograd.grad((si_c * w).sum(), x)
+    (g_t,) = torch.autograd.grad((si_t * w).sum(), x, retain_graph=True)
+    (g_c,) = torch.autograd.grad((si_c * w).sum(), x)
     torch.testing.assert_close(g_t, g_c, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda z: selkernels.selectivity_index(z, y, K, unit_dim=-1), (x.detach().requires_grad_(),))
+        lambda z: selkernels.selectivity_index(z, y, K, unit_dim=-1), (x.detach().requires_grad_(),)
+    )
 
 
 def test_empty_batches_and_absent_classes():
@@ -356,9 +368,14 @@ def test_empty_batches_and_absent_classes():
 
 
 def test_bad_arguments_are_clear_errors():
-    for kwargs, match in [(dict(unit_dim=0), "unit_dim"), (dict(unit_dim=2), "unit_dim"),
-                          (dict(statistic="median"), "statistic"), (dict(transform="gelu"), "transform"),
-                          (dict(eps=-1.0), "eps"), (dict(sync="all"), "sync")]:
+    for kwargs, match in [
+        (dict(unit_dim=0), "unit_dim"),
+        (dict(unit_dim=2), "unit_dim"),
+        (dict(statistic="median"), "statistic"),
+        (dict(transform="gelu"), "transform"),
+        (dict(eps=-1.0), "eps"),
+        (dict(sync="all"), "sync"),
+    ]:
         with pytest.raises(ValueError, match=match):
             ClassSelectivity(None, K, **kwargs)
     layers = [nn.Identity(), nn.Identity()]
@@ -378,11 +395,13 @@ def test_bad_arguments_are_clear_errors():
         metric.update(torch.zeros(3, dtype=torch.long))
     metric.update_from(torch.rand(4, 3), torch.arange(4))
     before = metric.state_dict()
-    for xs, y, err, match in [(torch.rand(4, 5), torch.arange(4), ValueError, "units"),
-                              ([torch.rand(4, 3), torch.rand(4, 3)], torch.arange(4), ValueError, "1 tensors"),
-                              (torch.rand(4, 3), torch.tensor([0, 1, 2, K]), ValueError, "labels"),
-                              (torch.rand(4, 3).long(), torch.arange(4), TypeError, "float"),
-                              (torch.rand(4), torch.arange(4), ValueError, "2 dims")]:
+    for xs, y, err, match in [
+        (torch.rand(4, 5), torch.arange(4), ValueError, "units"),
+        ([torch.rand(4, 3), torch.rand(4, 3)], torch.arange(4), ValueError, "1 tensors"),
+        (torch.rand(4, 3), torch.tensor([0, 1, 2, K]), ValueError, "labels"),
+        (torch.rand(4, 3).long(), torch.arange(4), TypeError, "float"),
+        (torch.rand(4), torch.arange(4), ValueError, "2 dims"),
+    ]:
         with pytest.raises(err, match=match):
             metric.update_from(xs, y)
     after = metric.state_dict()

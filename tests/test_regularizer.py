@@ -137,8 +137,12 @@ def test_si_gradient_is_added_in_place_and_exact():
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             loss.backward()
     out_shape = list(x.shape)
-    adds = {name: sum(e.name == name and bool(e.input_shapes) and list(e.input_shapes[0]) == out_shape
-                      for e in prof.events()) for name in ("aten::add", "aten::add_")}
+    adds = {
+        name: sum(
+            e.name == name and bool(e.input_shapes) and list(e.input_shapes[0]) == out_shape for e in prof.events()
+        )
+        for name in ("aten::add", "aten::add_")
+    }
     assert adds["aten::add"] == 0, adds
     assert adds["aten::add_"] >= len(hooked), adds  # one per hooked output at least (plus the skip adds)
     for got, ref in zip(model.parameters(), grads_ref):

@@ -1,6 +1,7 @@
 """Regression tests for misbehaviour found by hostile-but-realistic use: each fails on the code
 before its fix (a hidden NaN, a silent zero, a lowered precision, a copy writing into the original,
 an unpicklable hook, corrupt state accepted, a misleading error) and passes after it."""
+
 import copy
 import io
 import pickle
@@ -159,13 +160,20 @@ def test_streaming_covariance_under_autocast_keeps_float32(num_classes, amp_dtyp
 def test_class_moments_op_under_autocast_keeps_float32():
     g = torch.Generator().manual_seed(3)
     z, labels = torch.randn(256, 16, generator=g) + 2, torch.arange(256) % 3
-    state = (torch.zeros(3, dtype=torch.int64), torch.zeros(3, 16, dtype=torch.float64),
-             torch.zeros(3, 16, 16, dtype=torch.float64))
+    state = (
+        torch.zeros(3, dtype=torch.int64),
+        torch.zeros(3, 16, dtype=torch.float64),
+        torch.zeros(3, 16, 16, dtype=torch.float64),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.ops.selkernels.class_moments_update_(z, labels, *state)
     zd = z.double()
-    ref = torch.stack([torch.from_numpy(np.cov(zd[labels == k].numpy(), rowvar=False)) * (int((labels == k).sum()) - 1)
-                       for k in range(3)])
+    ref = torch.stack(
+        [
+            torch.from_numpy(np.cov(zd[labels == k].numpy(), rowvar=False)) * (int((labels == k).sum()) - 1)
+            for k in range(3)
+        ]
+    )
     assert _rel_err(state[2], ref) < 1e-6
 
 
@@ -184,16 +192,25 @@ def test_spectral_penalty_under_autocast_equals_outside(amp_dtype, in_dtype):
 # ---- row 6 (and 15 for tau): traceable, complete argument checks ---------------------------------
 def test_spectral_penalty_compiles_fullgraph_dynamic_with_python_float_slope():
     torch._dynamo.reset()
-    f = torch.compile(lambda h, V, slope: spectral_penalty(h, V, slope=slope, tau=2), fullgraph=True,
-                      dynamic=True, backend="aot_eager")
+    f = torch.compile(
+        lambda h, V, slope: spectral_penalty(h, V, slope=slope, tau=2),
+        fullgraph=True,
+        dynamic=True,
+        backend="aot_eager",
+    )
     for N, slope in ((40, 1.5), (56, 0.75)):
         h, V = spectral_inputs(N, 16, seed=N, dtype=torch.float32)
         torch.testing.assert_close(f(h, V, slope), spectral_penalty(h, V, slope=slope, tau=2))
 
 
-@pytest.mark.parametrize("tau,exc,match", [(2**63, ValueError, "tau must be >= 0 and fit in int64"),
-                                           (-1, ValueError, "tau must be >= 0"),
-                                           (2.0, TypeError, "tau must be an int")])
+@pytest.mark.parametrize(
+    "tau,exc,match",
+    [
+        (2**63, ValueError, "tau must be >= 0 and fit in int64"),
+        (-1, ValueError, "tau must be >= 0"),
+        (2.0, TypeError, "tau must be an int"),
+    ],
+)
 def test_spectral_penalty_tau_range(tau, exc, match):
     h, V = spectral_inputs()
     with pytest.raises(exc, match=match):
@@ -222,20 +239,28 @@ def _corrupt(state, key, value):
 
 
 @pytest.mark.parametrize("num_classes", [None, 2])
-@pytest.mark.parametrize("corruption,exc,match", [
-    (lambda s: _corrupt(s, "mean", s["mean"].flatten()[:1]), ValueError, r"state\['mean'\] must have shape"),
-    (lambda s: _corrupt(s, "M2", s["M2"][..., 0]), ValueError, r"state\['M2'\] must have shape"),
-    (lambda s: _corrupt(s, "count", torch.tensor(5)) if s["num_classes"] else _corrupt(s, "count", torch.tensor([5])),
-     ValueError, r"state\['count'\] must have shape"),
-    (lambda s: _corrupt(s, "count", s["count"] - 100), ValueError, r"state\['count'\] must be >= 0"),
-    (lambda s: _corrupt(s, "count", s["count"].double() + 0.5), TypeError, r"state\['count'\] must be an integer"),
-    (lambda s: _corrupt(s, "mean", torch.full_like(s["mean"], float("nan"))), ValueError, "NaN or Inf"),
-    (lambda s: _corrupt(s, "M2", torch.full_like(s["M2"], float("inf"))), ValueError, "NaN or Inf"),
-    (lambda s: _corrupt(s, "mean", s["mean"].long()), TypeError, r"state\['mean'\] must be a floating"),
-    (lambda s: _corrupt(s, "mean", s["mean"].tolist()), TypeError, r"state\['mean'\] must be a torch.Tensor"),
-    (lambda s: {k: v for k, v in s.items() if k != "M2"}, ValueError, r"missing \['M2'\]"),
-    (lambda s: list(s.items()), TypeError, "state must be a dict"),
-])
+@pytest.mark.parametrize(
+    "corruption,exc,match",
+    [
+        (lambda s: _corrupt(s, "mean", s["mean"].flatten()[:1]), ValueError, r"state\['mean'\] must have shape"),
+        (lambda s: _corrupt(s, "M2", s["M2"][..., 0]), ValueError, r"state\['M2'\] must have shape"),
+        (
+            lambda s: (
+                _corrupt(s, "count", torch.tensor(5)) if s["num_classes"] else _corrupt(s, "count", torch.tensor([5]))
+            ),
+            ValueError,
+            r"state\['count'\] must have shape",
+        ),
+        (lambda s: _corrupt(s, "count", s["count"] - 100), ValueError, r"state\['count'\] must be >= 0"),
+        (lambda s: _corrupt(s, "count", s["count"].double() + 0.5), TypeError, r"state\['count'\] must be an integer"),
+        (lambda s: _corrupt(s, "mean", torch.full_like(s["mean"], float("nan"))), ValueError, "NaN or Inf"),
+        (lambda s: _corrupt(s, "M2", torch.full_like(s["M2"], float("inf"))), ValueError, "NaN or Inf"),
+        (lambda s: _corrupt(s, "mean", s["mean"].long()), TypeError, r"state\['mean'\] must be a floating"),
+        (lambda s: _corrupt(s, "mean", s["mean"].tolist()), TypeError, r"state\['mean'\] must be a torch.Tensor"),
+        (lambda s: {k: v for k, v in s.items() if k != "M2"}, ValueError, r"missing \['M2'\]"),
+        (lambda s: list(s.items()), TypeError, "state must be a dict"),
+    ],
+)
 def test_load_state_dict_rejects_corrupt_state(num_classes, corruption, exc, match):
     stats = _trained(num_classes)
     before = stats.state_dict()
@@ -258,16 +283,19 @@ def test_load_state_dict_round_trip_and_continue():
 
 
 # ---- row 10: spectrum statistics at the edges ----------------------------------------------------------
-@pytest.mark.parametrize("lam,pr,er", [
-    (torch.zeros(5), float("nan"), float("nan")),
-    (torch.tensor([1.0, float("nan")]), float("nan"), float("nan")),
-    (torch.tensor([1.0, float("inf")]), float("nan"), float("nan")),
-    (torch.tensor([2.0, -1.0]), 1.0 / 5.0, float("nan")),
-    (torch.full((5,), 1e308, dtype=torch.float64), 5.0, 5.0),
-    (torch.full((5,), 1e-200, dtype=torch.float64), 5.0, 5.0),
-    (torch.full((5,), 1e200, dtype=torch.float64), 5.0, 5.0),
-    (torch.tensor([1e300, 1e300, 0.0], dtype=torch.float64), 2.0, 2.0),
-])
+@pytest.mark.parametrize(
+    "lam,pr,er",
+    [
+        (torch.zeros(5), float("nan"), float("nan")),
+        (torch.tensor([1.0, float("nan")]), float("nan"), float("nan")),
+        (torch.tensor([1.0, float("inf")]), float("nan"), float("nan")),
+        (torch.tensor([2.0, -1.0]), 1.0 / 5.0, float("nan")),
+        (torch.full((5,), 1e308, dtype=torch.float64), 5.0, 5.0),
+        (torch.full((5,), 1e-200, dtype=torch.float64), 5.0, 5.0),
+        (torch.full((5,), 1e200, dtype=torch.float64), 5.0, 5.0),
+        (torch.tensor([1e300, 1e300, 0.0], dtype=torch.float64), 2.0, 2.0),
+    ],
+)
 def test_spectrum_statistics_edges(lam, pr, er):
     for fn, expected in ((spectrum.participation_ratio, pr), (spectrum.effective_rank, er)):
         got = fn(lam).item()
@@ -298,7 +326,9 @@ def test_eigenvalues_near_the_float64_range():
     # entries above half the float64 maximum: symmetrising as cov + cov^T would overflow
     for top in (1e308, 1e-315):
         lam = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64) * top
-        rot, _ = torch.linalg.qr(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, -1.0, 1.0]], dtype=torch.float64))
+        rot, _ = torch.linalg.qr(
+            torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, -1.0, 1.0]], dtype=torch.float64)
+        )
         cov = (rot * (lam / top)) @ rot.T * top
         torch.testing.assert_close(spectrum.eigenvalues(cov) / top, lam / top)
 
@@ -306,7 +336,9 @@ def test_eigenvalues_near_the_float64_range():
 # ---- row 14: no spatial positions ----------------------------------------------------------------------
 @pytest.mark.parametrize("num_classes", [None, 3])
 def test_streaming_covariance_zero_spatial_size(num_classes):
-    stats = _trained(None if num_classes is None else 2) if num_classes is None else StreamingCovariance(3, num_classes=3)
+    stats = (
+        _trained(None if num_classes is None else 2) if num_classes is None else StreamingCovariance(3, num_classes=3)
+    )
     labels = None if num_classes is None else torch.arange(8) % 3
     before = stats.state_dict()
     with pytest.raises(ValueError, match="no spatial positions"):
@@ -319,8 +351,7 @@ def test_streaming_covariance_zero_spatial_size(num_classes):
 
 
 # ---- row 15: label widths and ignore_index in the per-class update ------------------------------------
-INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32,
-              torch.uint64]
+INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64]
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES)
@@ -351,11 +382,14 @@ def test_streaming_covariance_ignore_index():
     assert custom.count[2] == 0 and custom.count.sum() == int((labels.clamp_min(0) != 2).sum())
 
 
-@pytest.mark.parametrize("labels,match", [
-    (torch.tensor([0, 1, 2**64 - 100], dtype=torch.uint64), r"found labels\[2\] = 18446744073709551516"),
-    (torch.tensor([0, 1, 300], dtype=torch.uint16), r"found labels\[2\] = 300"),
-    (torch.tensor([0, -5, 1]), r"found labels\[1\] = -5"),
-])
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (torch.tensor([0, 1, 2**64 - 100], dtype=torch.uint64), r"found labels\[2\] = 18446744073709551516"),
+        (torch.tensor([0, 1, 300], dtype=torch.uint16), r"found labels\[2\] = 300"),
+        (torch.tensor([0, -5, 1]), r"found labels\[1\] = -5"),
+    ],
+)
 def test_streaming_covariance_bad_labels_name_the_value(labels, match):
     stats = StreamingCovariance(2, num_classes=3)
     with pytest.raises(ValueError, match=match):
@@ -363,9 +397,14 @@ def test_streaming_covariance_bad_labels_name_the_value(labels, match):
     assert stats.count.sum() == 0
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [({"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
-                                              ({"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
-                                              ({"num_classes": 2**63}, ValueError, "num_classes")])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
+        ({"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
+        ({"num_classes": 2**63}, ValueError, "num_classes"),
+    ],
+)
 def test_streaming_covariance_constructor_ranges(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         StreamingCovariance(3, **{"num_classes": 2, **kwargs})

@@ -1,5 +1,6 @@
 """fp32 accumulation of the selectivity ops: error growing as log S and log N (pairwise sums), as in
 torch's own fp32 reductions, compared with fp64 numpy on the same fp32 inputs."""
+
 import numpy as np
 import pytest
 import torch

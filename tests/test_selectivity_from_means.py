@@ -48,5 +48,6 @@ def test_opcheck():
     means = torch.rand(4, 3, requires_grad=True)
     counts = torch.tensor([1, 0, 2, 3])
     torch.library.opcheck(torch.ops.selkernels.selectivity_from_means, (means, counts, 1e-7))
-    torch.library.opcheck(torch.ops.selkernels.selectivity_from_means_backward,
-                          (torch.randn(3), means.detach(), counts, 1e-7))
+    torch.library.opcheck(
+        torch.ops.selkernels.selectivity_from_means_backward, (torch.randn(3), means.detach(), counts, 1e-7)
+    )

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_batch
 
 import selkernels
 from selkernels import reference
-from conftest import make_batch
 
 # Tolerances vs the fp64 oracle; fp16/bf16 inputs are rounded before accumulation in fp32.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -91,7 +91,9 @@ def test_absent_classes_are_skipped():
     x, labels = make_batch(n=30, c=4, spatial=(2,), k=3)
     # Same batch, labels renamed into a larger label space with gaps: SI must not change.
     remapped = torch.tensor([1, 4, 9])[labels]
-    torch.testing.assert_close(selkernels.selectivity_index(x, remapped, 12), selkernels.selectivity_index(x, labels, 3))
+    torch.testing.assert_close(
+        selkernels.selectivity_index(x, remapped, 12), selkernels.selectivity_index(x, labels, 3)
+    )
 
 
 def test_ignore_index():
@@ -116,7 +118,9 @@ def test_gradcheck_fp64():
 def test_fused_equals_composition():
     x, labels = make_batch(n=50, c=8, spatial=(3, 3), k=6, dtype=torch.float32)
     means, counts = selkernels.class_means(x, labels, 6)
-    torch.testing.assert_close(selkernels.selectivity_index(x, labels, 6), selkernels.selectivity_from_means(means, counts))
+    torch.testing.assert_close(
+        selkernels.selectivity_index(x, labels, 6), selkernels.selectivity_from_means(means, counts)
+    )
 
 
 def test_opcheck():
@@ -129,8 +133,10 @@ def test_opcheck():
     si, means, coeffs, argmax = ops.selectivity_index_segmented([x.detach(), y.detach()], *seg, 1e-7)
     grad_si = [torch.randn(4), torch.randn(5, dtype=torch.float64)]
     for grad_means in ([], [torch.randn(3, 4), torch.randn(3, 5, dtype=torch.float64)]):
-        torch.library.opcheck(ops.segmented_unit_grad, (grad_si, list(coeffs), list(argmax), grad_means, seg.labels,
-                                                        seg.counts, [4, 5], [6, 2], [6, 7]))
+        torch.library.opcheck(
+            ops.segmented_unit_grad,
+            (grad_si, list(coeffs), list(argmax), grad_means, seg.labels, seg.counts, [4, 5], [6, 2], [6, 7]),
+        )
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

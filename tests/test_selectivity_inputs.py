@@ -1,5 +1,6 @@
 """Arguments of the selectivity ops at their edges: a clear Python error naming the argument, or a
 correct result, before any kernel runs or memory is allocated."""
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_num_classes_that_cannot_fit_in_memory_rejected_before_allocating(op, mo
 
 
 @pytest.mark.parametrize("op", FUSED.values(), ids=FUSED.keys())
-@pytest.mark.parametrize("ignore_index", [2**63, -2**63 - 1, 2**70])
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**70])
 def test_ignore_index_beyond_int64_rejected_by_name(op, ignore_index):
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         op(X, LABELS, 3, ignore_index=ignore_index)
@@ -49,7 +50,7 @@ def test_ignore_index_beyond_int64_rejected_by_name(op, ignore_index):
 
 def test_ignore_index_at_int64_limits_accepted():
     ref_means, ref_counts = selkernels.class_means(X, LABELS, 3)
-    for ignore_index in (2**63 - 1, -2**63):
+    for ignore_index in (2**63 - 1, -(2**63)):
         means, counts = selkernels.class_means(X, LABELS, 3, ignore_index=ignore_index)
         torch.testing.assert_close(means, ref_means, rtol=0, atol=0)
         assert torch.equal(counts, ref_counts)

@@ -2,13 +2,14 @@
 list of layers (mixed C, spatial shapes, layouts, dtypes, unit_dim) equal the per-layer op and the
 fp64 reference, values and gradients; exact second derivatives; torch.compile without recompiles;
 the CUDA launch plan."""
+
 import pytest
 import torch
+from conftest import make_batch
 from torch._dynamo.utils import counters
 
 import selkernels
 from selkernels import reference
-from conftest import make_batch
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -16,11 +17,11 @@ HALF = (torch.float16, torch.bfloat16)
 def layers(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     xs = [
-        torch.randn(n, 6, 3, 4, generator=g, dtype=torch.float64),                       # NCHW fp64
-        torch.randn(n, 5, 4, 4, generator=g).to(memory_format=torch.channels_last),      # channels_last fp32
-        torch.randn(n, 9, generator=g).to(torch.bfloat16),                               # [N, C] bf16
-        torch.randn(n, 3, 2, 2, 2, generator=g).to(torch.float16),                       # 3-D spatial fp16
-        torch.randn(n, 7, 10, generator=g)[:, :, ::2],                                   # strided: copied once
+        torch.randn(n, 6, 3, 4, generator=g, dtype=torch.float64),  # NCHW fp64
+        torch.randn(n, 5, 4, 4, generator=g).to(memory_format=torch.channels_last),  # channels_last fp32
+        torch.randn(n, 9, generator=g).to(torch.bfloat16),  # [N, C] bf16
+        torch.randn(n, 3, 2, 2, 2, generator=g).to(torch.float16),  # 3-D spatial fp16
+        torch.randn(n, 7, 10, generator=g)[:, :, ::2],  # strided: copied once
     ]
     return [(x.relu() + 0.1).requires_grad_() for x in xs]
 
@@ -54,8 +55,9 @@ def test_list_equals_each_layer_and_reference():
         xr = x.detach().double().requires_grad_()
         (g_ref,) = torch.autograd.grad((reference.selectivity_index_reference(xr, labels, 6) * w.double()).sum(), xr)
         assert g.dtype == x.dtype and g.shape == x.shape
-        torch.testing.assert_close(g.double(), g_ref, rtol=1e-2 if x.dtype in HALF else 1e-6,
-                                   atol=1e-4 if x.dtype in HALF else 1e-9)
+        torch.testing.assert_close(
+            g.double(), g_ref, rtol=1e-2 if x.dtype in HALF else 1e-6, atol=1e-4 if x.dtype in HALF else 1e-9
+        )
 
 
 def test_unit_dim_last_reads_a_view():
@@ -66,8 +68,9 @@ def test_unit_dim_last_reads_a_view():
     si = selkernels.selectivity_index([tokens, maps], labels, 4, unit_dim=-1)
     for x, s in zip((tokens, maps), si):
         torch.testing.assert_close(s, reference_si(x, labels, 4, unit_dim=-1), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, b: selkernels.selectivity_index([a, b], labels, 4, unit_dim=-1),
-                                    (tokens, maps))
+    assert torch.autograd.gradcheck(
+        lambda a, b: selkernels.selectivity_index([a, b], labels, 4, unit_dim=-1), (tokens, maps)
+    )
     (g,) = torch.autograd.grad(si[0].sum(), tokens)
     assert g.shape == tokens.shape and g.stride()[1] == 0  # broadcast over positions, no copy
 
@@ -76,8 +79,10 @@ def test_gradcheck_and_gradgradcheck_of_a_list():
     _, labels = make_batch(n=14, k=4)
     labels[5] = -100
     g = torch.Generator().manual_seed(1)
-    xs = [(torch.rand(14, 3, 2, 3, generator=g, dtype=torch.float64) + 0.1).requires_grad_(),
-          (torch.rand(14, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()]
+    xs = [
+        (torch.rand(14, 3, 2, 3, generator=g, dtype=torch.float64) + 0.1).requires_grad_(),
+        (torch.rand(14, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_(),
+    ]
     seg = selkernels.segment_labels(labels, 4)
     fn = lambda *t: selkernels.selectivity_index(list(t), seg)  # noqa: E731
     assert torch.autograd.gradcheck(fn, xs)
@@ -115,7 +120,8 @@ def test_second_derivative_of_selectivity_from_means():
     x, labels = make_batch(n=12, c=3, spatial=(2,), k=4)
     x.requires_grad_()
     assert torch.autograd.gradgradcheck(
-        lambda t: selkernels.selectivity_from_means(*selkernels.class_means(t, labels, 4)), (x,))
+        lambda t: selkernels.selectivity_from_means(*selkernels.class_means(t, labels, 4)), (x,)
+    )
 
 
 def test_fewer_than_two_classes_gives_zero_si_and_zero_gradients_to_second_order():
@@ -187,18 +193,22 @@ def test_compile_dynamic_no_recompile_when_k_and_n_change(backend):
 
 
 def test_cuda_launch_plan_of_a_resnet18_step():
-    shapes = [(256, c, s, s) for c, s in ((64, 56), (64, 56), (128, 28), (128, 28), (256, 14), (256, 14),
-                                           (512, 7), (512, 7))]
+    shapes = [
+        (256, c, s, s) for c, s in ((64, 56), (64, 56), (128, 28), (128, 28), (256, 14), (256, 14), (512, 7), (512, 7))
+    ]
     plan = selkernels.ops.cuda_launch_plan(shapes, 1000, torch.float32)
-    assert [p["kernel"] for p in plan] == ["segment_labels_kernel", "unit_means_kernel", "class_si_kernel",
-                                           "unit_grad_kernel"]
+    assert [p["kernel"] for p in plan] == [
+        "segment_labels_kernel",
+        "unit_means_kernel",
+        "class_si_kernel",
+        "unit_grad_kernel",
+    ]
     assert len(plan) <= 12 and all(p["host_syncs"] == 0 for p in plan)
     x_bytes = sum(256 * c * s * s * 4 for _, c, s, _ in shapes)
     assert plan[1]["bytes_read"] == x_bytes and plan[1]["grid"][1] == 8
     assert plan[2]["grid"] == (16, 8, 1) and plan[2]["block"] == (32, 8, 1)
     assert plan[3]["bytes_written"] == sum(256 * c * 4 for _, c, _, _ in shapes)
-    mixed = selkernels.ops.cuda_launch_plan(shapes, 100, [torch.bfloat16] * 4 + [torch.float32] * 4,
-                                            channels_last=True)
+    mixed = selkernels.ops.cuda_launch_plan(shapes, 100, [torch.bfloat16] * 4 + [torch.float32] * 4, channels_last=True)
     assert len(mixed) == 1 + 2 + 1 + 2  # one launch per dtype (class/SI: per accumulation type)
     with pytest.raises(ValueError, match="same N"):
         selkernels.ops.cuda_launch_plan([(4, 3), (5, 3)], 10)

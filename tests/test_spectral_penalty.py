@@ -1,4 +1,5 @@
 """spectral_penalty: the literal reference, gradcheck, opcheck, torch.compile, edge cases, regularizer."""
+
 import pytest
 import torch
 from torch import nn
@@ -18,8 +19,7 @@ def make_inputs(N, D, seed, dtype=torch.float64):
     return h.to(dtype), V
 
 
-@pytest.mark.parametrize("N,D,slope,tau", [(64, 32, 1.0, 10), (20, 48, 1.0, 10), (100, 16, 0.7, 3),
-                                           (33, 12, 2.0, 0)])
+@pytest.mark.parametrize("N,D,slope,tau", [(64, 32, 1.0, 10), (20, 48, 1.0, 10), (100, 16, 0.7, 3), (33, 12, 2.0, 0)])
 def test_matches_reference_fp64(N, D, slope, tau):
     h, V = make_inputs(N, D, N + D)
     h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
@@ -60,7 +60,7 @@ def test_gradcheck_fp64():
     tau = 2
     lam = torch.diagonal(V0.T @ torch.cov(h0.T) @ V0)  # the projected variances, by definition
     a = int(torch.sort(lam, descending=True, stable=True).indices[tau])
-    v = V0[:, a:a + 1]
+    v = V0[:, a : a + 1]
     col_mask = torch.ones(10, dtype=torch.float64)
     col_mask[a] = 0
 
@@ -79,10 +79,14 @@ def test_opcheck():
     for args in ((h, V, 1.0, 3), (h.float().detach(), V.float(), 0.5, 10)):
         torch.library.opcheck(torch.ops.selkernels.spectral_penalty, args)
     _, P, grad_lam = torch.ops.selkernels.spectral_penalty(h.detach(), V, 1.0, 3)
-    torch.library.opcheck(torch.ops.selkernels.spectral_penalty_backward,
-                          (torch.tensor(1.0, dtype=torch.float64), P, grad_lam, V, torch.float32))
-    torch.library.opcheck(torch.ops.selkernels.spectral_penalty_backward_basis,
-                          (torch.tensor(1.0, dtype=torch.float64), h.detach(), P, grad_lam))
+    torch.library.opcheck(
+        torch.ops.selkernels.spectral_penalty_backward,
+        (torch.tensor(1.0, dtype=torch.float64), P, grad_lam, V, torch.float32),
+    )
+    torch.library.opcheck(
+        torch.ops.selkernels.spectral_penalty_backward_basis,
+        (torch.tensor(1.0, dtype=torch.float64), h.detach(), P, grad_lam),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -99,9 +103,11 @@ def test_torch_compile_fullgraph():
 
 def test_edge_cases_zero_loss_and_gradient():
     h, V = make_inputs(1, 16, 10)
-    for hh, VV, tau in ((h, V, 3),  # N < 2
-                        (make_inputs(8, 6, 11)[0], make_inputs(8, 6, 11)[1], 5),  # D <= tau + 1
-                        (torch.zeros(8, 16, dtype=torch.float64), V, 3)):  # all-zero spectrum
+    for hh, VV, tau in (
+        (h, V, 3),  # N < 2
+        (make_inputs(8, 6, 11)[0], make_inputs(8, 6, 11)[1], 5),  # D <= tau + 1
+        (torch.zeros(8, 16, dtype=torch.float64), V, 3),
+    ):  # all-zero spectrum
         hh = hh.clone().requires_grad_()
         out = spectral_penalty(hh, VV, tau=tau)
         assert out.item() == 0

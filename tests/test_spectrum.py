@@ -1,4 +1,5 @@
 """Spectrum statistics against numpy / scipy float64."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -43,14 +44,14 @@ def test_power_law_alpha_vs_scipy_linregress():
     ref = -scipy.stats.linregress(np.log(n), np.log(lam[9:100])).slope
     np.testing.assert_allclose(got.item(), ref, rtol=1e-8)
     np.testing.assert_allclose(got.item(), 1.3, rtol=1e-8)
-    got = spectrum.power_law_alpha(torch.from_numpy(np.stack([lam, lam ** 2])), fit_range=(2, 50))
+    got = spectrum.power_law_alpha(torch.from_numpy(np.stack([lam, lam**2])), fit_range=(2, 50))
     np.testing.assert_allclose(got.numpy(), [1.3, 2.6], rtol=1e-12)
 
 
 def np_power_law_fit(lam, lo, hi, weighted):
     """Weighted least squares of log lambda_n = b - alpha log n over ranks lo..hi (numpy, fp64)."""
     n = np.arange(lo, hi + 1, dtype=np.float64)
-    y = np.log(lam[lo - 1:hi])
+    y = np.log(lam[lo - 1 : hi])
     X = np.stack([np.ones_like(n), -np.log(n)], axis=1)
     sw = np.sqrt(1.0 / n) if weighted else np.ones_like(n)
     (b, alpha), *_ = np.linalg.lstsq(X * sw[:, None], y * sw, rcond=None)
@@ -65,8 +66,11 @@ def test_power_law_fit_weighted_and_r2_vs_numpy(weighted, fit_range):
     # a noisy, bent spectrum: the two weightings and the ranges give different alphas
     rng = np.random.default_rng(5)
     D = 256
-    lam = np.sort(np.arange(1, D + 1, dtype=np.float64) ** -1.2 * np.exp(0.3 * rng.standard_normal(D))
-                  * (1 + 5 * np.exp(-np.arange(D) / 4)))[::-1].copy()
+    lam = np.sort(
+        np.arange(1, D + 1, dtype=np.float64) ** -1.2
+        * np.exp(0.3 * rng.standard_normal(D))
+        * (1 + 5 * np.exp(-np.arange(D) / 4))
+    )[::-1].copy()
     alpha, r2 = spectrum.power_law_alpha(torch.from_numpy(lam), fit_range, weighted=weighted, return_r2=True)
     lo, hi = spectrum.default_fit_range(D) if fit_range is None else fit_range
     ref_alpha, ref_r2 = np_power_law_fit(lam, lo, hi, weighted)
@@ -80,7 +84,7 @@ def test_power_law_fit_weighted_and_r2_vs_numpy(weighted, fit_range):
 
 def test_power_law_fit_exact_and_batched():
     lam = np.arange(1, 201, dtype=np.float64) ** -1.3
-    batch = torch.from_numpy(np.stack([lam, 3 * lam ** 2]))
+    batch = torch.from_numpy(np.stack([lam, 3 * lam**2]))
     alpha, r2 = spectrum.power_law_alpha(batch, (11, 100), weighted=True, return_r2=True)
     np.testing.assert_allclose(alpha.numpy(), [1.3, 2.6], rtol=1e-12)
     np.testing.assert_allclose(r2.numpy(), [1.0, 1.0], rtol=1e-12)
@@ -101,11 +105,9 @@ def test_participation_ratio_and_effective_rank():
     rng = np.random.default_rng(3)
     lam = np.sort(rng.random((4, 30)), axis=1)[:, ::-1].copy()
     t = torch.from_numpy(lam)
-    np.testing.assert_allclose(spectrum.participation_ratio(t).numpy(), lam.sum(1) ** 2 / (lam ** 2).sum(1),
-                               rtol=1e-13)
+    np.testing.assert_allclose(spectrum.participation_ratio(t).numpy(), lam.sum(1) ** 2 / (lam**2).sum(1), rtol=1e-13)
     p = lam / lam.sum(1, keepdims=True)
-    np.testing.assert_allclose(spectrum.effective_rank(t).numpy(), np.exp(scipy.stats.entropy(p, axis=1)),
-                               rtol=1e-12)
+    np.testing.assert_allclose(spectrum.effective_rank(t).numpy(), np.exp(scipy.stats.entropy(p, axis=1)), rtol=1e-12)
     flat = torch.ones(7, dtype=torch.float64)
     assert spectrum.participation_ratio(flat).item() == pytest.approx(7)
     assert spectrum.effective_rank(torch.tensor([2.0, 0.0, 0.0])).item() == pytest.approx(1)

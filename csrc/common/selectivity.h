@@ -50,8 +50,7 @@ struct SelectivityTerms {
 // means[k * stride], counts[k] for k < K.
 template <typename acc_t, typename mean_t>
 SELK_HOST_DEVICE inline SelectivityTerms<acc_t> selectivity_terms(const mean_t* means, int64_t stride,
-                                                                   const int64_t* counts, int64_t K,
-                                                                   acc_t eps) {
+                                                                  const int64_t* counts, int64_t K, acc_t eps) {
   SelectivityTerms<acc_t> t{acc_t(0), acc_t(0), acc_t(0), -1, 0};
   acc_t sum = acc_t(0);
   for (int64_t k = 0; k < K; ++k) {
@@ -95,9 +94,8 @@ SELK_HOST_DEVICE inline SelectivityGradCoeffs<acc_t> selectivity_grad_coeffs(con
 
 // d SI / d mu[k] scaled by grad_si, written to grad_means[k * stride] for every k (0 if absent).
 template <typename acc_t, typename out_t>
-SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si,
-                                              const int64_t* counts, int64_t K, acc_t eps,
-                                              out_t* grad_means, int64_t stride) {
+SELK_HOST_DEVICE inline void selectivity_grad(const SelectivityTerms<acc_t>& t, acc_t grad_si, const int64_t* counts,
+                                              int64_t K, acc_t eps, out_t* grad_means, int64_t stride) {
   const SelectivityGradCoeffs<acc_t> g = selectivity_grad_coeffs(t, grad_si, eps);
   for (int64_t k = 0; k < K; ++k) {
     acc_t v = acc_t(0);

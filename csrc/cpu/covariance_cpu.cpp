@@ -39,9 +39,9 @@ namespace {
 #define SELK_TARGET_CLONES
 #endif
 
-constexpr int64_t kTile = 64;       // side of a state tile (and of a GEMM block row)
-constexpr int64_t kGemmRows = 64;   // classes with at least this many rows in the batch use BLAS
-constexpr int64_t kMeanCols = 64;   // columns per class-mean task
+constexpr int64_t kTile = 64;      // side of a state tile (and of a GEMM block row)
+constexpr int64_t kGemmRows = 64;  // classes with at least this many rows in the batch use BLAS
+constexpr int64_t kMeanCols = 64;  // columns per class-mean task
 
 // Register-blocked product S[a, b] = sum_r A[r * lda + a] B[r * ldb + b] for a < ta (a multiple
 // of MR), b < tb (a multiple of NR); S row-major [ta, tb]. The MR x NR accumulator block stays in
@@ -75,12 +75,12 @@ constexpr int kNRFloat = 16;
 constexpr int kNRDouble = 8;
 constexpr int64_t kRowBlock = 2 * kMR;
 
-SELK_TARGET_CLONES void panel_product(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t n,
-                                      int64_t ta, int64_t tb, float* S) {
+SELK_TARGET_CLONES void panel_product(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t n, int64_t ta,
+                                      int64_t tb, float* S) {
   panel_product_body<float, kMR, kNRFloat>(A, lda, B, ldb, n, ta, tb, S);
 }
-SELK_TARGET_CLONES void panel_product(const double* A, int64_t lda, const double* B, int64_t ldb, int64_t n,
-                                      int64_t ta, int64_t tb, double* S) {
+SELK_TARGET_CLONES void panel_product(const double* A, int64_t lda, const double* B, int64_t ldb, int64_t n, int64_t ta,
+                                      int64_t tb, double* S) {
   panel_product_body<double, kMR, kNRDouble>(A, lda, B, ldb, n, ta, tb, S);
 }
 
@@ -116,8 +116,8 @@ inline __attribute__((always_inline)) void merge_row_body(double* __restrict__ o
   for (int64_t b = 0; b < len; ++b)
     out[b] = chan_m2_entry(out[b], static_cast<double>(s[b]), n_b, d_i, d_row[b], m2_coef, delta_i, delta_row[b]);
 }
-SELK_TARGET_CLONES void merge_row(double* out, const float* s, int64_t len, double n_b, double d_i,
-                                  const double* d_row, double m2_coef, double delta_i, const double* delta_row) {
+SELK_TARGET_CLONES void merge_row(double* out, const float* s, int64_t len, double n_b, double d_i, const double* d_row,
+                                  double m2_coef, double delta_i, const double* delta_row) {
   merge_row_body(out, s, len, n_b, d_i, d_row, m2_coef, delta_i, delta_row);
 }
 SELK_TARGET_CLONES void merge_row(double* out, const double* s, int64_t len, double n_b, double d_i,
@@ -179,8 +179,8 @@ void small_classes_update(const gemm_t* xc, int64_t ld, int64_t D, const std::ve
       panel_product(xk + i0, ld, xk, ld, offsets[k + 1] - offsets[k], round_up(rows, kMR), tb, s.data());
       const ClassMerge& m = merges[c];
       for (int64_t a = 0; a < rows; ++a)
-        merge_row(m2p + (k * D + i0 + a) * D, s.data() + a * tb, D, m.n_b, m.d[i0 + a], m.d, m.m2_coef,
-                  m.delta[i0 + a], m.delta);
+        merge_row(m2p + (k * D + i0 + a) * D, s.data() + a * tb, D, m.n_b, m.d[i0 + a], m.d, m.m2_coef, m.delta[i0 + a],
+                  m.delta);
     }
   });
 }
@@ -188,8 +188,7 @@ void small_classes_update(const gemm_t* xc, int64_t ld, int64_t D, const std::ve
 // A large class: S's upper block trapezoid by ATen GEMMs (block row g: xc[:, g]^T xc[:, g0:], at
 // most 8 calls), then the tile merges in parallel.
 template <typename gemm_t>
-void large_class_update(const at::Tensor& xc_k, int64_t D, const ClassMerge& merge, double* m2k,
-                        at::Tensor& buffer) {
+void large_class_update(const at::Tensor& xc_k, int64_t D, const ClassMerge& merge, double* m2k, at::Tensor& buffer) {
   const int64_t rows_per_call = round_up((D + 7) / 8, kTile);
   std::vector<int64_t> piece_offset;  // where block row g's product [rows, D - g0] starts in buffer
   int64_t used = 0;
@@ -326,8 +325,8 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
     at::Tensor buffer = at::empty({0}, xc.options());
     for (int64_t c = begin; c < end; ++c) {
       const int64_t k = large[c];
-      large_class_update<gemm_t>(xc.narrow(0, offsets[k], offsets[k + 1] - offsets[k]), D, merges[k],
-                                 m2p + k * D * D, buffer);
+      large_class_update<gemm_t>(xc.narrow(0, offsets[k], offsets[k + 1] - offsets[k]), D, merges[k], m2p + k * D * D,
+                                 buffer);
     }
   };
   const int64_t num_large = static_cast<int64_t>(large.size());

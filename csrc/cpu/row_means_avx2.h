@@ -128,8 +128,8 @@ SELK_AVX2 void row_means(const T* p, int64_t rows, int64_t S, float scale, float
 }
 
 inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 }
 

@@ -78,13 +78,13 @@ inline __attribute__((always_inline)) void column_means_body(const scalar_t* __r
   for (int64_t c = 0; c < C; ++c) out[c] *= scale;
 }
 
-#define SELK_MEANS_FOR(scalar_t, acc_t)                                                                        \
-  SELK_TARGET_CLONES void row_means(const scalar_t* p, int64_t rows, int64_t S, acc_t scale, acc_t* out) {     \
-    row_means_body(p, rows, S, scale, out);                                                                    \
-  }                                                                                                            \
-  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale,                   \
-                                       PairwiseRows<acc_t>& acc, acc_t* out) {                                 \
-    column_means_body(p, S, C, scale, acc, out);                                                               \
+#define SELK_MEANS_FOR(scalar_t, acc_t)                                                                                \
+  SELK_TARGET_CLONES void row_means(const scalar_t* p, int64_t rows, int64_t S, acc_t scale, acc_t* out) {             \
+    row_means_body(p, rows, S, scale, out);                                                                            \
+  }                                                                                                                    \
+  SELK_TARGET_CLONES void column_means(const scalar_t* p, int64_t S, int64_t C, acc_t scale, PairwiseRows<acc_t>& acc, \
+                                       acc_t* out) {                                                                   \
+    column_means_body(p, S, C, scale, acc, out);                                                                       \
   }
 SELK_MEANS_FOR(double, double)
 SELK_MEANS_FOR(float, float)
@@ -257,13 +257,12 @@ at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, con
   return grad_means;
 }
 
-
 // ------------------------------------------------------------------------------------------------
 // Label segmentation: a stable counting sort, checked before any layer is read.
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_labels_cpu(const at::Tensor& labels_in,
-                                                                                         int64_t K,
-                                                                                         int64_t ignore_index) {
+                                                                                          int64_t K,
+                                                                                          int64_t ignore_index) {
   TORCH_CHECK(labels_in.dim() == 1, "selkernels: labels must be [N]");
   TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
@@ -285,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_l
     }
     // The one check Python cannot make without a second pass over the labels: a ValueError.
     TORCH_CHECK_VALUE(l[n] >= 0 && l[n] < K, "labels must lie in [0, num_classes=", K,
-                ") or equal ignore_index=", ignore_index, "; found labels[", n, "] = ", l[n]);
+                      ") or equal ignore_index=", ignore_index, "; found labels[", n, "] = ", l[n]);
     sl[n] = l[n];
     ++cnt[l[n]];
   }
@@ -303,10 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_l
 enum class Layout { kValues, kRows, kPositionsMajor };
 
 struct Layer {
-  at::Tensor x;       // as read: contiguous NCHW, [N, *positions, C] memory, or S == 1 with any strides
+  at::Tensor x;  // as read: contiguous NCHW, [N, *positions, C] memory, or S == 1 with any strides
   Layout layout;
   int64_t C, S;
-  at::Tensor a;       // acc [N, C] unit means
+  at::Tensor a;  // acc [N, C] unit means
 };
 
 struct Segmentation {
@@ -330,8 +329,13 @@ Segmentation check_segmentation(const at::Tensor& labels, const at::Tensor& coun
   TORCH_CHECK(invalid.numel() == 1, "selkernels: invalid must be a scalar");
   TORCH_CHECK(labels.is_contiguous() && counts.is_contiguous() && offsets.is_contiguous() && order.is_contiguous(),
               "selkernels: the segmentation tensors must be contiguous (as segment_labels returns them)");
-  return {labels.size(0),           counts.size(0),           labels.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
-          offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(), invalid.item<int64_t>() > 0};
+  return {labels.size(0),
+          counts.size(0),
+          labels.data_ptr<int64_t>(),
+          counts.data_ptr<int64_t>(),
+          offsets.data_ptr<int64_t>(),
+          order.data_ptr<int64_t>(),
+          invalid.item<int64_t>() > 0};
 }
 
 // x without its broadcast spatial dims (stride 0, size > 1), which do not change a spatial mean: an
@@ -466,9 +470,9 @@ void segment_means(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segm
   }
 }
 
-std::vector<at::Tensor> class_means_segmented_cpu(at::TensorList xs, const at::Tensor& labels,
-                                                  const at::Tensor& counts, const at::Tensor& offsets,
-                                                  const at::Tensor& order, const at::Tensor& invalid) {
+std::vector<at::Tensor> class_means_segmented_cpu(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
+                                                  const at::Tensor& offsets, const at::Tensor& order,
+                                                  const at::Tensor& invalid) {
   const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
   std::vector<Layer> layers = prepare_layers(xs, seg.N);
   unit_means_all(layers, seg.N);
@@ -479,8 +483,8 @@ std::vector<at::Tensor> class_means_segmented_cpu(at::TensorList xs, const at::T
     for (int64_t t = t0; t < t1; ++t) {
       const ChannelTask& task = tasks[t];
       AT_DISPATCH_FLOATING_TYPES(means[task.layer].scalar_type(), "selkernels_class_means", [&] {
-        segment_means<scalar_t>(layers[task.layer].a.data_ptr<scalar_t>(), layers[task.layer].C, task.c0, task.c1,
-                                seg, means[task.layer].data_ptr<scalar_t>());
+        segment_means<scalar_t>(layers[task.layer].a.data_ptr<scalar_t>(), layers[task.layer].C, task.c0, task.c1, seg,
+                                means[task.layer].data_ptr<scalar_t>());
       });
     }
   });
@@ -558,9 +562,9 @@ std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::Tens
                                : with_means ? acc_type_of(grad_means[l].scalar_type())
                                             : at::kFloat;
     if (with_si) {
-      TORCH_CHECK(coeffs[l].sizes() == at::IntArrayRef({2, G.C}) && argmax[l].numel() == G.C &&
-                      grad_si[l].numel() == G.C,
-                  "selkernels: coeffs[", l, "] must be [2, C], argmax and grad_si [C]");
+      TORCH_CHECK(
+          coeffs[l].sizes() == at::IntArrayRef({2, G.C}) && argmax[l].numel() == G.C && grad_si[l].numel() == G.C,
+          "selkernels: coeffs[", l, "] must be [2, C], argmax and grad_si [C]");
       G.coeffs = coeffs[l].contiguous();
       G.argmax = argmax[l].to(at::kLong).contiguous();
       G.g_si = grad_si[l].to(acc).contiguous();

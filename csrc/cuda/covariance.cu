@@ -20,7 +20,8 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this: plenty to fill any GPU
 
 unsigned grid_for(int64_t items, int64_t per_block = kThreads) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block)));
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block)));
 }
 
 void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_in, at::Tensor count, at::Tensor mean,
@@ -42,8 +43,8 @@ void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_
   auto [sorted, order] = at::sort(labels_in.contiguous(), /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto i64 = sorted.options();
   at::Tensor offsets = at::empty({K + 1}, i64);
-  cuda::class_offsets_kernel<int64_t><<<grid_for(K + 1), kThreads, 0, stream>>>(sorted.data_ptr<int64_t>(), N, K,
-                                                                                offsets.data_ptr<int64_t>());
+  cuda::class_offsets_kernel<int64_t>
+      <<<grid_for(K + 1), kThreads, 0, stream>>>(sorted.data_ptr<int64_t>(), N, K, offsets.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor rank = offsets.diff().gt(0).cumsum(0);  // int64: inclusive count of non-empty classes
   const at::Tensor num_present = rank.narrow(0, K - 1, 1);
@@ -57,39 +58,39 @@ void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_
   at::Tensor rem = at::empty({max_present, D}, f64);
   at::Tensor delta = at::empty({max_present, D}, f64);
   at::Tensor weights = at::empty({max_present, 2}, f64);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_moments_update_cuda",
-                                  [&] {
-    using gemm_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    at::Tensor shift = at::empty({max_present, D}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
-    const int64_t mean_items = max_present * ((D + cuda::kMeanCols - 1) / cuda::kMeanCols);
-    cuda::class_batch_mean_kernel<scalar_t, gemm_t>
-        <<<grid_for(mean_items, 1), dim3(cuda::kMeanCols, cuda::kMeanRowGroups), 0, stream>>>(
-            x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-            present.data_ptr<int64_t>(), num_present.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
-            mean.data_ptr<double>(), D, mean_items, shift.data_ptr<gemm_t>(), rem.data_ptr<double>(),
-            delta.data_ptr<double>(), weights.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor xc = at::empty({N, D}, shift.options());
-    cuda::class_center_rows_kernel<scalar_t, gemm_t><<<grid_for(N * D), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(), rank.data_ptr<int64_t>(),
-        shift.data_ptr<gemm_t>(), N, D, K, xc.data_ptr<gemm_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (K == 1) {
-      const at::Tensor gram = at::mm(xc.t(), xc);
-      cuda::class_merge_gram_kernel<gemm_t><<<grid_for(D * D), kThreads, 0, stream>>>(
-          gram.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
-          weights.data_ptr<double>(), D, m2.data_ptr<double>());
-    } else {
-      const int64_t T = (D + cuda::kGramTile - 1) / cuda::kGramTile;
-      const int64_t gram_items = max_present * (T * (T + 1) / 2);
-      cuda::class_gram_merge_kernel<gemm_t><<<grid_for(gram_items, 1), dim3(cuda::kGramSide, cuda::kGramSide), 0,
-                                              stream>>>(
-          xc.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), present.data_ptr<int64_t>(),
-          num_present.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
-          weights.data_ptr<double>(), D, gram_items, m2.data_ptr<double>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_moments_update_cuda", [&] {
+        using gemm_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        at::Tensor shift = at::empty({max_present, D}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
+        const int64_t mean_items = max_present * ((D + cuda::kMeanCols - 1) / cuda::kMeanCols);
+        cuda::class_batch_mean_kernel<scalar_t, gemm_t>
+            <<<grid_for(mean_items, 1), dim3(cuda::kMeanCols, cuda::kMeanRowGroups), 0, stream>>>(
+                x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                present.data_ptr<int64_t>(), num_present.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+                mean.data_ptr<double>(), D, mean_items, shift.data_ptr<gemm_t>(), rem.data_ptr<double>(),
+                delta.data_ptr<double>(), weights.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        at::Tensor xc = at::empty({N, D}, shift.options());
+        cuda::class_center_rows_kernel<scalar_t, gemm_t><<<grid_for(N * D), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(), rank.data_ptr<int64_t>(),
+            shift.data_ptr<gemm_t>(), N, D, K, xc.data_ptr<gemm_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (K == 1) {
+          const at::Tensor gram = at::mm(xc.t(), xc);
+          cuda::class_merge_gram_kernel<gemm_t><<<grid_for(D * D), kThreads, 0, stream>>>(
+              gram.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
+              weights.data_ptr<double>(), D, m2.data_ptr<double>());
+        } else {
+          const int64_t T = (D + cuda::kGramTile - 1) / cuda::kGramTile;
+          const int64_t gram_items = max_present * (T * (T + 1) / 2);
+          cuda::class_gram_merge_kernel<gemm_t>
+              <<<grid_for(gram_items, 1), dim3(cuda::kGramSide, cuda::kGramSide), 0, stream>>>(
+                  xc.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), present.data_ptr<int64_t>(),
+                  num_present.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
+                  weights.data_ptr<double>(), D, gram_items, m2.data_ptr<double>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   cuda::class_merge_mean_count_kernel<double><<<grid_for(max_present * D), kThreads, 0, stream>>>(
       offsets.data_ptr<int64_t>(), present.data_ptr<int64_t>(), num_present.data_ptr<int64_t>(),
       delta.data_ptr<double>(), weights.data_ptr<double>(), D, max_present * D, count.data_ptr<int64_t>(),

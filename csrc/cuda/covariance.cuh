@@ -39,7 +39,10 @@ __global__ void class_offsets_kernel(const index_t* __restrict__ sorted, index_t
     index_t lo = 0, hi = N;
     while (lo < hi) {
       const index_t mid = lo + (hi - lo) / 2;
-      if (sorted[mid] < k) lo = mid + 1; else hi = mid;
+      if (sorted[mid] < k)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     offsets[k] = lo;
   }
@@ -115,14 +118,13 @@ __global__ void class_center_rows_kernel(const scalar_t* __restrict__ x, const i
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t r = idx / D, j = idx - r * D;
     const int64_t k = sorted[r];
-    xc[idx] = (k >= 0 && k < K) ? static_cast<gemm_t>(x[order[r] * D + j]) - shift[(rank[k] - 1) * D + j]
-                                : gemm_t(0);
+    xc[idx] = (k >= 0 && k < K) ? static_cast<gemm_t>(x[order[r] * D + j]) - shift[(rank[k] - 1) * D + j] : gemm_t(0);
   }
 }
 
-constexpr int kGramTile = 64;  // state tile side
-constexpr int kGramSide = 16;  // block (kGramSide, kGramSide); each thread owns 4 x 4 tile entries
-constexpr int kGramRows = 16;  // rows of xc staged in shared memory per step
+constexpr int kGramTile = 64;           // state tile side
+constexpr int kGramSide = 16;           // block (kGramSide, kGramSide); each thread owns 4 x 4 tile entries
+constexpr int kGramRows = 16;           // rows of xc staged in shared memory per step
 constexpr int kGramLd = kGramTile + 1;  // padded row of the transposed tile (no bank conflicts)
 constexpr int kGramPerThread = kGramTile / kGramSide;
 
@@ -195,8 +197,8 @@ __global__ void __launch_bounds__(kGramSide* kGramSide)
       for (int n = 0; n < kGramPerThread; ++n) {
         const int64_t j = j0 + tx + kGramSide * n;
         if (i < D && j < D)
-          out[i * D + j] = chan_m2_entry(out[i * D + j], static_cast<double>(acc[m][n]), n_b, d[i], d[j], coef, dl[i],
-                                         dl[j]);
+          out[i * D + j] =
+              chan_m2_entry(out[i * D + j], static_cast<double>(acc[m][n]), n_b, d[i], d[j], coef, dl[i], dl[j]);
       }
     }
     if (ti != tj) {  // uniform per block

@@ -21,9 +21,9 @@ constexpr int kMaxWarps = kSegmentThreads / kWarpSize;
 constexpr int64_t kSegmentSmemBytes = 48 * 1024;
 constexpr int kMeansThreads = 256;  // unit_means_kernel
 constexpr int kClRows = kMeansThreads / kWarpSize;
-constexpr int kClassRows = 8;       // class_si_kernel: block (32, kClassRows)
-constexpr int kGradThreads = 256;   // unit_grad_kernel
-constexpr int kUnitThreads = 128;   // si_kernel / si_backward_kernel (selectivity_from_means)
+constexpr int kClassRows = 8;      // class_si_kernel: block (32, kClassRows)
+constexpr int kGradThreads = 256;  // unit_grad_kernel
+constexpr int kUnitThreads = 128;  // si_kernel / si_backward_kernel (selectivity_from_means)
 
 // How phase 1 reads a layer.
 enum MeansLayout : int32_t {
@@ -141,8 +141,12 @@ struct Launch {
 inline std::vector<Launch> plan_step(const std::vector<LayerShape>& layers, int64_t N, int64_t K, int64_t sm_count) {
   std::vector<Launch> plan;
   const int64_t L = static_cast<int64_t>(layers.size());
-  plan.push_back({kSegmentLabelsKernel, {1, 1, 1}, {kSegmentThreads, 1, 1}, segment_smem_bytes(K),
-                  N * 8 + N * 4 + N * 8, N * 8 + N * 4 + N * 8 + K * 8 + (K + 1) * 8 + 8});
+  plan.push_back({kSegmentLabelsKernel,
+                  {1, 1, 1},
+                  {kSegmentThreads, 1, 1},
+                  segment_smem_bytes(K),
+                  N * 8 + N * 4 + N * 8,
+                  N * 8 + N * 4 + N * 8 + K * 8 + (K + 1) * 8 + 8});
   std::vector<int32_t> storage_keys, acc_keys;
   std::vector<int64_t> channels;
   for (const LayerShape& l : layers) {
@@ -160,8 +164,12 @@ inline std::vector<Launch> plan_step(const std::vector<LayerShape>& layers, int6
       written += N * l.C * storage_bytes(acc_dtype(l.dtype));
     }
     const int64_t acc_bytes = storage_bytes(acc_dtype(layers[group[0]].dtype));
-    plan.push_back({kUnitMeansKernel, {grid, static_cast<int64_t>(group.size()), 1}, {kMeansThreads, 1, 1},
-                    kMeansThreads * acc_bytes, read, written});
+    plan.push_back({kUnitMeansKernel,
+                    {grid, static_cast<int64_t>(group.size()), 1},
+                    {kMeansThreads, 1, 1},
+                    kMeansThreads * acc_bytes,
+                    read,
+                    written});
   }
   for (const auto& group : launch_groups(acc_keys, channels)) {
     int64_t grid = 1, read = 0, written = 0;
@@ -173,8 +181,12 @@ inline std::vector<Launch> plan_step(const std::vector<LayerShape>& layers, int6
       read += N * C * A + class_tiles(C) * (N * 8 + (K + 1) * 8) + 8;
       written += K * C * A + C * (3 * A + 8);
     }
-    plan.push_back({kClassSiKernel, {grid, static_cast<int64_t>(group.size()), 1}, {kWarpSize, kClassRows, 1},
-                    kClassRows * kWarpSize * (2 * A + 16), read, written});
+    plan.push_back({kClassSiKernel,
+                    {grid, static_cast<int64_t>(group.size()), 1},
+                    {kWarpSize, kClassRows, 1},
+                    kClassRows * kWarpSize * (2 * A + 16),
+                    read,
+                    written});
   }
   for (const auto& group : launch_groups(storage_keys, channels)) {
     int64_t grid = 1, read = 0, written = 0;
@@ -185,8 +197,8 @@ inline std::vector<Launch> plan_step(const std::vector<LayerShape>& layers, int6
       read += N * 8 + K * 8 + l.C * (3 * A + 8);  // labels, counts, grad_si + coeffs + argmax
       written += N * l.C * storage_bytes(l.dtype);
     }
-    plan.push_back({kUnitGradKernel, {grid, static_cast<int64_t>(group.size()), 1}, {kGradThreads, 1, 1}, 0, read,
-                    written});
+    plan.push_back(
+        {kUnitGradKernel, {grid, static_cast<int64_t>(group.size()), 1}, {kGradThreads, 1, 1}, 0, read, written});
   }
   return plan;
 }

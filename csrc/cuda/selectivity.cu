@@ -50,8 +50,8 @@ int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcess
 int32_t dtype_code(at::ScalarType t) { return static_cast<int32_t>(t); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_labels_cuda(const at::Tensor& labels_in,
-                                                                                          int64_t K,
-                                                                                          int64_t ignore_index) {
+                                                                                           int64_t K,
+                                                                                           int64_t ignore_index) {
   TORCH_CHECK(labels_in.dim() == 1, "selkernels: labels must be [N]");
   TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
   const c10::cuda::CUDAGuard guard(labels_in.device());
@@ -85,7 +85,8 @@ Seg check_segmentation(const at::Tensor& labels, const at::Tensor& counts, const
                 "selkernels: the segmentation tensors must be contiguous int64 on the device of x "
                 "(as segment_labels returns them)");
   }
-  TORCH_CHECK(labels.dim() == 1 && order.dim() == 1 && order.size(0) == labels.size(0), "selkernels: labels and order must be [N]");
+  TORCH_CHECK(labels.dim() == 1 && order.dim() == 1 && order.size(0) == labels.size(0),
+              "selkernels: labels and order must be [N]");
   TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 1 && offsets.dim() == 1 && offsets.size(0) == counts.size(0) + 1,
               "selkernels: counts must be [K] and offsets [K + 1]");
   TORCH_CHECK(invalid.numel() == 1, "selkernels: invalid must be a scalar");
@@ -147,30 +148,31 @@ void launch_unit_means(std::vector<Layer>& layers, int64_t N, cudaStream_t strea
   std::vector<int32_t> keys;
   for (const Layer& L : layers) keys.push_back(dtype_code(L.x.scalar_type()));
   for (const auto& group : launch_groups(keys, channels_of(layers))) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layers[group[0]].x.scalar_type(), "selkernels_unit_means_cuda", [&] {
-      using st = typename Storage<scalar_t>::type;
-      using acc_t = typename AccOf<st>::type;
-      MeansTable<st, acc_t> table{};
-      table.N = N;
-      int64_t grid = 1;
-      for (size_t j = 0; j < group.size(); ++j) {
-        Layer& L = layers[group[j]];
-        MeansLayer<st, acc_t>& d = table.layer[j];
-        d.x = storage_ptr<scalar_t>(L.x);
-        d.a = L.a.mutable_data_ptr<acc_t>();
-        d.C = L.C;
-        d.S = L.S;
-        d.stride_n = L.x.stride(0);
-        d.stride_c = L.x.stride(1);
-        d.layout = L.layout;
-        d.group = L.group;
-        d.blocks = means_layer_blocks(N, L.C, L.S, L.layout, L.group, sm_count());
-        grid = std::max(grid, d.blocks);
-      }
-      const dim3 g(static_cast<unsigned>(grid), static_cast<unsigned>(group.size()));
-      unit_means_kernel<st, acc_t><<<g, kMeansThreads, unit_means_smem_bytes<acc_t>(), stream>>>(table);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, layers[group[0]].x.scalar_type(), "selkernels_unit_means_cuda", [&] {
+          using st = typename Storage<scalar_t>::type;
+          using acc_t = typename AccOf<st>::type;
+          MeansTable<st, acc_t> table{};
+          table.N = N;
+          int64_t grid = 1;
+          for (size_t j = 0; j < group.size(); ++j) {
+            Layer& L = layers[group[j]];
+            MeansLayer<st, acc_t>& d = table.layer[j];
+            d.x = storage_ptr<scalar_t>(L.x);
+            d.a = L.a.mutable_data_ptr<acc_t>();
+            d.C = L.C;
+            d.S = L.S;
+            d.stride_n = L.x.stride(0);
+            d.stride_c = L.x.stride(1);
+            d.layout = L.layout;
+            d.group = L.group;
+            d.blocks = means_layer_blocks(N, L.C, L.S, L.layout, L.group, sm_count());
+            grid = std::max(grid, d.blocks);
+          }
+          const dim3 g(static_cast<unsigned>(grid), static_cast<unsigned>(group.size()));
+          unit_means_kernel<st, acc_t><<<g, kMeansThreads, unit_means_smem_bytes<acc_t>(), stream>>>(table);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
 }
 
@@ -206,9 +208,9 @@ void launch_class_si(const std::vector<Layer>& layers, const Seg& seg, double ep
   }
 }
 
-std::vector<at::Tensor> class_means_segmented_cuda(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
-                                                   const at::Tensor& offsets, const at::Tensor& order,
-                                                   const at::Tensor& invalid) {
+std::vector<at::Tensor> class_means_segmented_cuda(at::TensorList xs, const at::Tensor& labels,
+                                                   const at::Tensor& counts, const at::Tensor& offsets,
+                                                   const at::Tensor& order, const at::Tensor& invalid) {
   const c10::cuda::CUDAGuard guard(labels.device());
   const Seg seg = check_segmentation(labels, counts, offsets, order, invalid);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -302,7 +304,7 @@ std::vector<at::Tensor> segmented_unit_grad_cuda(at::TensorList grad_si, at::Ten
       }
       const dim3 g(static_cast<unsigned>(grid), static_cast<unsigned>(group.size()));
       unit_grad_kernel<acc_t, ot><<<g, kGradThreads, 0, stream>>>(table, labels.const_data_ptr<int64_t>(),
-                                                                   counts.const_data_ptr<int64_t>(), N);
+                                                                  counts.const_data_ptr<int64_t>(), N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

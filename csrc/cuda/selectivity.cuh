@@ -194,9 +194,9 @@ struct alignas(16) Vec16 {
 // sort costs O(N / 32) barrier steps, microseconds for training batch sizes.
 __global__ void __launch_bounds__(kSegmentThreads)
     segment_labels_kernel(const int64_t* __restrict__ labels, int64_t N, int64_t K, int64_t ignore_index,
-                          int64_t* __restrict__ seg_labels, int64_t* __restrict__ counts,
-                          int64_t* __restrict__ offsets, int64_t* __restrict__ order, int64_t* __restrict__ invalid,
-                          int32_t* __restrict__ rank, int32_t* __restrict__ count_scratch) {
+                          int64_t* __restrict__ seg_labels, int64_t* __restrict__ counts, int64_t* __restrict__ offsets,
+                          int64_t* __restrict__ order, int64_t* __restrict__ invalid, int32_t* __restrict__ rank,
+                          int32_t* __restrict__ count_scratch) {
   SELK_EXTERN_SHARED(int32_t, smem);
   const int t = static_cast<int>(threadIdx.x);
   const int T = static_cast<int>(blockDim.x);
@@ -294,9 +294,9 @@ struct MeansLayer {
   const scalar_t* x;
   acc_t* a;  // [N, C]
   int64_t C, S, stride_n, stride_c;
-  int32_t layout;     // MeansLayout
-  int32_t group;      // rows layouts: lanes per row (row_group_size)
-  int64_t blocks;     // this layer's grid (<= gridDim.x)
+  int32_t layout;  // MeansLayout
+  int32_t group;   // rows layouts: lanes per row (row_group_size)
+  int64_t blocks;  // this layer's grid (<= gridDim.x)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -317,8 +317,8 @@ SELK_HOST_DEVICE inline int64_t unit_means_smem_bytes() {
 // NCHW rows: groups of G lanes reduce one row each: lane-strided loads (VEC elements at a time),
 // then a fixed shuffle tree within the group. Grid-stride over warps of this layer's blocks.
 template <typename scalar_t, typename acc_t, int VEC>
-__device__ inline void unit_means_rows(const scalar_t* __restrict__ x, int64_t rows, int64_t S, int G,
-                                       int64_t block, int64_t blocks, acc_t* __restrict__ a) {
+__device__ inline void unit_means_rows(const scalar_t* __restrict__ x, int64_t rows, int64_t S, int G, int64_t block,
+                                       int64_t blocks, acc_t* __restrict__ a) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int rows_per_warp = kWarpSize / G;
   const int64_t warps_total = blocks * (kMeansThreads / kWarpSize);
@@ -335,14 +335,14 @@ __device__ inline void unit_means_rows(const scalar_t* __restrict__ x, int64_t r
         static_assert(VEC == Vec16<scalar_t>::kLen, "VEC is 1 or a full 16-byte vector");
         const Vec16<scalar_t>* pv = reinterpret_cast<const Vec16<scalar_t>*>(p);
         const int64_t nv = S / VEC;
-SELK_UNROLL_4
+        SELK_UNROLL_4
         for (int64_t i = sub; i < nv; i += G) {
           const Vec16<scalar_t> v = pv[i];
-SELK_UNROLL
+          SELK_UNROLL
           for (int e = 0; e < Vec16<scalar_t>::kLen; ++e) sum += to_acc<acc_t>(v.v[e]);
         }
       } else {
-SELK_UNROLL_4
+        SELK_UNROLL_4
         for (int64_t s = sub; s < S; s += G) sum += to_acc<acc_t>(p[s]);
       }
     }
@@ -367,7 +367,7 @@ __device__ inline void unit_means_positions_major(const scalar_t* __restrict__ x
     acc_t sum = acc_t(0);
     if (c < C) {
       const scalar_t* p = x + n * S * C + c;
-SELK_UNROLL_4
+      SELK_UNROLL_4
       for (int64_t s = ty; s < S; s += kClRows) sum += to_acc<acc_t>(p[s * C]);
     }
     part[ty * kWarpSize + tx] = sum;
@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
     }
     acc_t m = acc_t(0);
     if (c < C) {
-SELK_UNROLL_4
+      SELK_UNROLL_4
       for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];  // loads pipelined across i
       m = m * (acc_t(1) / static_cast<acc_t>(end - begin));
       if (bad) m = nan;

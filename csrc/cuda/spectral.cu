@@ -38,8 +38,8 @@ at::Tensor column_variances(const at::Tensor& P) {
     const dim3 block(cuda::kColTile, cuda::kRowGroups);
     const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(chunks));
     if (chunks == 1) {
-      cuda::column_sumsq_kernel<scalar_t><<<grid, block, 0, stream>>>(P.data_ptr<scalar_t>(), N, D, rows_per_chunk,
-                                                                      inv, lam.data_ptr<scalar_t>());
+      cuda::column_sumsq_kernel<scalar_t>
+          <<<grid, block, 0, stream>>>(P.data_ptr<scalar_t>(), N, D, rows_per_chunk, inv, lam.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -49,8 +49,8 @@ at::Tensor column_variances(const at::Tensor& P) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((D + threads - 1) / threads, 65535);
-    cuda::chunk_sum_kernel<scalar_t><<<blocks, threads, 0, stream>>>(partial.data_ptr<scalar_t>(), chunks, D, inv,
-                                                                      lam.data_ptr<scalar_t>());
+    cuda::chunk_sum_kernel<scalar_t>
+        <<<blocks, threads, 0, stream>>>(partial.data_ptr<scalar_t>(), chunks, D, inv, lam.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return lam;

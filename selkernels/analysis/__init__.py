@@ -13,12 +13,34 @@ scikit-learn and matplotlib are imported only by the functions that need them. N
 package attribute ``dimensionality`` is the function; its module is
 ``selkernels.analysis.dimensionality`` in ``sys.modules``.
 """
+
 from .ablation import AblationCurve, ablation_curve
-from .density import (ClassConditionalGaussian, ClassDensityReport, DPMixtureModels, Projection, TwoModeSplit,
-                      class_density, fit_dp_mixture, two_mode_split)
+from .density import (
+    ClassConditionalGaussian,
+    ClassDensityReport,
+    DPMixtureModels,
+    Projection,
+    TwoModeSplit,
+    class_density,
+    fit_dp_mixture,
+    two_mode_split,
+)
 from .dimensionality import DimensionalityReport, dimensionality
 from .perturbations import GaussianNoise, PGDAttack
 
-__all__ = ["dimensionality", "DimensionalityReport", "GaussianNoise", "PGDAttack", "class_density",
-           "ClassDensityReport", "ClassConditionalGaussian", "Projection", "fit_dp_mixture", "DPMixtureModels",
-           "two_mode_split", "TwoModeSplit", "ablation_curve", "AblationCurve"]
+__all__ = [
+    "dimensionality",
+    "DimensionalityReport",
+    "GaussianNoise",
+    "PGDAttack",
+    "class_density",
+    "ClassDensityReport",
+    "ClassConditionalGaussian",
+    "Projection",
+    "fit_dp_mixture",
+    "DPMixtureModels",
+    "two_mode_split",
+    "TwoModeSplit",
+    "ablation_curve",
+    "AblationCurve",
+]

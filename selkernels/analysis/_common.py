@@ -1,10 +1,10 @@
 """Shared plumbing of the analyses: layer resolution, forward-hook feature capture, batches, tables."""
+
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping, Sequence
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ from .._table import format_number, render
 FEATURES = ("mean", "flatten")
 
 
-def resolve_layers(model: torch.nn.Module, layers) -> Dict[str, torch.nn.Module]:
+def resolve_layers(model: torch.nn.Module, layers) -> dict[str, torch.nn.Module]:
     """{name: module} from a mapping name -> module, or a sequence of names or modules of ``model``.
 
     Names are those of ``model.named_modules()``; a module given directly is named by its path in
@@ -29,8 +29,10 @@ def resolve_layers(model: torch.nn.Module, layers) -> Dict[str, torch.nn.Module]
                 raise TypeError("layers as a mapping must map str names to torch.nn.Module")
             out[name] = mod
     elif isinstance(layers, (str, torch.nn.Module)) or not isinstance(layers, Sequence):
-        raise TypeError("layers must be a sequence of module names or modules, or a mapping name -> module, "
-                        f"got {type(layers).__name__}")
+        raise TypeError(
+            "layers must be a sequence of module names or modules, or a mapping name -> module, "
+            f"got {type(layers).__name__}"
+        )
     else:
         by_id = {id(m): n for n, m in named.items()}
         out = {}
@@ -77,11 +79,11 @@ class Recorder:
     steps) record nothing.
     """
 
-    def __init__(self, layers: Dict[str, torch.nn.Module], features: str):
+    def __init__(self, layers: dict[str, torch.nn.Module], features: str):
         self.features = features
         self.active = False
         self.detach = True
-        self.outputs: Dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self.names = list(layers)
         self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
 
@@ -93,9 +95,10 @@ class Recorder:
                 raise TypeError(f"layer {name!r} must output a tensor, got {type(output).__name__}")
             feats = to_features(output, self.features)
             self.outputs[name] = feats.detach() if self.detach else feats
+
         return hook
 
-    def run(self, model: torch.nn.Module, x: torch.Tensor, *, detach: bool = True) -> Dict[str, torch.Tensor]:
+    def run(self, model: torch.nn.Module, x: torch.Tensor, *, detach: bool = True) -> dict[str, torch.Tensor]:
         self.outputs, self.active, self.detach = {}, True, detach
         try:
             model(x)
@@ -121,10 +124,13 @@ def model_device(model: torch.nn.Module, device) -> torch.device:
     return torch.device("cpu")
 
 
-def batches(loader: Iterable, device: torch.device, max_batches: Optional[int]) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    loader: Iterable, device: torch.device, max_batches: int | None
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) pairs on ``device`` from a loader yielding (x, y, ...) tuples."""
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -149,7 +155,7 @@ def _fmt(v) -> str:
     return format_number(v, ".4g", missing="nan")
 
 
-def format_table(rows: List[dict], title: str = "") -> str:
+def format_table(rows: list[dict], title: str = "") -> str:
     """Right-aligned plain-text table of a list of dicts sharing their keys."""
     if not rows:
         return title
@@ -157,7 +163,7 @@ def format_table(rows: List[dict], title: str = "") -> str:
     return render(cols, [[_fmt(r[c]) for c in cols] for r in rows], title=title)
 
 
-def write_csv(rows: List[dict], path) -> None:
+def write_csv(rows: list[dict], path) -> None:
     with open(path, "w", newline="") as f:
         if not rows:
             return

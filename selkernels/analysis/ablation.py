@@ -1,10 +1,11 @@
 """Unit ablation curves (Morcos et al. 2018; Ranadive et al. 2023): accuracy as the most class-selective
 (or random) units of a layer are zeroed."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -28,13 +29,13 @@ class AblationCurve:
     """
 
     order: str
-    fractions: List[float]
-    num_ablated: List[int]
-    accuracy: List[float]
+    fractions: list[float]
+    num_ablated: list[int]
+    accuracy: list[float]
     ranking: torch.Tensor
-    selectivity: Optional[torch.Tensor] = None
+    selectivity: torch.Tensor | None = None
     num_units: int = 0
-    rows: List[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
 
     def table(self) -> str:
         return format_table(self.rows, f"Unit ablation ({self.order} order, {self.num_units} units)")
@@ -42,14 +43,14 @@ class AblationCurve:
     def write_csv(self, path) -> None:
         write_csv(self.rows, path)
 
-    def plot(self, path, *others: "AblationCurve") -> None:
+    def plot(self, path, *others: AblationCurve) -> None:
         """Accuracy vs fraction ablated, this curve and ``others`` on one axis, to ``path`` (PNG)."""
         from .plots import plot_ablation
 
         plot_ablation([self, *others], path)
 
 
-def _check_fractions(fractions) -> List[float]:
+def _check_fractions(fractions) -> list[float]:
     try:
         fr = [float(f) for f in fractions]
     except (TypeError, ValueError):
@@ -87,10 +88,20 @@ def _accuracy(model, loader, device, max_batches) -> float:
     return correct / total
 
 
-def ablation_curve(model: torch.nn.Module, module: torch.nn.Module, loader: Iterable, *, order: str = "selectivity",
-                   fractions: Sequence[float] = DEFAULT_FRACTIONS, unit_dim: int = 1,
-                   num_classes: Optional[int] = None, selectivity: Optional[torch.Tensor] = None, seed: int = 0,
-                   device=None, max_batches: Optional[int] = None) -> AblationCurve:
+def ablation_curve(
+    model: torch.nn.Module,
+    module: torch.nn.Module,
+    loader: Iterable,
+    *,
+    order: str = "selectivity",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    unit_dim: int = 1,
+    num_classes: int | None = None,
+    selectivity: torch.Tensor | None = None,
+    seed: int = 0,
+    device=None,
+    max_batches: int | None = None,
+) -> AblationCurve:
     """Zero growing fractions of ``module``'s output units and measure ``model``'s accuracy.
 
     Args:
@@ -117,7 +128,7 @@ def ablation_curve(model: torch.nn.Module, module: torch.nn.Module, loader: Iter
     device = model_device(model, device)
     was_training = model.training
     model.eval()
-    mask: Optional[torch.Tensor] = None
+    mask: torch.Tensor | None = None
 
     def hook(mod, inputs, output):
         if mask is None:
@@ -157,5 +168,6 @@ def ablation_curve(model: torch.nn.Module, module: torch.nn.Module, loader: Iter
     finally:
         model.train(was_training)
     rows = [dict(fraction=f, units_ablated=k, accuracy=a) for f, k, a in zip(fracs, counts, accuracy)]
-    return AblationCurve(order, fracs, counts, accuracy, ranking, selectivity if order == "selectivity" else None,
-                         num_units, rows)
+    return AblationCurve(
+        order, fracs, counts, accuracy, ranking, selectivity if order == "selectivity" else None, num_units, rows
+    )

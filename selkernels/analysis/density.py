@@ -14,12 +14,12 @@ different densities. This module fits
 and summarises each layer by :func:`two_mode_split` of the per-class mean log-density of each
 class's own samples. Entry point: :func:`class_density`.
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -27,13 +27,21 @@ from .. import spectrum
 from ..covariance import StreamingCovariance
 from ._common import Recorder, batches, format_table, model_device, resolve_layers, write_csv
 
-__all__ = ["ClassConditionalGaussian", "Projection", "TwoModeSplit", "two_mode_split", "DPMixtureModels",
-           "fit_dp_mixture", "ClassDensityReport", "class_density"]
+__all__ = [
+    "ClassConditionalGaussian",
+    "Projection",
+    "TwoModeSplit",
+    "two_mode_split",
+    "DPMixtureModels",
+    "fit_dp_mixture",
+    "ClassDensityReport",
+    "class_density",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _check_shrinkage(shrinkage) -> Union[float, str]:
+def _check_shrinkage(shrinkage) -> float | str:
     if shrinkage == "oas":
         return shrinkage
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
@@ -72,8 +80,15 @@ class ClassConditionalGaussian:
     parameters with the constructor (``covariances`` are then used as they are, no shrinkage).
     """
 
-    def __init__(self, means: torch.Tensor, covariances: torch.Tensor, counts: Optional[torch.Tensor] = None, *,
-                 scatter: Optional[torch.Tensor] = None, shrinkage_coef: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        means: torch.Tensor,
+        covariances: torch.Tensor,
+        counts: torch.Tensor | None = None,
+        *,
+        scatter: torch.Tensor | None = None,
+        shrinkage_coef: torch.Tensor | None = None,
+    ):
         if not isinstance(means, torch.Tensor) or not isinstance(covariances, torch.Tensor):
             raise TypeError("means and covariances must be torch.Tensors")
         if means.dim() != 2:
@@ -88,13 +103,13 @@ class ClassConditionalGaussian:
         self.shrinkage_coef = shrinkage_coef
         # ML covariance of each class's own samples about its mean (for mean_log_density)
         self._scatter = scatter
-        cov = torch.where(self.present[:, None, None], self.covariances,
-                          torch.eye(d, dtype=torch.float64, device=self.means.device))
+        cov = torch.where(
+            self.present[:, None, None], self.covariances, torch.eye(d, dtype=torch.float64, device=self.means.device)
+        )
         chol, info = torch.linalg.cholesky_ex(cov)
         if bool((info > 0).any()):
             bad = torch.nonzero(info > 0).flatten().tolist()
-            raise ValueError(f"covariances of classes {bad} are not positive definite; "
-                             "use shrinkage > 0 or ridge > 0")
+            raise ValueError(f"covariances of classes {bad} are not positive definite; use shrinkage > 0 or ridge > 0")
         self.cholesky = chol
         self._logdet = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
 
@@ -107,8 +122,9 @@ class ClassConditionalGaussian:
         return self.means.shape[1]
 
     @classmethod
-    def from_statistics(cls, stats: StreamingCovariance, *, shrinkage: Union[float, str] = "oas",
-                        ridge: float = 1e-6) -> "ClassConditionalGaussian":
+    def from_statistics(
+        cls, stats: StreamingCovariance, *, shrinkage: float | str = "oas", ridge: float = 1e-6
+    ) -> ClassConditionalGaussian:
         """Fit from a per-class :class:`selkernels.StreamingCovariance` (``num_classes`` set)."""
         if not isinstance(stats, StreamingCovariance) or stats.num_classes is None:
             raise TypeError("stats must be a StreamingCovariance with num_classes")
@@ -133,8 +149,9 @@ class ClassConditionalGaussian:
             alpha = (base * base).mean((-2, -1))  # tr(S^2) / D^2
             num = alpha + mu * mu
             den = (n + 1) * (alpha - mu * mu / d)
-            coef = torch.where(den > 0, (num / den.where(den > 0, torch.ones_like(den))).clamp(max=1.0),
-                               torch.ones_like(den))
+            coef = torch.where(
+                den > 0, (num / den.where(den > 0, torch.ones_like(den))).clamp(max=1.0), torch.ones_like(den)
+            )
             coef = torch.where(ok, coef, torch.ones_like(coef)) if d > 1 else torch.zeros_like(coef)
         else:
             coef = torch.full_like(mu, shrinkage)
@@ -142,7 +159,7 @@ class ClassConditionalGaussian:
         means = torch.where(present[:, None], stats.mean, torch.zeros_like(stats.mean))
         return cls(means, cov, counts, scatter=scatter, shrinkage_coef=coef)
 
-    def to(self, device) -> "ClassConditionalGaussian":
+    def to(self, device) -> ClassConditionalGaussian:
         """A copy with all parameters on ``device``."""
         out = ClassConditionalGaussian.__new__(ClassConditionalGaussian)
         for k, v in vars(self).items():
@@ -184,6 +201,7 @@ class ClassConditionalGaussian:
 @dataclass
 class Projection:
     """z -> (z - mean) @ components: the top-k principal directions (columns of components [D, k])."""
+
     mean: torch.Tensor
     components: torch.Tensor
     explained: float  # fraction of the total variance kept
@@ -192,23 +210,25 @@ class Projection:
         return (z.double() - self.mean) @ self.components
 
     @classmethod
-    def from_statistics(cls, stats: StreamingCovariance, k: int) -> "Projection":
+    def from_statistics(cls, stats: StreamingCovariance, k: int) -> Projection:
         vals, vecs = spectrum.eigenvalues(stats.covariance(), eigenvectors=True)
         total = float(vals.sum())
-        return cls(stats.mean.clone(), vecs[:, :k].contiguous(),
-                   float(vals[:k].sum()) / total if total > 0 else math.nan)
+        return cls(
+            stats.mean.clone(), vecs[:, :k].contiguous(), float(vals[:k].sum()) / total if total > 0 else math.nan
+        )
 
 
 @dataclass
 class TwoModeSplit:
     """Split of per-class values at their largest gap (see :func:`two_mode_split`)."""
-    order: List[int]          # classes with a finite value, sorted by value ascending
-    values: List[float]       # their values, ascending
-    low: List[int]            # classes below the gap
-    high: List[int]           # classes above the gap
-    threshold: float          # midpoint of the gap
-    gap: float                # the largest gap between consecutive sorted values
-    gap_ratio: float          # gap / median of the other gaps (inf if that median is 0)
+
+    order: list[int]  # classes with a finite value, sorted by value ascending
+    values: list[float]  # their values, ascending
+    low: list[int]  # classes below the gap
+    high: list[int]  # classes above the gap
+    threshold: float  # midpoint of the gap
+    gap: float  # the largest gap between consecutive sorted values
+    gap_ratio: float  # gap / median of the other gaps (inf if that median is 0)
 
 
 def two_mode_split(values) -> TwoModeSplit:
@@ -226,12 +246,19 @@ def two_mode_split(values) -> TwoModeSplit:
     order = idx[perm]
     gaps = sv[1:] - sv[:-1]
     j = int(gaps.argmax())
-    others = torch.cat([gaps[:j], gaps[j + 1:]])
+    others = torch.cat([gaps[:j], gaps[j + 1 :]])
     med = float(others.median()) if others.numel() else 0.0
     gap = float(gaps[j])
     ratio = gap / med if med > 0 else (math.inf if gap > 0 else math.nan)
-    return TwoModeSplit(order.tolist(), sv.tolist(), order[:j + 1].tolist(), order[j + 1:].tolist(),
-                        float(sv[j] + sv[j + 1]) / 2, gap, ratio)
+    return TwoModeSplit(
+        order.tolist(),
+        sv.tolist(),
+        order[: j + 1].tolist(),
+        order[j + 1 :].tolist(),
+        float(sv[j] + sv[j + 1]) / 2,
+        gap,
+        ratio,
+    )
 
 
 class DPMixtureModels:
@@ -243,7 +270,7 @@ class DPMixtureModels:
     above 1% (the effective mixture size the DP prior settles on).
     """
 
-    def __init__(self, models: List, mean_log_density: torch.Tensor, active_components: List[int]):
+    def __init__(self, models: list, mean_log_density: torch.Tensor, active_components: list[int]):
         self.models = models
         self.mean_log_density = mean_log_density
         self.active_components = active_components
@@ -251,14 +278,25 @@ class DPMixtureModels:
     def log_prob(self, z) -> torch.Tensor:
         """Per-class log-densities, float64 [N, K] (-inf for classes without a model)."""
         import numpy as np
+
         z = z.detach().double().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z, dtype=np.float64)
         cols = [m.score_samples(z) if m is not None else np.full(len(z), -np.inf) for m in self.models]
         return torch.from_numpy(np.stack(cols, 1))
 
 
-def fit_dp_mixture(features, labels, num_classes: Optional[int] = None, *, n_components: int = 10,
-                   weight_concentration_prior: Optional[float] = None, covariance_type: str = "full",
-                   max_iter: int = 500, reg_covar: float = 1e-6, random_state: int = 0, **kwargs) -> DPMixtureModels:
+def fit_dp_mixture(
+    features,
+    labels,
+    num_classes: int | None = None,
+    *,
+    n_components: int = 10,
+    weight_concentration_prior: float | None = None,
+    covariance_type: str = "full",
+    max_iter: int = 500,
+    reg_covar: float = 1e-6,
+    random_state: int = 0,
+    **kwargs,
+) -> DPMixtureModels:
     """Fit one Dirichlet-process Gaussian mixture per class, as Jamroz & Kurdziel do.
 
     features [N, D] (tensor or array; typically projected to 16-64 dims), labels [N] ints in
@@ -270,7 +308,11 @@ def fit_dp_mixture(features, labels, num_classes: Optional[int] = None, *, n_com
     import numpy as np
     from sklearn.mixture import BayesianGaussianMixture
 
-    x = features.detach().double().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    x = (
+        features.detach().double().cpu().numpy()
+        if isinstance(features, torch.Tensor)
+        else np.asarray(features, np.float64)
+    )
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if x.ndim != 2:
         raise ValueError(f"features must have shape [N, D], got {x.shape}")
@@ -289,11 +331,16 @@ def fit_dp_mixture(features, labels, num_classes: Optional[int] = None, *, n_com
             mld.append(math.nan)
             active.append(0)
             continue
-        m = BayesianGaussianMixture(n_components=min(n_components, len(xc)),
-                                    weight_concentration_prior_type="dirichlet_process",
-                                    weight_concentration_prior=weight_concentration_prior,
-                                    covariance_type=covariance_type, max_iter=max_iter, reg_covar=reg_covar,
-                                    random_state=random_state, **kwargs).fit(xc)
+        m = BayesianGaussianMixture(
+            n_components=min(n_components, len(xc)),
+            weight_concentration_prior_type="dirichlet_process",
+            weight_concentration_prior=weight_concentration_prior,
+            covariance_type=covariance_type,
+            max_iter=max_iter,
+            reg_covar=reg_covar,
+            random_state=random_state,
+            **kwargs,
+        ).fit(xc)
         models.append(m)
         mld.append(float(m.score_samples(xc).mean()))
         active.append(int((m.weights_ > 0.01).sum()))
@@ -329,16 +376,25 @@ class ClassDensityReport:
         proj = self.projections[layer]
         return self.models[layer].log_prob(proj(features) if proj is not None else features)
 
-    def to_rows(self) -> List[dict]:
+    def to_rows(self) -> list[dict]:
         """One dict per layer: layer, dim, classes, the low/high group sizes, the split threshold,
         gap and gap ratio, and the mean of each group (Gaussian model); DP-mixture columns if fitted."""
         rows = []
         for n in self.layers:
             s = self.splits[n]
             mld = self.mean_log_density[n]
-            row = {"layer": n, "dim": self.models[n].dim, "classes": len(s.order), "n_low": len(s.low),
-                   "n_high": len(s.high), "mean_low": float(mld[s.low].mean()), "mean_high": float(mld[s.high].mean()),
-                   "threshold": s.threshold, "gap": s.gap, "gap_ratio": s.gap_ratio}
+            row = {
+                "layer": n,
+                "dim": self.models[n].dim,
+                "classes": len(s.order),
+                "n_low": len(s.low),
+                "n_high": len(s.high),
+                "mean_low": float(mld[s.low].mean()),
+                "mean_high": float(mld[s.high].mean()),
+                "threshold": s.threshold,
+                "gap": s.gap,
+                "gap_ratio": s.gap_ratio,
+            }
             if n in self.dp_splits:
                 d = self.dp_splits[n]
                 row.update({"dp_n_low": len(d.low), "dp_n_high": len(d.high), "dp_gap_ratio": d.gap_ratio})
@@ -346,8 +402,10 @@ class ClassDensityReport:
         return rows
 
     def __str__(self) -> str:
-        return format_table(self.to_rows(), "Class-conditional density: per-class mean log-density of own samples, "
-                                            "split at the largest gap")
+        return format_table(
+            self.to_rows(),
+            "Class-conditional density: per-class mean log-density of own samples, split at the largest gap",
+        )
 
     def to_csv(self, path) -> None:
         write_csv(self.to_rows(), path)
@@ -355,10 +413,11 @@ class ClassDensityReport:
     def plot(self, path) -> None:
         """Sorted per-class mean log-densities per layer with the two-mode split marked."""
         from .plots import plot_class_density
+
         plot_class_density(self, path)
 
 
-def _project_dims(project_dim, names: List[str]) -> Dict[str, Optional[int]]:
+def _project_dims(project_dim, names: list[str]) -> dict[str, int | None]:
     if project_dim is None or isinstance(project_dim, int) and not isinstance(project_dim, bool):
         out = {n: project_dim for n in names}
     elif isinstance(project_dim, Mapping):
@@ -374,9 +433,19 @@ def _project_dims(project_dim, names: List[str]) -> Dict[str, Optional[int]]:
     return out
 
 
-def class_density(model: torch.nn.Module, layers, loader: Iterable, num_classes: int, *,
-                  project_dim=None, shrinkage: Union[float, str] = "oas", ridge: float = 1e-6, device=None,
-                  max_batches: Optional[int] = None, dp_mixture: Union[None, bool, dict] = None) -> ClassDensityReport:
+def class_density(
+    model: torch.nn.Module,
+    layers,
+    loader: Iterable,
+    num_classes: int,
+    *,
+    project_dim=None,
+    shrinkage: float | str = "oas",
+    ridge: float = 1e-6,
+    device=None,
+    max_batches: int | None = None,
+    dp_mixture: None | bool | dict = None,
+) -> ClassDensityReport:
     """Class-conditional Gaussian density models of pooled layer features, with the two-mode summary.
 
     Args:
@@ -406,17 +475,18 @@ def class_density(model: torch.nn.Module, layers, loader: Iterable, num_classes:
     ridge = _check_ridge(ridge)
     dims = _project_dims(project_dim, list(named))
     if dp_mixture is not None and not isinstance(dp_mixture, (bool, dict)):
-        raise TypeError(f"dp_mixture must be None, a bool or a dict of fit_dp_mixture arguments, got "
-                        f"{type(dp_mixture).__name__}")
+        raise TypeError(
+            f"dp_mixture must be None, a bool or a dict of fit_dp_mixture arguments, got {type(dp_mixture).__name__}"
+        )
     device = model_device(model, device)
 
     was_training = model.training
     model.eval()
     recorder = Recorder(named, "mean")
     try:
-        projections: Dict[str, Optional[Projection]] = {n: None for n in named}
+        projections: dict[str, Projection | None] = {n: None for n in named}
         if any(k is not None for k in dims.values()):
-            overall: Dict[str, StreamingCovariance] = {}
+            overall: dict[str, StreamingCovariance] = {}
             with torch.no_grad():
                 for x, _ in batches(loader, device, max_batches):
                     for n, f in recorder.run(model, x).items():
@@ -426,9 +496,9 @@ def class_density(model: torch.nn.Module, layers, loader: Iterable, num_classes:
                 raise ValueError("loader yielded no batches")
             for n, st in overall.items():
                 projections[n] = Projection.from_statistics(st, min(dims[n], st.dim))
-        stats: Dict[str, StreamingCovariance] = {}
-        collected: Dict[str, List[torch.Tensor]] = {n: [] for n in named}
-        labels_seen: List[torch.Tensor] = []
+        stats: dict[str, StreamingCovariance] = {}
+        collected: dict[str, list[torch.Tensor]] = {n: [] for n in named}
+        labels_seen: list[torch.Tensor] = []
         with torch.no_grad():
             for x, y in batches(loader, device, max_batches):
                 if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:

@@ -10,17 +10,26 @@ accumulated streaming over a data loader: one :class:`selkernels.StreamingCovari
 condition, no activations kept. Beside it, the input-unit gradient variability of each layer
 (:func:`gradient_variability` documents the definition).
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Callable
 
 import torch
 
 from .. import spectrum
 from ..covariance import StreamingCovariance
-from ._common import (Recorder, batches, check_features, check_frac, format_table, model_device,
-                      resolve_layers, write_csv)
+from ._common import (
+    Recorder,
+    batches,
+    check_features,
+    check_frac,
+    format_table,
+    model_device,
+    resolve_layers,
+    write_csv,
+)
 from .perturbations import GaussianNoise, PGDAttack
 
 __all__ = ["dimensionality", "DimensionalityReport", "GradientVariability"]
@@ -83,24 +92,30 @@ class DimensionalityReport:
         gradient_variability: {layer: (across_samples, across_units)}, empty if not computed.
     """
 
-    def __init__(self, layers: List[str], covariances: Dict[str, Dict[str, StreamingCovariance]], frac: float,
-                 features: str, gradient_variability: Dict[str, Tuple[float, float]]):
+    def __init__(
+        self,
+        layers: list[str],
+        covariances: dict[str, dict[str, StreamingCovariance]],
+        frac: float,
+        features: str,
+        gradient_variability: dict[str, tuple[float, float]],
+    ):
         self.layers = layers
         self.conditions = list(covariances)
         self.frac = frac
         self.features = features
         self.covariances = covariances
         self.gradient_variability = gradient_variability
-        self.eigenvalues: Dict[str, Dict[str, torch.Tensor]] = {}
-        self.n_components: Dict[str, Dict[str, int]] = {}
-        self.participation_ratio: Dict[str, Dict[str, float]] = {}
+        self.eigenvalues: dict[str, dict[str, torch.Tensor]] = {}
+        self.n_components: dict[str, dict[str, int]] = {}
+        self.participation_ratio: dict[str, dict[str, float]] = {}
         for cond, per_layer in covariances.items():
             ev = {name: spectrum.eigenvalues(st.covariance()).cpu() for name, st in per_layer.items()}
             self.eigenvalues[cond] = ev
             self.n_components[cond] = {n: int(spectrum.n_components(v, frac)) for n, v in ev.items()}
             self.participation_ratio[cond] = {n: float(spectrum.participation_ratio(v)) for n, v in ev.items()}
 
-    def to_rows(self) -> List[dict]:
+    def to_rows(self) -> list[dict]:
         """One dict per layer: layer, units (D), samples, then ``<cond>_ncomp`` and ``<cond>_pr`` for
         each condition, then ``gradvar_samples`` / ``gradvar_units`` if computed."""
         rows = []
@@ -116,8 +131,10 @@ class DimensionalityReport:
         return rows
 
     def __str__(self) -> str:
-        title = (f"Dimensionality ({self.frac:.0%} variance components 'ncomp', participation ratio 'pr'; "
-                 f"features={self.features})")
+        title = (
+            f"Dimensionality ({self.frac:.0%} variance components 'ncomp', participation ratio 'pr'; "
+            f"features={self.features})"
+        )
         return format_table(self.to_rows(), title)
 
     def to_csv(self, path) -> None:
@@ -126,13 +143,15 @@ class DimensionalityReport:
     def plot(self, path) -> None:
         """Dimensionality (ncomp and participation ratio) vs layer, one line per condition."""
         from .plots import plot_dimensionality
+
         plot_dimensionality(self, path)
 
 
-def _check_perturbations(perturbations) -> Dict[str, Callable]:
+def _check_perturbations(perturbations) -> dict[str, Callable]:
     if not isinstance(perturbations, Mapping):
-        raise TypeError(f"perturbations must be a mapping name -> callable (x, y) -> x', got "
-                        f"{type(perturbations).__name__}")
+        raise TypeError(
+            f"perturbations must be a mapping name -> callable (x, y) -> x', got {type(perturbations).__name__}"
+        )
     for name, fn in perturbations.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"perturbations keys must be non-empty str, got {name!r}")
@@ -147,10 +166,20 @@ def _check_count(value, name: str) -> int:
     return value
 
 
-def dimensionality(model: torch.nn.Module, layers, loader: Iterable,
-                   perturbations: Optional[Mapping] = None, *, frac: float = 0.95, features: str = "mean",
-                   device=None, max_batches: Optional[int] = None, grad_units: int = 16,
-                   grad_samples: int = 256, seed: int = 0) -> DimensionalityReport:
+def dimensionality(
+    model: torch.nn.Module,
+    layers,
+    loader: Iterable,
+    perturbations: Mapping | None = None,
+    *,
+    frac: float = 0.95,
+    features: str = "mean",
+    device=None,
+    max_batches: int | None = None,
+    grad_units: int = 16,
+    grad_samples: int = 256,
+    seed: int = 0,
+) -> DimensionalityReport:
     """Dimensionality of the representations of ``layers`` and of their change under perturbations.
 
     Args:
@@ -202,14 +231,13 @@ def dimensionality(model: torch.nn.Module, layers, loader: Iterable,
     grad_units = _check_count(grad_units, "grad_units")
     grad_samples = _check_count(grad_samples, "grad_samples")
     if perturbations is None:
-        perturbations = {"noise": GaussianNoise(0.1),
-                         "pgd": PGDAttack(model, eps=8 / 255, step_size=2 / 255, steps=10)}
+        perturbations = {"noise": GaussianNoise(0.1), "pgd": PGDAttack(model, eps=8 / 255, step_size=2 / 255, steps=10)}
     perturbations = _check_perturbations(perturbations)
     device = model_device(model, device)
 
     conditions = ["clean"] + [f"delta_{n}" for n in perturbations]
-    stats: Dict[str, Dict[str, StreamingCovariance]] = {c: {} for c in conditions}
-    gradvar: Dict[str, GradientVariability] = {}
+    stats: dict[str, dict[str, StreamingCovariance]] = {c: {} for c in conditions}
+    gradvar: dict[str, GradientVariability] = {}
     grad_left = grad_units and grad_samples
     gen = torch.Generator().manual_seed(seed)
 
@@ -223,16 +251,20 @@ def dimensionality(model: torch.nn.Module, layers, loader: Iterable,
             for name, f in clean.items():
                 if name not in stats["clean"]:
                     if features == "flatten" and f.shape[1] > _MAX_FLAT_DIM:
-                        raise ValueError(f"features='flatten' gives layer {name!r} {f.shape[1]} dims "
-                                         f"(> {_MAX_FLAT_DIM}); use features='mean'")
+                        raise ValueError(
+                            f"features='flatten' gives layer {name!r} {f.shape[1]} dims "
+                            f"(> {_MAX_FLAT_DIM}); use features='mean'"
+                        )
                     for c in conditions:
                         stats[c][name] = StreamingCovariance(f.shape[1], device=device)
                 stats["clean"][name].update(f)
             for pname, fn in perturbations.items():
                 xp = fn(x, y)
                 if not isinstance(xp, torch.Tensor) or xp.shape != x.shape:
-                    raise ValueError(f"perturbations[{pname!r}] must return a tensor of x's shape {tuple(x.shape)}, "
-                                     f"got {getattr(xp, 'shape', type(xp).__name__)}")
+                    raise ValueError(
+                        f"perturbations[{pname!r}] must return a tensor of x's shape {tuple(x.shape)}, "
+                        f"got {getattr(xp, 'shape', type(xp).__name__)}"
+                    )
                 with torch.no_grad():
                     pert = recorder.run(model, xp.to(device=device, dtype=x.dtype))
                 for name, f in pert.items():
@@ -250,8 +282,15 @@ def dimensionality(model: torch.nn.Module, layers, loader: Iterable,
     return DimensionalityReport(list(named), stats, frac, features, gv)
 
 
-def _gradient_step(model, recorder: Recorder, xs: torch.Tensor, gradvar: Dict[str, GradientVariability],
-                   grad_units: int, gen: torch.Generator, device) -> None:
+def _gradient_step(
+    model,
+    recorder: Recorder,
+    xs: torch.Tensor,
+    gradvar: dict[str, GradientVariability],
+    grad_units: int,
+    gen: torch.Generator,
+    device,
+) -> None:
     xs = xs.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         feats = recorder.run(model, xs, detach=False)

@@ -9,10 +9,10 @@ are shipped, one per regime studied by Leavitt & Morcos (2020):
   model's cross-entropy, a worst-case (white-box adversarial) perturbation; FGSM (Goodfellow et al.
   2015) is its one-step special case, :meth:`PGDAttack.fgsm`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ def _check_nonneg(value, name: str, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _check_range(clamp) -> Optional[Tuple[float, float]]:
+def _check_range(clamp) -> tuple[float, float] | None:
     if clamp is None:
         return None
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
@@ -59,13 +59,14 @@ class GaussianNoise:
         generator: optional ``torch.Generator`` on x's device for reproducible noise.
     """
 
-    def __init__(self, std: float, *, clamp: Optional[Tuple[float, float]] = None,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self, std: float, *, clamp: tuple[float, float] | None = None, generator: torch.Generator | None = None
+    ):
         self.std = _check_nonneg(std, "std")
         self.clamp = _check_range(clamp)
         self.generator = generator
 
-    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = _check_input(x).detach()
         noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self.generator)
         out = x + self.std * noise
@@ -103,9 +104,17 @@ class PGDAttack:
         generator: optional ``torch.Generator`` for the random start.
     """
 
-    def __init__(self, model: torch.nn.Module, eps: float, step_size: float, steps: int, *,
-                 random_start: bool = True, clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        eps: float,
+        step_size: float,
+        steps: int,
+        *,
+        random_start: bool = True,
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+        generator: torch.Generator | None = None,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -121,8 +130,7 @@ class PGDAttack:
         self.generator = generator
 
     @classmethod
-    def fgsm(cls, model: torch.nn.Module, eps: float, *,
-             clamp: Optional[Tuple[float, float]] = (0.0, 1.0)) -> "PGDAttack":
+    def fgsm(cls, model: torch.nn.Module, eps: float, *, clamp: tuple[float, float] | None = (0.0, 1.0)) -> PGDAttack:
         """The fast gradient sign method: one step of size eps from x, no random start."""
         return cls(model, eps, eps, 1, random_start=False, clamp=clamp)
 
@@ -154,5 +162,7 @@ class PGDAttack:
         return x_adv.detach()
 
     def __repr__(self) -> str:
-        return (f"PGDAttack(eps={self.eps}, step_size={self.step_size}, steps={self.steps}, "
-                f"random_start={self.random_start}, clamp={self.clamp})")
+        return (
+            f"PGDAttack(eps={self.eps}, step_size={self.step_size}, steps={self.steps}, "
+            f"random_start={self.random_start}, clamp={self.clamp})"
+        )

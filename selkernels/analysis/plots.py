@@ -1,4 +1,5 @@
 """Matplotlib figures of the analysis reports, drawn with the Agg canvas (no display, no pyplot state)."""
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ def plot_class_density(report, path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_selectivity_histograms(results, path, *, title: str = "Class selectivity of units, per layer",
-                                bins: int = 20) -> None:
+def plot_selectivity_histograms(
+    results, path, *, title: str = "Class selectivity of units, per layer", bins: int = 20
+) -> None:
     """One histogram panel per layer of the units' SI (the papers' per-layer distributions), with
     each layer's mean SI as a dashed line. ``results`` is a list of
     :class:`selkernels.metrics.LayerSelectivity`, or a dict label -> such a list (one colour per
@@ -85,7 +87,7 @@ def plot_selectivity_histograms(results, path, *, title: str = "Class selectivit
         ax.set_xlabel("SI")
         ax.set_ylabel("units")
         ax.grid(alpha=0.3)
-    for ax in axes[len(layers):]:
+    for ax in axes[len(layers) :]:
         ax.set_visible(False)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
@@ -98,8 +100,7 @@ def plot_ablation(curves, path, *, title: str = "Unit ablation") -> None:
     fig = _figure(5, 3.6)
     ax = fig.subplots()
     for curve in curves:
-        ax.plot(curve.fractions, [100 * a for a in curve.accuracy], marker="o",
-                label=f"{curve.order} order")
+        ax.plot(curve.fractions, [100 * a for a in curve.accuracy], marker="o", label=f"{curve.order} order")
     ax.set_xlabel(f"fraction of the layer's {curves[0].num_units} units zeroed")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)

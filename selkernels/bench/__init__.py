@@ -13,6 +13,7 @@ A subpackage split by concern:
 
 See :mod:`.core` for what is timed and how.
 """
+
 from . import covariance, dataset, selectivity  # noqa: F401  (register their suites)
 from .cli import add_arguments, main
 from .core import SUITES, BenchConfig, Case, Workload, cases_from_groups, collect_cases, register_suite, run
@@ -21,6 +22,22 @@ from .dataset import dataset_cases
 from .output import format_table, summarize, write_outputs
 from .selectivity import selectivity_cases, torch_selectivity
 
-__all__ = ["BenchConfig", "Case", "Workload", "SUITES", "register_suite", "cases_from_groups", "collect_cases", "run",
-           "summarize", "format_table", "write_outputs", "selectivity_cases", "torch_selectivity", "covariance_cases", "dataset_cases",
-           "add_arguments", "main"]
+__all__ = [
+    "BenchConfig",
+    "Case",
+    "Workload",
+    "SUITES",
+    "register_suite",
+    "cases_from_groups",
+    "collect_cases",
+    "run",
+    "summarize",
+    "format_table",
+    "write_outputs",
+    "selectivity_cases",
+    "torch_selectivity",
+    "covariance_cases",
+    "dataset_cases",
+    "add_arguments",
+    "main",
+]

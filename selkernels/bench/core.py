@@ -22,14 +22,16 @@ Forward+backward always calls ``torch.autograd.grad(out.sum(), x)`` so that no v
 Op families plug in through :func:`register_suite`: a function ``(config) -> list[Case]``. A family
 that has ``(title, [(name, callable), ...])`` groups uses :func:`cases_from_groups`.
 """
+
 from __future__ import annotations
 
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import torch
 from torch.utils import benchmark as tbench
@@ -42,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class BenchConfig:
     device: str = "cpu"
-    dtypes: Tuple[str, ...] = ("float32", "bfloat16")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
     threads: int = 0  # 0: torch's current setting
     quick: bool = False
     min_run_time: float = 0.2  # seconds of timed calls per variant and mode, on average
@@ -61,10 +63,10 @@ class Workload:
     sets the bandwidth reference (None: no bandwidth column).
     """
 
-    forward: Dict[str, Callable[[], object]]
-    forward_backward: Dict[str, Callable[[], object]] = field(default_factory=dict)
-    bandwidth_input: Optional[torch.Tensor] = None
-    notes: Dict[str, str] = field(default_factory=dict)  # variant -> remark (compile time, or why it is missing)
+    forward: dict[str, Callable[[], object]]
+    forward_backward: dict[str, Callable[[], object]] = field(default_factory=dict)
+    bandwidth_input: torch.Tensor | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # variant -> remark (compile time, or why it is missing)
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Case:
     build: Callable[[BenchConfig], Workload]  # builds tensors lazily, one case in memory at a time
 
 
-SUITES: Dict[str, Callable[[BenchConfig], List[Case]]] = {}
+SUITES: dict[str, Callable[[BenchConfig], list[Case]]] = {}
 
 
 def register_suite(family: str):
@@ -89,8 +91,13 @@ def register_suite(family: str):
     return wrap
 
 
-def cases_from_groups(family: str, groups: Iterable[Tuple[str, Sequence[Tuple[str, Callable[[], object]]]]], *,
-                      dtype: str = "", mode: str = "fwd") -> List[Case]:
+def cases_from_groups(
+    family: str,
+    groups: Iterable[tuple[str, Sequence[tuple[str, Callable[[], object]]]]],
+    *,
+    dtype: str = "",
+    mode: str = "fwd",
+) -> list[Case]:
     """Cases from ``(title, [(name, callable), ...])`` groups, the first callable being the fused op.
 
     Each group is one case whose variants are timed as given (``mode`` labels what a call does);
@@ -111,7 +118,7 @@ def cases_from_groups(family: str, groups: Iterable[Tuple[str, Sequence[Tuple[st
     return cases
 
 
-def collect_cases(cfg: BenchConfig, families: Optional[Sequence[str]] = None) -> List[Case]:
+def collect_cases(cfg: BenchConfig, families: Sequence[str] | None = None) -> list[Case]:
     cases = []
     for family, suite in SUITES.items():
         if families and family not in families:
@@ -120,8 +127,7 @@ def collect_cases(cfg: BenchConfig, families: Optional[Sequence[str]] = None) ->
     return cases
 
 
-
-def _interleaved_medians(fns: Dict[str, Callable[[], object]], cfg: BenchConfig) -> Dict[str, Tuple[float, float, int]]:
+def _interleaved_medians(fns: dict[str, Callable[[], object]], cfg: BenchConfig) -> dict[str, tuple[float, float, int]]:
     """{name: (median, interquartile range, timed calls)} in seconds per call, measured round-robin.
 
     Each function is timed in short blocks (``Timer.timeit``, ``block_time`` of calls, at least one
@@ -136,7 +142,7 @@ def _interleaved_medians(fns: Dict[str, Callable[[], object]], cfg: BenchConfig)
         timers[name] = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
         once = timers[name].timeit(1).median
         number[name] = max(1, min(1000, int(cfg.block_time / max(once, 1e-7))))
-    blocks: Dict[str, List[float]] = {name: [] for name in fns}
+    blocks: dict[str, list[float]] = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
     rounds = 0
     while rounds < cfg.min_rounds or sum(spent.values()) < cfg.min_run_time * len(fns):
@@ -152,7 +158,7 @@ def _interleaved_medians(fns: Dict[str, Callable[[], object]], cfg: BenchConfig)
     return out
 
 
-def _peak_extra_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
+def _peak_extra_bytes(fn: Callable[[], object], device: str) -> int | None:
     """Peak bytes allocated by torch while fn runs, above the level at its start."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -179,8 +185,9 @@ def _peak_extra_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
         os.close(saved)
         os.close(devnull)
     # Allocations carry +bytes, frees -bytes: the running sum in time order is the live total.
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for e in events:
         live += e.nbytes()
@@ -199,17 +206,17 @@ class Result:
     median_ms: float
     iqr_ms: float
     runs: int
-    peak_extra_mb: Optional[float] = None
+    peak_extra_mb: float | None = None
 
 
-def run(cfg: BenchConfig, cases: Sequence[Case], *, progress: bool = True) -> Tuple[List[Result], Dict[str, str]]:
+def run(cfg: BenchConfig, cases: Sequence[Case], *, progress: bool = True) -> tuple[list[Result], dict[str, str]]:
     """Time every case; returns the results and the notes on variants that could not run."""
     from tqdm.auto import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results: List[Result] = []
-    notes: Dict[str, str] = {}
+    results: list[Result] = []
+    notes: dict[str, str] = {}
     bar = tqdm(cases, desc="selkernels bench", unit="case", disable=not progress, dynamic_ncols=True)
     for case in bar:
         bar.set_postfix_str(f"{case.name} {case.dtype}", refresh=True)
@@ -223,23 +230,39 @@ def run(cfg: BenchConfig, cases: Sequence[Case], *, progress: bool = True) -> Tu
                 fns["x.sum"] = work.bandwidth_input.sum  # interleaved with the forwards it is compared to
             for variant, (med, iqr, runs) in _interleaved_medians(fns, cfg).items():
                 peak = _peak_extra_bytes(fns[variant], cfg.device) if mode == "fwd+bwd" else None
-                results.append(Result(**base, variant=variant, mode="x.sum" if variant == "x.sum" else mode,
-                                      median_ms=med * 1e3, iqr_ms=iqr * 1e3, runs=runs,
-                                      peak_extra_mb=None if peak is None else peak / 2**20))
+                results.append(
+                    Result(
+                        **base,
+                        variant=variant,
+                        mode="x.sum" if variant == "x.sum" else mode,
+                        median_ms=med * 1e3,
+                        iqr_ms=iqr * 1e3,
+                        runs=runs,
+                        peak_extra_mb=None if peak is None else peak / 2**20,
+                    )
+                )
         del work
     return results, notes
 
 
 def environment(cfg: BenchConfig) -> dict:
-    env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-               processor=_cpu_name(), device=cfg.device, threads=cfg.threads or torch.get_num_threads(),
-               cpu_count=os.cpu_count(), load_average=_load_average(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    env = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        processor=_cpu_name(),
+        device=cfg.device,
+        threads=cfg.threads or torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        load_average=_load_average(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     if cfg.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     return env
 
 
-def _load_average() -> Optional[float]:
+def _load_average() -> float | None:
     """1-minute load average: other processes competing for the cores skew CPU timings."""
     try:
         return round(os.getloadavg()[0], 2)
@@ -256,5 +279,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
-
-

@@ -10,9 +10,10 @@ Groups:
 Case builders return lists of (name, callable) pairs, the first being the fused op and the rest
 its baselines, so ``benchmarks/test_bench_covariance.py`` (pytest-benchmark) times the same groups.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable
 
 import torch
 
@@ -21,15 +22,16 @@ from ..reference import spectral_penalty_reference
 from ..spectral_ops import spectral_penalty
 from .core import DTYPES, BenchConfig, Case, cases_from_groups, register_suite
 
-Variant = Tuple[str, Callable[[], object]]
+Variant = tuple[str, Callable[[], object]]
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def update_variants(n: int = 1024, d: int = 256, *, dtype=torch.float32, device="cpu", seed: int = 0) -> List[Variant]:
-    """StreamingCovariance.update vs bare z.T @ z (the floor: the update's one GEMM) vs torch.cov, on one [n, d] batch."""
+def update_variants(n: int = 1024, d: int = 256, *, dtype=torch.float32, device="cpu", seed: int = 0) -> list[Variant]:
+    """StreamingCovariance.update vs bare z.T @ z (the floor: the update's one GEMM) vs torch.cov, on one
+    [n, d] batch."""
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     z = (torch.randn(n, d, generator=g) + 3).to(device=device, dtype=dtype)
@@ -51,8 +53,9 @@ def update_variants(n: int = 1024, d: int = 256, *, dtype=torch.float32, device=
     return [("StreamingCovariance.update", update), ("z.T @ z (floor)", gram), ("torch.cov", cov)]
 
 
-def class_update_variants(n: int = 1024, d: int = 256, k: int = 10, *, dtype=torch.float32, device="cpu",
-                           seed: int = 0) -> List[Variant]:
+def class_update_variants(
+    n: int = 1024, d: int = 256, k: int = 10, *, dtype=torch.float32, device="cpu", seed: int = 0
+) -> list[Variant]:
     """Per-class update (one fused op) vs its floor, a Python loop of per-class updates, and a bare z.T @ z.
 
     The floor is what any per-class update must do: the per-class products add up to one GEMM over
@@ -85,13 +88,24 @@ def class_update_variants(n: int = 1024, d: int = 256, k: int = 10, *, dtype=tor
         z.T @ z
         sync()
 
-    return [(f"per-class update (K={k}, fused)", update_fused),
-            ("floor: z.T @ z + one pass over [K, D, D] fp64", floor),
-            (f"Python loop over {k} classes", update_loop), ("z.T @ z", gram)]
+    return [
+        (f"per-class update (K={k}, fused)", update_fused),
+        ("floor: z.T @ z + one pass over [K, D, D] fp64", floor),
+        (f"Python loop over {k} classes", update_loop),
+        ("z.T @ z", gram),
+    ]
 
 
-def spectral_variants(n: int = 256, d: int = 256, *, dtype=torch.float32, device="cpu", backward: bool = False,
-                   tau: int = 10, seed: int = 0) -> List[Variant]:
+def spectral_variants(
+    n: int = 256,
+    d: int = 256,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    backward: bool = False,
+    tau: int = 10,
+    seed: int = 0,
+) -> list[Variant]:
     """spectral_penalty vs spectral_penalty_reference, forward only or forward + backward."""
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -108,29 +122,40 @@ def spectral_variants(n: int = 256, d: int = 256, *, dtype=torch.float32, device
             if backward:
                 out.backward()
             sync()
+
         return call
 
     tag = "fwd+bwd" if backward else "fwd"
-    return [(f"spectral_penalty {tag}", run(spectral_penalty)),
-            (f"spectral_penalty_reference {tag}", run(spectral_penalty_reference))]
+    return [
+        (f"spectral_penalty {tag}", run(spectral_penalty)),
+        (f"spectral_penalty_reference {tag}", run(spectral_penalty_reference)),
+    ]
 
 
-def benchmark_groups(n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32,
-                     device="cpu") -> List[Tuple[str, List[Variant]]]:
+def benchmark_groups(
+    n: int = 1024, d: int = 256, ks=(10, 100), spectral_n: int = 256, *, dtype=torch.float32, device="cpu"
+) -> list[tuple[str, list[Variant]]]:
     """Every group of the suite, as (title, variants). The one-set update runs
     at [n / 2, d] and [n, 2 d] ([512, 256] and [1024, 512] by default), the per-class one at [n, d]."""
-    groups = [(f"streaming covariance, one batch [{m}, {w}]", update_variants(m, w, dtype=dtype, device=device))
-              for m, w in ((n // 2, d), (n, 2 * d))]
+    groups = [
+        (f"streaming covariance, one batch [{m}, {w}]", update_variants(m, w, dtype=dtype, device=device))
+        for m, w in ((n // 2, d), (n, 2 * d))
+    ]
     for k in ks:
-        groups.append((f"per-class covariance, [{n}, {d}], K={k}",
-                       class_update_variants(n, d, k, dtype=dtype, device=device)))
+        groups.append(
+            (f"per-class covariance, [{n}, {d}], K={k}", class_update_variants(n, d, k, dtype=dtype, device=device))
+        )
     for backward in (False, True):
-        groups.append((f"spectral penalty, h [{spectral_n}, {d}]",
-                       spectral_variants(spectral_n, d, dtype=dtype, device=device, backward=backward)))
+        groups.append(
+            (
+                f"spectral penalty, h [{spectral_n}, {d}]",
+                spectral_variants(spectral_n, d, dtype=dtype, device=device, backward=backward),
+            )
+        )
     return groups
 
 
-def run_kernels_once(device="cuda", *, seed: int = 0) -> Dict[str, float]:
+def run_kernels_once(device="cuda", *, seed: int = 0) -> dict[str, float]:
     """Run every streaming-moments and spectral-penalty kernel once on small inputs on ``device`` and
     return each result's largest error relative to the same computation on the CPU (float64).
 
@@ -142,7 +167,7 @@ def run_kernels_once(device="cuda", *, seed: int = 0) -> Dict[str, float]:
     """
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    errors: Dict[str, float] = {}
+    errors: dict[str, float] = {}
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         a, b = a.detach().cpu().double(), b.detach().cpu().double()
@@ -176,8 +201,15 @@ def run_kernels_once(device="cuda", *, seed: int = 0) -> Dict[str, float]:
 
 
 @register_suite("covariance")
-def covariance_cases(cfg: BenchConfig) -> List[Case]:
+def covariance_cases(cfg: BenchConfig) -> list[Case]:
     n, d, ks, spectral_n = (64, 16, (4,), 32) if cfg.quick else (1024, 256, (10, 100), 256)
-    return [case for dtype_name in cfg.dtypes if dtype_name == "float32"  # float32 keeps the default run short
-            for case in cases_from_groups("covariance", benchmark_groups(n, d, ks, spectral_n, dtype=DTYPES[dtype_name],
-                                                                         device=cfg.device), dtype=dtype_name)]
+    return [
+        case
+        for dtype_name in cfg.dtypes
+        if dtype_name == "float32"  # float32 keeps the default run short
+        for case in cases_from_groups(
+            "covariance",
+            benchmark_groups(n, d, ks, spectral_n, dtype=DTYPES[dtype_name], device=cfg.device),
+            dtype=dtype_name,
+        )
+    ]

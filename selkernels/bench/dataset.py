@@ -1,9 +1,10 @@
 """The dataset-pass suite of ``selkernels bench`` (``--family dataset``): dataset-level SI of a
 layer over many batches with :class:`selkernels.ClassSelectivity`, against the hand-rolled fused
 pass, ``x.sum()`` of every batch (the bandwidth reference) and the published per-class loop."""
+
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -29,11 +30,13 @@ def published_dataset_pass(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor
     return torch.stack(sums), counts
 
 
-def _build_dataset_pass(batches: int, n: int, c: int, spatial: Tuple[int, ...], k: int, dtype: torch.dtype):
+def _build_dataset_pass(batches: int, n: int, c: int, spatial: tuple[int, ...], k: int, dtype: torch.dtype):
     def build(cfg: BenchConfig) -> Workload:
         gen = torch.Generator().manual_seed(0)
-        xs = [torch.rand((n, c) + tuple(spatial), generator=gen).to(device=cfg.device, dtype=dtype)
-              for _ in range(batches)]
+        xs = [
+            torch.rand((n, c) + tuple(spatial), generator=gen).to(device=cfg.device, dtype=dtype)
+            for _ in range(batches)
+        ]
         ys = [torch.randint(0, k, (n,), generator=gen).to(cfg.device) for _ in range(batches)]
         sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
 
@@ -65,16 +68,30 @@ def _build_dataset_pass(batches: int, n: int, c: int, spatial: Tuple[int, ...], 
             sync()
             return out
 
-        return Workload(forward={FUSED: metric_pass, "hand-rolled": hand_rolled, "x.sum() of each batch": sums_only,
-                                 "published loop": published})
+        return Workload(
+            forward={
+                FUSED: metric_pass,
+                "hand-rolled": hand_rolled,
+                "x.sum() of each batch": sums_only,
+                "published loop": published,
+            }
+        )
 
     return build
 
 
 @register_suite("dataset")
-def dataset_cases(cfg: BenchConfig) -> List[Case]:
+def dataset_cases(cfg: BenchConfig) -> list[Case]:
     shapes = DATASET_QUICK_SHAPES if cfg.quick else DATASET_SHAPES
-    return [Case("dataset", name, dtype_name, f"{b} x [{n}, {c}, {'x'.join(map(str, sp))}] K={k}",
-                 _build_dataset_pass(b, n, c, sp, k, DTYPES[dtype_name]))
-            for dtype_name in cfg.dtypes if dtype_name == "float32"
-            for name, b, n, c, sp, k in shapes]
+    return [
+        Case(
+            "dataset",
+            name,
+            dtype_name,
+            f"{b} x [{n}, {c}, {'x'.join(map(str, sp))}] K={k}",
+            _build_dataset_pass(b, n, c, sp, k, DTYPES[dtype_name]),
+        )
+        for dtype_name in cfg.dtypes
+        if dtype_name == "float32"
+        for name, b, n, c, sp, k in shapes
+    ]

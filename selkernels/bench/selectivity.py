@@ -1,9 +1,10 @@
 """The selectivity op suite of ``selkernels bench``: the fused op against the published loop, the
 best eager torch composition and its torch.compile, at block-output shapes of real networks."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Tuple
+from typing import Callable
 
 import torch
 
@@ -47,11 +48,12 @@ SELECTIVITY_QUICK_SHAPES = [
     ("tiny K=50", 32, 8, (2, 2), 50),
 ]
 
+
 def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
     return lambda: torch.autograd.grad(fn(x).sum(), x)
 
 
-def _build_selectivity(n: int, c: int, spatial: Tuple[int, ...], k: int, dtype: torch.dtype):
+def _build_selectivity(n: int, c: int, spatial: tuple[int, ...], k: int, dtype: torch.dtype):
     def build(cfg: BenchConfig) -> Workload:
         gen = torch.Generator().manual_seed(0)
         # Post-ReLU activations: non-negative, as the SI assumes.
@@ -63,9 +65,11 @@ def _build_selectivity(n: int, c: int, spatial: Tuple[int, ...], k: int, dtype: 
             "paper": lambda t: reference.paper_class_selectivity(t, labels),
             "eager": lambda t: torch_selectivity(t, labels, k),
         }
-        work = Workload(forward={v: (lambda f=f: f(x)) for v, f in ops.items()},
-                        forward_backward={v: _fwd_bwd(f, xg) for v, f in ops.items()},
-                        bandwidth_input=x)
+        work = Workload(
+            forward={v: (lambda f=f: f(x)) for v, f in ops.items()},
+            forward_backward={v: _fwd_bwd(f, xg) for v, f in ops.items()},
+            bandwidth_input=x,
+        )
         if cfg.compile:
             try:
                 torch._dynamo.reset()  # a fresh cache per case: static shapes, no recompile limit
@@ -85,7 +89,7 @@ def _build_selectivity(n: int, c: int, spatial: Tuple[int, ...], k: int, dtype: 
 
 
 @register_suite("selectivity")
-def selectivity_cases(cfg: BenchConfig) -> List[Case]:
+def selectivity_cases(cfg: BenchConfig) -> list[Case]:
     shapes = SELECTIVITY_QUICK_SHAPES if cfg.quick else SELECTIVITY_SHAPES
     cases = []
     for dtype_name in cfg.dtypes:
@@ -93,6 +97,7 @@ def selectivity_cases(cfg: BenchConfig) -> List[Case]:
             if dtype_name == "bfloat16" and not cfg.quick and name not in SELECTIVITY_BF16:
                 continue
             shape = f"N={n} C={c} {'x'.join(map(str, spatial))} K={k}"
-            cases.append(Case("selectivity", name, dtype_name, shape,
-                              _build_selectivity(n, c, spatial, k, DTYPES[dtype_name])))
+            cases.append(
+                Case("selectivity", name, dtype_name, shape, _build_selectivity(n, c, spatial, k, DTYPES[dtype_name]))
+            )
     return cases

@@ -37,12 +37,14 @@ The modeled GPU table (:func:`modeled_gpu_rows`) counts launches, host syncs and
 kernels, so the estimate needs no GPU and is reproducible; the step time it is compared with and
 the bandwidth and launch cost are stated assumptions (``GPU_ASSUMPTIONS``).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import torch
 from torch import nn
@@ -78,8 +80,11 @@ class _BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = (nn.Sequential() if stride == 1 and cin == cout else
-                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.shortcut = (
+            nn.Sequential()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
         self.out = nn.ReLU()  # the block output, hooked by the regularizer as in the paper
 
     def forward(self, x):
@@ -111,7 +116,7 @@ class _BlockOutputs(nn.Module):
     """The block outputs alone: ``y_l = relu(a_l)`` for leaves ``a_l``, each feeding a residual
     stand-in for the next block, so every output receives a dense downstream gradient."""
 
-    def __init__(self, n: int, shapes: Sequence[Tuple[int, ...]], device, dtype, seed: int = 0):
+    def __init__(self, n: int, shapes: Sequence[tuple[int, ...]], device, dtype, seed: int = 0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
 
@@ -151,7 +156,7 @@ class _OutputCatcher:
     regularizer's hooks, so every variant pays hooks alike)."""
 
     def __init__(self, modules):
-        self.outputs: List[Optional[torch.Tensor]] = [None] * len(modules)
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
     def _hook(self, i):
@@ -160,7 +165,7 @@ class _OutputCatcher:
 
         return hook
 
-    def take(self) -> List[torch.Tensor]:
+    def take(self) -> list[torch.Tensor]:
         out, self.outputs = self.outputs, [None] * len(self.outputs)
         return out
 
@@ -187,10 +192,10 @@ def _floor_penalty(outputs: Sequence[torch.Tensor], labels: torch.Tensor, num_cl
 class StepCase:
     name: str
     shape: str
-    steps: Dict[str, Callable[[], object]]  # variant -> one training step
-    baseline: Dict[str, str]  # variant -> the variant its overhead is measured against
-    notes: Dict[str, str] = field(default_factory=dict)
-    cleanup: List[Callable[[], None]] = field(default_factory=list)
+    steps: dict[str, Callable[[], object]]  # variant -> one training step
+    baseline: dict[str, str]  # variant -> the variant its overhead is measured against
+    notes: dict[str, str] = field(default_factory=dict)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _sync(device: str) -> None:
@@ -198,7 +203,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _compile(fn, name: str, warmup: Callable[[], object], notes: Dict[str, str]):
+def _compile(fn, name: str, warmup: Callable[[], object], notes: dict[str, str]):
     """torch.compile ``fn``; compile now (``warmup``), outside the timings. None on failure."""
     try:
         t0 = time.perf_counter()
@@ -234,9 +239,13 @@ def _blocks_case(n: int, shapes, k: int, device: str, dtype: torch.dtype, compil
         catcher.take()
         return torch.autograd.grad(loss, net.pre)
 
-    steps = {"none": step_with(None), "floor": step_with(_floor_penalty), "paper": step_with(_paper_penalty),
-             "torch": step_with(_torch_penalty)}
-    notes: Dict[str, str] = {}
+    steps = {
+        "none": step_with(None),
+        "floor": step_with(_floor_penalty),
+        "paper": step_with(_paper_penalty),
+        "torch": step_with(_torch_penalty),
+    }
+    notes: dict[str, str] = {}
     if compile_variants:
         torch._dynamo.reset()
         compiled = torch.compile(_torch_penalty, dynamic=False)
@@ -245,12 +254,14 @@ def _blocks_case(n: int, shapes, k: int, device: str, dtype: torch.dtype, compil
             steps["torch compiled"] = step
     steps["selkernels"] = step_selkernels
     shape = f"N={n} 9 blocks {shapes[0][0]}x{shapes[0][1]}^2..{shapes[-1][0]}x{shapes[-1][1]}^2 {str(dtype)[6:]}"
-    return StepCase(f"blocks K={k}", shape, steps, {v: "none" for v in steps if v != "none"}, notes,
-                    [catcher.remove, reg.remove])
+    return StepCase(
+        f"blocks K={k}", shape, steps, {v: "none" for v in steps if v != "none"}, notes, [catcher.remove, reg.remove]
+    )
 
 
-def _resnet_case(n: int, k: int, width: int, hw: int, device: str, dtype: torch.dtype,
-                 compile_variants: bool) -> StepCase:
+def _resnet_case(
+    n: int, k: int, width: int, hw: int, device: str, dtype: torch.dtype, compile_variants: bool
+) -> StepCase:
     from ..regularizers import SelectivityRegularizer
 
     gen = torch.Generator().manual_seed(2)
@@ -288,10 +299,14 @@ def _resnet_case(n: int, k: int, width: int, hw: int, device: str, dtype: torch.
 
         return step
 
-    steps = {"none": make_step(loss_with(None)), "floor": make_step(loss_with(_floor_penalty)),
-             "paper": make_step(loss_with(_paper_penalty)), "torch": make_step(loss_with(_torch_penalty))}
+    steps = {
+        "none": make_step(loss_with(None)),
+        "floor": make_step(loss_with(_floor_penalty)),
+        "paper": make_step(loss_with(_paper_penalty)),
+        "torch": make_step(loss_with(_torch_penalty)),
+    }
     baseline = {v: "none" for v in steps if v != "none"}
-    notes: Dict[str, str] = {}
+    notes: dict[str, str] = {}
     if compile_variants:
         torch._dynamo.reset()
         compiled_penalty = torch.compile(_torch_penalty, dynamic=False)
@@ -312,16 +327,23 @@ def _resnet_case(n: int, k: int, width: int, hw: int, device: str, dtype: torch.
     return StepCase(f"resnet20 K={k}", shape, steps, baseline, notes, [catcher.remove, reg.remove])
 
 
-def step_cases(device: str = "cpu", *, quick: bool = False, compile_variants: bool = True,
-               dtype: torch.dtype = torch.float32, ks: Sequence[int] = (10, 100)) -> List[Callable[[], StepCase]]:
+def step_cases(
+    device: str = "cpu",
+    *,
+    quick: bool = False,
+    compile_variants: bool = True,
+    dtype: torch.dtype = torch.float32,
+    ks: Sequence[int] = (10, 100),
+) -> list[Callable[[], StepCase]]:
     """Builders (called one at a time, so one case is in memory at a time) of the step cases.
 
     ``quick`` uses N=8 and a quarter of the widths and image size: a smoke run of seconds.
     """
     n, scale = (8, 4) if quick else (128, 1)
     shapes = [(c // scale, h // scale, w // scale) for c, h, w in RESNET20_BLOCKS]
-    builders: List[Callable[[], StepCase]] = [
-        (lambda k=k: _blocks_case(n, shapes, k, device, dtype, compile_variants)) for k in ks]
+    builders: list[Callable[[], StepCase]] = [
+        (lambda k=k: _blocks_case(n, shapes, k, device, dtype, compile_variants)) for k in ks
+    ]
     builders.append(lambda: _resnet_case(n, 10, 16 // scale, 32 // scale, device, dtype, compile_variants))
     return builders
 
@@ -338,9 +360,9 @@ class StepResult:
     median_ms: float
     iqr_ms: float
     rounds: int
-    overhead_ms: Optional[float] = None
-    overhead_pct: Optional[float] = None  # of the baseline step
-    floor_multiple: Optional[float] = None  # overhead / the eager floor's overhead
+    overhead_ms: float | None = None
+    overhead_pct: float | None = None  # of the baseline step
+    floor_multiple: float | None = None  # overhead / the eager floor's overhead
 
 
 def _time_once(fn: Callable[[], object], device: str) -> float:
@@ -356,17 +378,17 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_round_robin(fns: Dict[str, Callable[[], object]], device: str, *, min_rounds: int = 5,
-                     min_run_time: float = 0.5) -> Dict[str, Tuple[float, float, int]]:
+def time_round_robin(
+    fns: dict[str, Callable[[], object]], device: str, *, min_rounds: int = 5, min_run_time: float = 0.5
+) -> dict[str, tuple[float, float, int]]:
     """{name: (median s, IQR s, rounds)}: one call of each function per round, in turn, for at
     least ``min_rounds`` rounds and ``min_run_time`` seconds per function on average."""
     for fn in fns.values():
         fn(), fn()  # warm-up: allocations, lazy initialisation, autograd graph caches
     _sync(device)
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    while (len(times[next(iter(fns))]) < min_rounds
-           or time.perf_counter() - start < min_run_time * len(fns)):
+    while len(times[next(iter(fns))]) < min_rounds or time.perf_counter() - start < min_run_time * len(fns):
         for name, fn in fns.items():
             times[name].append(_time_once(fn, device))
     out = {}
@@ -376,7 +398,7 @@ def time_round_robin(fns: Dict[str, Callable[[], object]], device: str, *, min_r
     return out
 
 
-def summarize_case(case: StepCase, timings: Dict[str, Tuple[float, float, int]]) -> List[StepResult]:
+def summarize_case(case: StepCase, timings: dict[str, tuple[float, float, int]]) -> list[StepResult]:
     rows = []
     for variant, (med, iqr, rounds) in timings.items():
         base = case.baseline.get(variant, "")
@@ -392,18 +414,24 @@ def summarize_case(case: StepCase, timings: Dict[str, Tuple[float, float, int]])
     return rows
 
 
-def run_step_cases(builders: Sequence[Callable[[], StepCase]], device: str = "cpu", *, min_rounds: int = 5,
-                   min_run_time: float = 0.5, progress: Optional[Callable[[str], None]] = None
-                   ) -> Tuple[List[StepResult], Dict[str, str]]:
-    results: List[StepResult] = []
-    notes: Dict[str, str] = {}
+def run_step_cases(
+    builders: Sequence[Callable[[], StepCase]],
+    device: str = "cpu",
+    *,
+    min_rounds: int = 5,
+    min_run_time: float = 0.5,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[StepResult], dict[str, str]]:
+    results: list[StepResult] = []
+    notes: dict[str, str] = {}
     for build in builders:
         case = build()
         if progress:
             progress(case.name)
         try:
-            results += summarize_case(case, time_round_robin(case.steps, device, min_rounds=min_rounds,
-                                                             min_run_time=min_run_time))
+            results += summarize_case(
+                case, time_round_robin(case.steps, device, min_rounds=min_rounds, min_run_time=min_run_time)
+            )
             notes.update({f"step/{case.name}/{v}": n for v, n in case.notes.items()})
         finally:
             for fn in case.cleanup:
@@ -416,7 +444,7 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def _render(header: List[str], body: List[List[str]], left: int) -> List[str]:
+def _render(header: list[str], body: list[list[str]], left: int) -> list[str]:
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
 
     def line(cells):
@@ -428,8 +456,19 @@ def _render(header: List[str], body: List[List[str]], left: int) -> List[str]:
 def format_step_table(results: Sequence[StepResult]) -> str:
     """One line per case and variant: step ms, overhead ms over its baseline, % of that step, x floor."""
     header = ["case", "variant", "step ms", "iqr ms", "overhead ms", "% of step", "x floor", "vs"]
-    body = [[r.case, r.variant, _fmt(r.median_ms, ".2f"), _fmt(r.iqr_ms, ".2f"), _fmt(r.overhead_ms, ".2f"),
-             _fmt(r.overhead_pct, ".1f"), _fmt(r.floor_multiple, ".2f"), r.baseline] for r in results]
+    body = [
+        [
+            r.case,
+            r.variant,
+            _fmt(r.median_ms, ".2f"),
+            _fmt(r.iqr_ms, ".2f"),
+            _fmt(r.overhead_ms, ".2f"),
+            _fmt(r.overhead_pct, ".1f"),
+            _fmt(r.floor_multiple, ".2f"),
+            r.baseline,
+        ]
+        for r in results
+    ]
     shapes = list(dict.fromkeys(f"{r.case}: {r.shape}" for r in results))
     return "\n".join(["[step]"] + _render(header, body, 2) + shapes)
 
@@ -456,20 +495,30 @@ class GpuModelRow:
     mb_read: float
     mb_written: float
     modeled_ms: float
-    step_ms: Optional[float]
-    pct_of_step: Optional[float]
+    step_ms: float | None
+    pct_of_step: float | None
     floor_ms: float  # one read of the outputs + an in-place add (read + write) of their gradient
-    floor_pct: Optional[float]
+    floor_pct: float | None
 
 
-def _plan_totals(plan: Sequence[dict]) -> Tuple[int, int, int, int]:
+def _plan_totals(plan: Sequence[dict]) -> tuple[int, int, int, int]:
     """Launches, host syncs, bytes read and written of a launch plan."""
-    return (len(plan), sum(int(e.get("host_syncs", 0)) for e in plan), sum(int(e["bytes_read"]) for e in plan),
-            sum(int(e["bytes_written"]) for e in plan))
+    return (
+        len(plan),
+        sum(int(e.get("host_syncs", 0)) for e in plan),
+        sum(int(e["bytes_read"]) for e in plan),
+        sum(int(e["bytes_written"]) for e in plan),
+    )
 
 
-def gpu_model(plan: Sequence[dict], shapes: Sequence[Tuple[int, ...]], elem_bytes: int,
-              step_ms: Optional[float], case: str, assumptions: dict = GPU_ASSUMPTIONS) -> GpuModelRow:
+def gpu_model(
+    plan: Sequence[dict],
+    shapes: Sequence[tuple[int, ...]],
+    elem_bytes: int,
+    step_ms: float | None,
+    case: str,
+    assumptions: dict = GPU_ASSUMPTIONS,
+) -> GpuModelRow:
     """Modeled per-step cost of a plan (the selkernels launches) for block outputs of ``shapes``.
 
     The plan leaves out autograd's own work, which the step pays too: adding the broadcast [N, C]
@@ -486,11 +535,21 @@ def gpu_model(plan: Sequence[dict], shapes: Sequence[Tuple[int, ...]], elem_byte
     modeled = (launches * assumptions["launch_us"] + syncs * assumptions["host_sync_us"]) * 1e-3 + (rd + wr) / bw * 1e3
     floor = 3 * out_bytes / bw * 1e3  # one read of the outputs, read + write of their gradient
     pct = None if step_ms is None else 100 * modeled / step_ms
-    return GpuModelRow(case, launches, syncs, rd / 2**20, wr / 2**20, modeled, step_ms, pct, floor,
-                       None if step_ms is None else 100 * floor / step_ms)
+    return GpuModelRow(
+        case,
+        launches,
+        syncs,
+        rd / 2**20,
+        wr / 2**20,
+        modeled,
+        step_ms,
+        pct,
+        floor,
+        None if step_ms is None else 100 * floor / step_ms,
+    )
 
 
-def modeled_gpu_rows(plan_fn: Optional[Callable] = None, assumptions: dict = GPU_ASSUMPTIONS) -> List[GpuModelRow]:
+def modeled_gpu_rows(plan_fn: Callable | None = None, assumptions: dict = GPU_ASSUMPTIONS) -> list[GpuModelRow]:
     """The modeled GPU column: ResNet-20 CIFAR (9 blocks, N=128, K=10 and 100) and ResNet-18
     ImageNet (8 blocks, N=256, K=1000), from ``plan_fn(shapes, num_classes, dtypes)`` (default
     :func:`selkernels.ops.cuda_launch_plan`)."""
@@ -500,8 +559,14 @@ def modeled_gpu_rows(plan_fn: Optional[Callable] = None, assumptions: dict = GPU
     # launches: the plan's + autograd's in-place add of the SI gradient per layer (not in the plan)
     elem = torch.empty((), dtype=dtype).element_size()
     cases = [(f"resnet20 cifar10 N=128 K={k}", [(128,) + s for s in RESNET20_BLOCKS], k, None) for k in (10, 100)]
-    cases.append(("resnet18 imagenet N=256 K=1000", [(256,) + s for s in RESNET18_IMAGENET_BLOCKS], 1000,
-                  assumptions["resnet18_imagenet_step_ms"]))
+    cases.append(
+        (
+            "resnet18 imagenet N=256 K=1000",
+            [(256,) + s for s in RESNET18_IMAGENET_BLOCKS],
+            1000,
+            assumptions["resnet18_imagenet_step_ms"],
+        )
+    )
     rows = []
     for name, shapes, k, step_ms in cases:
         plan = plan_fn(shapes, k, [dtype] * len(shapes), sm_count=assumptions["sm_count"])
@@ -510,33 +575,70 @@ def modeled_gpu_rows(plan_fn: Optional[Callable] = None, assumptions: dict = GPU
 
 
 def format_gpu_table(rows: Sequence[GpuModelRow], assumptions: dict = GPU_ASSUMPTIONS) -> str:
-    header = ["case (modeled GPU)", "launches", "host syncs", "MB read", "MB written", "modeled ms", "% of step",
-              "floor ms", "floor %"]
-    body = [[r.case, str(r.launches), str(r.host_syncs), _fmt(r.mb_read, ".1f"), _fmt(r.mb_written, ".1f"),
-             _fmt(r.modeled_ms, ".3f"), _fmt(r.pct_of_step, ".2f"), _fmt(r.floor_ms, ".3f"), _fmt(r.floor_pct, ".2f")]
-            for r in rows]
+    header = [
+        "case (modeled GPU)",
+        "launches",
+        "host syncs",
+        "MB read",
+        "MB written",
+        "modeled ms",
+        "% of step",
+        "floor ms",
+        "floor %",
+    ]
+    body = [
+        [
+            r.case,
+            str(r.launches),
+            str(r.host_syncs),
+            _fmt(r.mb_read, ".1f"),
+            _fmt(r.mb_written, ".1f"),
+            _fmt(r.modeled_ms, ".3f"),
+            _fmt(r.pct_of_step, ".2f"),
+            _fmt(r.floor_ms, ".3f"),
+            _fmt(r.floor_pct, ".2f"),
+        ]
+        for r in rows
+    ]
     a = assumptions
-    return "\n".join(["[step, modeled GPU: per training step, forward + backward of the regularizer]"]
-                     + _render(header, body, 1)
-                     + [f"launches and bytes: selkernels.ops.cuda_launch_plan (grids for {a['sm_count']} SMs) plus "
-                        "autograd's in-place add of the SI gradient per layer; floor: one read of the outputs + "
-                        "read and write of their gradient",
-                        f"model: {a['bandwidth_gbs']:.0f} GB/s attained, {a['launch_us']} us per launch, "
-                        f"{a['host_sync_us']} us per host sync, {a['activation_dtype']} block outputs; % of an assumed "
-                        f"{a['resnet18_imagenet_step_ms']} ms ResNet-18 ImageNet step (batch 256, AMP, one A100)"])
+    return "\n".join(
+        ["[step, modeled GPU: per training step, forward + backward of the regularizer]"]
+        + _render(header, body, 1)
+        + [
+            f"launches and bytes: selkernels.ops.cuda_launch_plan (grids for {a['sm_count']} SMs) plus "
+            "autograd's in-place add of the SI gradient per layer; floor: one read of the outputs + "
+            "read and write of their gradient",
+            f"model: {a['bandwidth_gbs']:.0f} GB/s attained, {a['launch_us']} us per launch, "
+            f"{a['host_sync_us']} us per host sync, {a['activation_dtype']} block outputs; % of an assumed "
+            f"{a['resnet18_imagenet_step_ms']} ms ResNet-18 ImageNet step (batch 256, AMP, one A100)",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point (``selkernels bench`` runs this first)
 # ----------------------------------------------------------------------------------------------
-def main_step(device: str = "cpu", *, quick: bool = False, compile_variants: bool = True,
-              min_rounds: int = 5, min_run_time: float = 0.5, print_fn=print) -> Tuple[List[StepResult], str]:
-    results, notes = run_step_cases(step_cases(device, quick=quick, compile_variants=compile_variants), device,
-                                    min_rounds=min_rounds, min_run_time=min_run_time)
+def main_step(
+    device: str = "cpu",
+    *,
+    quick: bool = False,
+    compile_variants: bool = True,
+    min_rounds: int = 5,
+    min_run_time: float = 0.5,
+    print_fn=print,
+) -> tuple[list[StepResult], str]:
+    results, notes = run_step_cases(
+        step_cases(device, quick=quick, compile_variants=compile_variants),
+        device,
+        min_rounds=min_rounds,
+        min_run_time=min_run_time,
+    )
     table = format_step_table(results)
     print_fn(table)
-    print_fn("overhead: step ms minus the 'vs' variant's; % of step: of that variant's step; x floor: overhead / "
-             "the floor's overhead (one read of the outputs + in-place add of a broadcast gradient).")
+    print_fn(
+        "overhead: step ms minus the 'vs' variant's; % of step: of that variant's step; x floor: overhead / "
+        "the floor's overhead (one read of the outputs + in-place add of a broadcast gradient)."
+    )
     for key, note in notes.items():
         print_fn(f"{key}: {note}")
     try:

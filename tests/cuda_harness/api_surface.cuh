@@ -8,9 +8,10 @@ namespace selk_api_surface {
 
 __device__ __forceinline__ float helper(float x) { return rsqrtf(x) + __fdividef(x, 2.0f); }
 
-__global__ void __launch_bounds__(256) api_surface_kernel(
-    int* __restrict__ i, unsigned* __restrict__ u, unsigned long long* __restrict__ ull, long long* __restrict__ ll,
-    float* __restrict__ f, double* __restrict__ d, const float* __restrict__ cf, const long* __restrict__ cl) {
+__global__ void __launch_bounds__(256)
+    api_surface_kernel(int* __restrict__ i, unsigned* __restrict__ u, unsigned long long* __restrict__ ull,
+                       long long* __restrict__ ll, float* __restrict__ f, double* __restrict__ d,
+                       const float* __restrict__ cf, const long* __restrict__ cl) {
   __shared__ float s[256];
   SELK_EXTERN_SHARED(double, dyn);
   const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
@@ -70,8 +71,8 @@ __global__ void __launch_bounds__(256) api_surface_kernel(
   __syncwarp(0xffffffffu);
 
   unsigned misc = __popc(ballot) + __popcll(ullv) + __ffs(iv) + __ffsll(llv) + __clz(iv) + __clzll(llv) + any + all;
-  misc += (unsigned)__float_as_int(fv) + __float_as_uint(fv) + (unsigned)__int_as_float(iv) +
-          (unsigned)__uint_as_float(uv);
+  misc +=
+      (unsigned)__float_as_int(fv) + __float_as_uint(fv) + (unsigned)__int_as_float(iv) + (unsigned)__uint_as_float(uv);
   misc += (unsigned)__double_as_longlong(dv) + (unsigned)(__longlong_as_double(llv) != 0.0) + warpSize;
   misc += min(iv, 3) + max(iv, 3) + min(uv, 3u) + max(uv, 3u) + (unsigned)min(lv, 3l) + (unsigned)max(lv, 3l);
   misc += (unsigned)min(llv, 3ll) + (unsigned)max(llv, 3ll) + (unsigned)min(ullv, 3ull) + (unsigned)max(ullv, 3ull);

@@ -76,15 +76,14 @@ inline std::string expect_sim_error(const char* file, int line, const std::strin
     fn();
   } catch (const selk_sim::SimError& e) {
     const std::string msg = e.what();
-    if (msg.find(needle) == std::string::npos)
-      fail_at(file, line, "SimError without \"" + needle + "\": " + msg);
+    if (msg.find(needle) == std::string::npos) fail_at(file, line, "SimError without \"" + needle + "\": " + msg);
     return msg;
   }
   fail_at(file, line, "expected a selk_sim::SimError containing \"" + needle + "\", none was thrown");
 }
 
 struct ProcResult {
-  int status;  // exit code, or 128 + signal
+  int status;          // exit code, or 128 + signal
   std::string output;  // stdout and stderr
 };
 
@@ -156,8 +155,7 @@ inline int main(int argc, char** argv) {
   static ::selk_test::Reg selk_test_reg_##name(#name, &selk_test_##name, true); \
   static void selk_test_##name()
 
-#define SELK_CHECK(cond) \
-  ((cond) ? (void)0 : ::selk_test::fail_at(__FILE__, __LINE__, "check failed: " #cond))
+#define SELK_CHECK(cond) ((cond) ? (void)0 : ::selk_test::fail_at(__FILE__, __LINE__, "check failed: " #cond))
 #define SELK_CHECK_MSG(cond, msg) \
   ((cond) ? (void)0 : ::selk_test::fail_at(__FILE__, __LINE__, std::string("check failed: " #cond ": ") + (msg)))
 #define SELK_CHECK_CLOSE(got, want, rtol, atol) ::selk_test::check_close(__FILE__, __LINE__, got, want, rtol, atol)

@@ -1,6 +1,6 @@
 // Self-test of the CUDA-semantics harness (cuda_sim.h). Built and run by build.sh in each mode.
-#include "selftest_kernels.cuh"
 #include "api_surface.cuh"
+#include "selftest_kernels.cuh"
 
 #include <chrono>
 #include <cstdint>
@@ -78,7 +78,8 @@ SELK_TEST(warp_shuffle_reduction_grid_stride) {
     for (double x : in) ref += x;
     double out = 0;
     launch(7, 256, 0, warp_reduce_sum<double>, in.data(), &out, n);
-    SELK_CHECK_MSG(std::fabs(out - ref) <= 1e-9 * std::max(1.0, ref), std::to_string(out) + " vs " + std::to_string(ref));
+    SELK_CHECK_MSG(std::fabs(out - ref) <= 1e-9 * std::max(1.0, ref),
+                   std::to_string(out) + " vs " + std::to_string(ref));
     auto inf = iota_data<float>(n);
     float outf = 0;
     launch(3, 1024, 0, warp_reduce_sum<float>, inf.data(), &outf, n);
@@ -188,8 +189,7 @@ SELK_TEST(index_mapping_3d) {
           for (unsigned ty = 0; ty < 4; ++ty)
             for (unsigned tx = 0; tx < 8; ++tx) {
               const unsigned b = bx + 3 * (by + 2 * bz), t = tx + 8 * (ty + 4 * tz);
-              SELK_CHECK(out[b * 64 + t] ==
-                         (tx | (ty << 8) | (tz << 16) | (bx << 20) | (by << 24) | (bz << 28)));
+              SELK_CHECK(out[b * 64 + t] == (tx | (ty << 8) | (tz << 16) | (bx << 20) | (by << 24) | (bz << 28)));
             }
 }
 
@@ -256,7 +256,8 @@ SELK_TEST(launch_configuration_errors) {
 // ----- negative tests: the harness must catch these bugs ------------------------------------
 SELK_TEST(divergent_syncthreads_is_reported) {
   std::vector<float> out(128);
-  const auto msg = SELK_EXPECT_SIM_ERROR("divergent __syncthreads", launch(2, 64, 0, divergent_syncthreads, out.data()));
+  const auto msg =
+      SELK_EXPECT_SIM_ERROR("divergent __syncthreads", launch(2, 64, 0, divergent_syncthreads, out.data()));
   SELK_CHECK_MSG(msg.find("have exited") != std::string::npos, msg);
   SELK_CHECK_MSG(msg.find("selftest_kernels.cuh") != std::string::npos, msg);
   const auto msg2 =
@@ -389,7 +390,7 @@ SELK_SUBCASE(bench) {
   using clk = std::chrono::steady_clock;
   int out = 0;
   auto time = [&](auto&& f) {  // best of 5 (the dev box is noisy)
-    f();  // warm-up (allocates fiber stacks)
+    f();                       // warm-up (allocates fiber stacks)
     double best = 1e30;
     for (int r = 0; r < 5; ++r) {
       const auto t0 = clk::now();
@@ -407,6 +408,7 @@ SELK_SUBCASE(bench) {
         "threads/block %4d: %7.2f us per block (empty kernel, %.1f ns per thread), "
         "%5.1f ns per thread per __syncthreads, %5.1f ns per thread per shuffle\n",
         threads, 1e6 * t_empty / blocks, 1e9 * t_empty / (double(blocks) * threads),
-        1e9 * (t_bar - t_empty) / (double(blocks) * threads * 20), 1e9 * (t_shfl - t_empty) / (double(blocks) * threads * 20));
+        1e9 * (t_bar - t_empty) / (double(blocks) * threads * 20),
+        1e9 * (t_shfl - t_empty) / (double(blocks) * threads * 20));
   }
 }

@@ -33,7 +33,8 @@ std::vector<double> randn(size_t n, unsigned seed, double offset = 0.0) {
 // Labels outside [0, K) are allowed: they must be skipped.
 template <typename scalar_t, typename gemm_t>
 void class_update(const std::vector<scalar_t>& x, const std::vector<int64_t>& labels, int64_t K, int64_t D,
-                  std::vector<int64_t>& count, std::vector<double>& mean, std::vector<double>& m2, unsigned blocks = 3) {
+                  std::vector<int64_t>& count, std::vector<double>& mean, std::vector<double>& m2,
+                  unsigned blocks = 3) {
   using namespace selk::cuda;
   const int64_t N = static_cast<int64_t>(labels.size());
   std::vector<int64_t> order(N);
@@ -51,9 +52,9 @@ void class_update(const std::vector<scalar_t>& x, const std::vector<int64_t>& la
   std::vector<double> rem(max_present * D, -1.0), delta(max_present * D, -1.0), weights(2 * max_present, -1.0);
   std::vector<gemm_t> shift(max_present * D, gemm_t(-1));
   const int64_t mean_items = max_present * ((D + kMeanCols - 1) / kMeanCols);
-  launch(blocks, dim3(kMeanCols, kMeanRowGroups), 0, class_batch_mean_kernel<scalar_t, gemm_t>, x.data(),
-         order.data(), offsets.data(), present.data(), &num_present, count.data(), mean.data(), D, mean_items,
-         shift.data(), rem.data(), delta.data(), weights.data());
+  launch(blocks, dim3(kMeanCols, kMeanRowGroups), 0, class_batch_mean_kernel<scalar_t, gemm_t>, x.data(), order.data(),
+         offsets.data(), present.data(), &num_present, count.data(), mean.data(), D, mean_items, shift.data(),
+         rem.data(), delta.data(), weights.data());
   std::vector<gemm_t> xc(N * D, gemm_t(-1));
   launch(blocks, kThreads, 0, class_center_rows_kernel<scalar_t, gemm_t>, x.data(), order.data(), sorted.data(),
          rank.data(), shift.data(), N, D, K, xc.data());
@@ -62,8 +63,8 @@ void class_update(const std::vector<scalar_t>& x, const std::vector<int64_t>& la
     for (int64_t i = 0; i < D; ++i)
       for (int64_t j = 0; j < D; ++j)
         for (int64_t r = 0; r < N; ++r) gram[i * D + j] += xc[r * D + i] * xc[r * D + j];
-    launch(blocks, kThreads, 0, class_merge_gram_kernel<gemm_t>, gram.data(), offsets.data(), rem.data(),
-           delta.data(), weights.data(), D, m2.data());
+    launch(blocks, kThreads, 0, class_merge_gram_kernel<gemm_t>, gram.data(), offsets.data(), rem.data(), delta.data(),
+           weights.data(), D, m2.data());
   } else {
     const int64_t T = (D + kGramTile - 1) / kGramTile;
     const int64_t gram_items = max_present * (T * (T + 1) / 2);
@@ -149,8 +150,7 @@ SELK_TEST(class_moments_float32_gemm) {
     reference_moments(xr, labels, k, D, n, want_mean, want_m2);
     SELK_CHECK(count[k] == n);
     SELK_CHECK_CLOSE(std::vector<double>(mean.begin() + k * D, mean.begin() + (k + 1) * D), want_mean, 1e-12, 0);
-    SELK_CHECK_CLOSE(std::vector<double>(m2.begin() + k * D * D, m2.begin() + (k + 1) * D * D), want_m2, 1e-5,
-                     1e-4);
+    SELK_CHECK_CLOSE(std::vector<double>(m2.begin() + k * D * D, m2.begin() + (k + 1) * D * D), want_m2, 1e-5, 1e-4);
   }
 }
 

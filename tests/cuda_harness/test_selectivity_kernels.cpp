@@ -69,9 +69,12 @@ Problem make_problem(int64_t N, int64_t C, int64_t S, int64_t K, int64_t classes
   p.labels.resize(N);
   for (int64_t n = 0; n < N; ++n) {
     const unsigned r = rng() % 20;
-    if (r == 0) p.labels[n] = p.ignore;
-    else if (r == 1) p.labels[n] = (rng() % 2) ? K + 3 : -5;  // out of range: skipped, never indexed
-    else p.labels[n] = static_cast<int64_t>(rng() % classes_used);
+    if (r == 0)
+      p.labels[n] = p.ignore;
+    else if (r == 1)
+      p.labels[n] = (rng() % 2) ? K + 3 : -5;  // out of range: skipped, never indexed
+    else
+      p.labels[n] = static_cast<int64_t>(rng() % classes_used);
   }
   p.x.resize(N * C * S);
   for (auto& v : p.x) {
@@ -208,9 +211,12 @@ LayerData<T> make_layer(const Problem& p, Layout layout) {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t s = 0; s < S; ++s) {
         const T v = encode<T>(p.x[(n * C + c) * S + s]);
-        if (layout == Layout::kNCHW) d.x[(n * C + c) * S + s] = v;
-        else if (layout == Layout::kPositionsMajor) d.x[(n * S + s) * C + c] = v;
-        else d.x[c * N + n] = v;  // [N, C] with strides (1, N)
+        if (layout == Layout::kNCHW)
+          d.x[(n * C + c) * S + s] = v;
+        else if (layout == Layout::kPositionsMajor)
+          d.x[(n * S + s) * C + c] = v;
+        else
+          d.x[c * N + n] = v;  // [N, C] with strides (1, N)
       }
   d.a.assign(std::max<int64_t>(N * C, 1), std::nan(""));
   d.means.assign(p.K * C, std::nan(""));
@@ -270,15 +276,15 @@ void run_class_si(std::vector<LayerData<T>>& layers, const Segs& s, int64_t K, d
     d.C = layers[j].p.C;
     grid = std::max(grid, class_tiles(d.C));
   }
-  selk_sim::launch(dim3(static_cast<unsigned>(grid), static_cast<unsigned>(layers.size())),
-                   dim3(kWarpSize, kClassRows), class_si_smem_bytes<acc_t>(), class_si_kernel<acc_t>, table,
-                   s.counts.data(), s.offsets.data(), s.order.data(), &s.invalid, K, static_cast<acc_t>(eps));
+  selk_sim::launch(dim3(static_cast<unsigned>(grid), static_cast<unsigned>(layers.size())), dim3(kWarpSize, kClassRows),
+                   class_si_smem_bytes<acc_t>(), class_si_kernel<acc_t>, table, s.counts.data(), s.offsets.data(),
+                   s.order.data(), &s.invalid, K, static_cast<acc_t>(eps));
 }
 
 // Reference coefficients: dSI/dmu_max and dSI/dmu_rest / (P - 1) read off the finite-difference
 // gradient of the reference SI (grad_si = 1), and the argmax.
-void ref_coeffs(const Ref& r, int64_t K, int64_t C, double eps, std::vector<double>& g_max,
-                std::vector<double>& g_rest, std::vector<int64_t>& argmax) {
+void ref_coeffs(const Ref& r, int64_t K, int64_t C, double eps, std::vector<double>& g_max, std::vector<double>& g_rest,
+                std::vector<int64_t>& argmax) {
   const std::vector<double> fd = fd_si_grad(r.means, r.counts, std::vector<double>(C, 1.0), K, C, eps);
   g_max.assign(C, 0.0);
   g_rest.assign(C, 0.0);
@@ -303,7 +309,8 @@ void check_layers(std::vector<LayerData<T>>& layers, const Segs& s, double eps) 
   const double tol = f64 ? 1e-12 : 2e-6;  // fp32 accumulation of exact inputs
   for (LayerData<T>& L : layers) {
     const Ref r = reference(L.p, eps);
-    if (L.p.N * L.p.C > 0) SELK_CHECK_CLOSE(std::vector<double>(L.a.begin(), L.a.begin() + L.p.N * L.p.C), r.a, tol, tol);
+    if (L.p.N * L.p.C > 0)
+      SELK_CHECK_CLOSE(std::vector<double>(L.a.begin(), L.a.begin() + L.p.N * L.p.C), r.a, tol, tol);
     SELK_CHECK_CLOSE(L.means, r.means, tol, tol);
     SELK_CHECK_CLOSE(L.si, r.si, f64 ? 1e-10 : 2e-4, f64 ? 1e-12 : 1e-5);
     std::vector<double> g_max, g_rest;
@@ -320,8 +327,9 @@ void check_layers(std::vector<LayerData<T>>& layers, const Segs& s, double eps) 
 
 // A forward over several layers sharing the labels: per-layer C, S and layout, one launch each.
 template <class T>
-void forward_layers(int64_t N, int64_t K, int64_t classes_used, const std::vector<std::tuple<int64_t, int64_t, Layout>>& shapes,
-                    unsigned seg_threads, int64_t sm_count, unsigned seed) {
+void forward_layers(int64_t N, int64_t K, int64_t classes_used,
+                    const std::vector<std::tuple<int64_t, int64_t, Layout>>& shapes, unsigned seg_threads,
+                    int64_t sm_count, unsigned seed) {
   const double eps = 1e-7;
   Problem base = make_problem(N, 1, 1, K, classes_used, seed);
   for (auto& l : base.labels)  // invalid labels have their own test (NaN results)
@@ -348,10 +356,15 @@ void forward_all_layouts() {
   // rows per warp), 6 and 3 (scalar loads, sub-warp groups); positions-major with C = 40 (a
   // partial channel tile) and C = 3; S == 1 strided. All in one launch per kernel; sm_count = 1
   // caps the grids at 32 blocks, so the larger layers grid-stride while the small ones idle.
-  const std::vector<std::tuple<int64_t, int64_t, Layout>> shapes = {
-      {11, 49, Layout::kNCHW},          {11, 4, Layout::kNCHW},           {7, 16, Layout::kNCHW},
-      {5, 6, Layout::kNCHW},            {40, 9, Layout::kPositionsMajor}, {3, 2, Layout::kPositionsMajor},
-      {13, 1, Layout::kStrided2d},      {2, 3, Layout::kNCHW},            {37, 1, Layout::kNCHW}};
+  const std::vector<std::tuple<int64_t, int64_t, Layout>> shapes = {{11, 49, Layout::kNCHW},
+                                                                    {11, 4, Layout::kNCHW},
+                                                                    {7, 16, Layout::kNCHW},
+                                                                    {5, 6, Layout::kNCHW},
+                                                                    {40, 9, Layout::kPositionsMajor},
+                                                                    {3, 2, Layout::kPositionsMajor},
+                                                                    {13, 1, Layout::kStrided2d},
+                                                                    {2, 3, Layout::kNCHW},
+                                                                    {37, 1, Layout::kNCHW}};
   forward_layers<T>(37, 7, 6, shapes, 64, 1, 3);
   forward_layers<T>(23, 5, 5, {{40, 9, Layout::kPositionsMajor}, {9, 3, Layout::kNCHW}}, 32, 132, 11);
 }
@@ -451,7 +464,7 @@ SELK_TEST(half_and_bfloat16_conversions) {
   std::mt19937 rng(3);
   for (int i = 0; i < 200000; ++i) {
     uint32_t u = rng() & 0x7fffffffu;
-    u = (u % 0x08000000u) + 0x30000000u;  // |v| from ~5e-10 to ~1.3e5
+    u = (u % 0x08000000u) + 0x30000000u;           // |v| from ~5e-10 to ~1.3e5
     if (i % 3 == 0) u = (u & ~0x1fffu) | 0x1000u;  // exact half-way cases
     float v;
     std::memcpy(&v, &u, 4);
@@ -466,11 +479,13 @@ SELK_TEST(half_and_bfloat16_conversions) {
     const double e = std::fabs(got - v);
     if ((h.bits & 0x7fff) != 0x7bff) SELK_CHECK(e <= std::fabs(decode(up) - v));
     if ((h.bits & 0x7fff) != 0) SELK_CHECK(e <= std::fabs(decode(down) - v));
-    if ((h.bits & 0x7fff) != 0 && (h.bits & 0x7fff) != 0x7bff && (e == std::fabs(decode(up) - v) || e == std::fabs(decode(down) - v)))
+    if ((h.bits & 0x7fff) != 0 && (h.bits & 0x7fff) != 0x7bff &&
+        (e == std::fabs(decode(up) - v) || e == std::fabs(decode(down) - v)))
       SELK_CHECK((h.bits & 1) == 0);
     const bf16_t g = from_float<bf16_t>(v);
     const double gd = decode(g);
-    const double gup = decode(bf16_t{static_cast<uint16_t>(g.bits + 1)}), gdn = decode(bf16_t{static_cast<uint16_t>(g.bits - 1)});
+    const double gup = decode(bf16_t{static_cast<uint16_t>(g.bits + 1)}),
+                 gdn = decode(bf16_t{static_cast<uint16_t>(g.bits - 1)});
     const double ge = std::fabs(gd - v);
     SELK_CHECK(ge <= std::fabs(gup - v) && ge <= std::fabs(gdn - v));
     if (ge == std::fabs(gup - v) || ge == std::fabs(gdn - v)) SELK_CHECK((g.bits & 1) == 0);

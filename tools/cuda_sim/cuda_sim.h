@@ -189,28 +189,37 @@ enum BOp : unsigned char { kBarPlain, kBarCount, kBarAnd, kBarOr };
 
 inline const char* wop_name(unsigned char op) {
   switch (op) {
-    case kSyncwarp: return "__syncwarp";
-    case kShfl: return "__shfl_sync";
-    case kShflUp: return "__shfl_up_sync";
-    case kShflDown: return "__shfl_down_sync";
-    case kShflXor: return "__shfl_xor_sync";
-    case kBallot: return "__ballot_sync";
-    case kAny: return "__any_sync";
-    case kAll: return "__all_sync";
-    default: return "?";
+    case kSyncwarp:
+      return "__syncwarp";
+    case kShfl:
+      return "__shfl_sync";
+    case kShflUp:
+      return "__shfl_up_sync";
+    case kShflDown:
+      return "__shfl_down_sync";
+    case kShflXor:
+      return "__shfl_xor_sync";
+    case kBallot:
+      return "__ballot_sync";
+    case kAny:
+      return "__any_sync";
+    case kAll:
+      return "__all_sync";
+    default:
+      return "?";
   }
 }
 
 struct alignas(64) Fiber {
-  void* sp = nullptr;              // saved stack pointer while suspended
-  unsigned char* map = nullptr;    // mmap base (guard page first)
+  void* sp = nullptr;            // saved stack pointer while suspended
+  unsigned char* map = nullptr;  // mmap base (guard page first)
   size_t map_bytes = 0;
   unsigned char* stack_lo = nullptr;
   size_t stack_bytes = 0;
   size_t stagger = 0;
   uint3 tid{0, 0, 0};
   unsigned linear = 0;
-  unsigned char st = kReady;       // St, accessed with rd/wr
+  unsigned char st = kReady;  // St, accessed with rd/wr
   // Site and operands of the barrier / warp collective this fiber waits at.
   const char* file = nullptr;
   unsigned line = 0;
@@ -231,10 +240,10 @@ struct Sim {
   Stats stats;
   std::vector<std::unique_ptr<Fiber>> pool;
   size_t pool_stack_bytes = 0;
-  bool pool_dirty = false;         // a block was abandoned (error): reset sanitizer fiber state
+  bool pool_dirty = false;  // a block was abandoned (error): reset sanitizer fiber state
 
   void* main_sp = nullptr;
-  Fiber* cur = nullptr;            // running fiber (rd/wr), nullptr in the scheduler
+  Fiber* cur = nullptr;  // running fiber (rd/wr), nullptr in the scheduler
   void* main_tsan_fiber = nullptr;
   const void* main_stack_bottom = nullptr;
   size_t main_stack_size = 0;
@@ -373,8 +382,7 @@ inline void ensure_pool(unsigned n) {
   while (s.pool.size() < n) {
     auto f = std::make_unique<Fiber>();
     f->map_bytes = want + page;
-    void* m = mmap(nullptr, f->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    void* m = mmap(nullptr, f->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) fail("mmap of a fiber stack failed");
     f->map = static_cast<unsigned char*>(m);
     mprotect(f->map, page, PROT_NONE);  // guard page below the stack
@@ -454,15 +462,15 @@ inline void init_fiber(Fiber* f) {
   // Stagger the stack tops: equal page offsets would put every fiber's hot frames in the same
   // L1/L2 cache sets (measured: ~3x slower switches).
   unsigned char* top = f->stack_lo + f->stack_bytes - f->stagger;
-  void** s = reinterpret_cast<void**>(top - 16);      // rsp at the trampoline: 16-aligned
+  void** s = reinterpret_cast<void**>(top - 16);  // rsp at the trampoline: 16-aligned
   void** sp = s - 8;
   sp[7] = reinterpret_cast<void*>(&selk_sim_trampoline);
-  sp[6] = nullptr;                                    // rbp
-  sp[5] = nullptr;                                    // rbx
-  sp[4] = f;                                          // r12: argument
-  sp[3] = reinterpret_cast<void*>(&fiber_entry);      // r13: function
-  sp[2] = nullptr;                                    // r14
-  sp[1] = nullptr;                                    // r15
+  sp[6] = nullptr;                                // rbp
+  sp[5] = nullptr;                                // rbx
+  sp[4] = f;                                      // r12: argument
+  sp[3] = reinterpret_cast<void*>(&fiber_entry);  // r13: function
+  sp[2] = nullptr;                                // r14
+  sp[1] = nullptr;                                // r15
   f->sp = sp;
 }
 
@@ -569,13 +577,15 @@ inline uint64_t warp_op(WOp op, unsigned mask, uint64_t bits, unsigned size, int
   Sim& s = sim();
   Fiber* f = current_fiber(wop_name(op));
   if (mask != 0xffffffffu) {
-    fail(std::string(wop_name(op)) + " at " + site(loc.file_name(), loc.line()) + ": mask 0x" +
-         [&] { char b[16]; std::snprintf(b, sizeof b, "%08x", mask); return std::string(b); }() +
-         " is not supported (the harness models full-warp collectives only)");
+    fail(std::string(wop_name(op)) + " at " + site(loc.file_name(), loc.line()) + ": mask 0x" + [&] {
+      char b[16];
+      std::snprintf(b, sizeof b, "%08x", mask);
+      return std::string(b);
+    }() + " is not supported (the harness models full-warp collectives only)");
   }
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
-    fail(std::string(wop_name(op)) + " at " + site(loc.file_name(), loc.line()) + ": width " +
-         std::to_string(width) + " is not a power of two in [1, 32]");
+    fail(std::string(wop_name(op)) + " at " + site(loc.file_name(), loc.line()) + ": width " + std::to_string(width) +
+         " is not a power of two in [1, 32]");
   }
   wr(f->file, loc.file_name());
   wr(f->line, loc.line());
@@ -647,8 +657,8 @@ inline void resolve_warp(unsigned w, unsigned lane0, unsigned nlanes) {
       abandon_block();
       fail("warp collective mismatch in block " + fmt3(s.block_idx) + ", warp " + std::to_string(w) + ": lane 0 " +
            fmt3(first->tid) + " is at " + wop_name(op) + " (" + site(rd(first->file), rd(first->line)) + "), lane " +
-           std::to_string(l) + " " + fmt3(f->tid) + " at " + wop_name(rd(f->op)) + " (" + site(rd(f->file), rd(f->line)) +
-           ")" + (rd(f->op) == op ? " with a different value type" : ""));
+           std::to_string(l) + " " + fmt3(f->tid) + " at " + wop_name(rd(f->op)) + " (" +
+           site(rd(f->file), rd(f->line)) + ")" + (rd(f->op) == op ? " with a different value type" : ""));
     }
   }
   uint64_t vals[32];
@@ -671,15 +681,34 @@ inline void resolve_warp(unsigned w, unsigned lane0, unsigned nlanes) {
     uint64_t r = 0;
     int src = -1;
     switch (op) {
-      case kSyncwarp: break;
-      case kBallot: r = ballot; break;
-      case kAny: r = any; break;
-      case kAll: r = all; break;
-      case kShfl: src = seg_lo + (arg & (width - 1)); break;
-      case kShflUp: src = static_cast<int>(l) - arg; if (src < seg_lo) src = static_cast<int>(l); break;
-      case kShflDown: src = static_cast<int>(l) + arg; if (src >= seg_hi) src = static_cast<int>(l); break;
-      case kShflXor: src = static_cast<int>(l) ^ arg; if (src >= seg_hi) src = static_cast<int>(l); break;
-      default: break;
+      case kSyncwarp:
+        break;
+      case kBallot:
+        r = ballot;
+        break;
+      case kAny:
+        r = any;
+        break;
+      case kAll:
+        r = all;
+        break;
+      case kShfl:
+        src = seg_lo + (arg & (width - 1));
+        break;
+      case kShflUp:
+        src = static_cast<int>(l) - arg;
+        if (src < seg_lo) src = static_cast<int>(l);
+        break;
+      case kShflDown:
+        src = static_cast<int>(l) + arg;
+        if (src >= seg_hi) src = static_cast<int>(l);
+        break;
+      case kShflXor:
+        src = static_cast<int>(l) ^ arg;
+        if (src >= seg_hi) src = static_cast<int>(l);
+        break;
+      default:
+        break;
     }
     if (src >= 0) {
       // A lane past the end of a partial last warp does not exist: its value is poison.
@@ -694,10 +723,14 @@ inline void resolve_warp(unsigned w, unsigned lane0, unsigned nlanes) {
 
 inline std::string describe(Fiber* f) {
   switch (rd(f->st)) {
-    case kBarrier: return "waits at __syncthreads (" + site(rd(f->file), rd(f->line)) + ")";
-    case kWarp: return std::string("waits at ") + wop_name(rd(f->op)) + " (" + site(rd(f->file), rd(f->line)) + ")";
-    case kExited: return "has exited";
-    default: return "is runnable";
+    case kBarrier:
+      return "waits at __syncthreads (" + site(rd(f->file), rd(f->line)) + ")";
+    case kWarp:
+      return std::string("waits at ") + wop_name(rd(f->op)) + " (" + site(rd(f->file), rd(f->line)) + ")";
+    case kExited:
+      return "has exited";
+    default:
+      return "is runnable";
   }
 }
 
@@ -725,14 +758,22 @@ inline void run_block() {
       Fiber* f = s.pool[i].get();
       if (rd(f->st) == kReady) resume(f);
       switch (rd(f->st)) {
-        case kExited: ++n_exited; break;
-        case kBarrier: ++n_bar; break;
-        case kWarp: ++n_warp; ++warp_arrived[i / 32]; break;
+        case kExited:
+          ++n_exited;
+          break;
+        case kBarrier:
+          ++n_bar;
+          break;
+        case kWarp:
+          ++n_warp;
+          ++warp_arrived[i / 32];
+          break;
         case kFailed:
           tsan_acquire(&s.end_sync);
           abandon_block();
           std::rethrow_exception(f->exc);
-        default: break;
+        default:
+          break;
       }
     }
     if (n_exited == n) break;
@@ -774,8 +815,9 @@ inline void run_block() {
         if (rd(s.pool[i]->st) == kExited) gone = s.pool[i].get();
       abandon_block();
       fail("divergent __syncthreads in block " + fmt3(s.block_idx) + ": " + std::to_string(n_bar) +
-           " threads wait at a barrier (e.g. thread " + fmt3(first->tid) + " at " + site(rd(first->file), rd(first->line)) +
-           ") but " + std::to_string(n_exited) + " threads have exited (e.g. thread " + fmt3(gone->tid) + ")");
+           " threads wait at a barrier (e.g. thread " + fmt3(first->tid) + " at " +
+           site(rd(first->file), rd(first->line)) + ") but " + std::to_string(n_exited) +
+           " threads have exited (e.g. thread " + fmt3(gone->tid) + ")");
     }
     const unsigned char bop = rd(first->op);
     uint64_t count = 0;
@@ -785,8 +827,8 @@ inline void run_block() {
       if (rd(f->line) != rd(first->line) || (ff != rd(first->file) && std::strcmp(ff, rd(first->file)) != 0) ||
           rd(f->op) != bop) {
         abandon_block();
-        fail("divergent __syncthreads in block " + fmt3(s.block_idx) + ": thread " + fmt3(first->tid) +
-             " waits at " + site(rd(first->file), rd(first->line)) + ", thread " + fmt3(f->tid) + " at " +
+        fail("divergent __syncthreads in block " + fmt3(s.block_idx) + ": thread " + fmt3(first->tid) + " waits at " +
+             site(rd(first->file), rd(first->line)) + ", thread " + fmt3(f->tid) + " at " +
              site(rd(f->file), rd(f->line)));
       }
       count += rd(f->val);
@@ -850,7 +892,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t dyn_smem, void (*invoke)(void
   if (permute) {
     border.resize(nblocks);
     for (uint64_t b = 0; b < nblocks; ++b) border[b] = b;
-    if (s.cfg.seed == 1) std::reverse(border.begin(), border.end());
+    if (s.cfg.seed == 1)
+      std::reverse(border.begin(), border.end());
     else
       for (uint64_t i = nblocks; i > 1; --i) std::swap(border[i - 1], border[next_rand(s.rng) % i]);
   }
@@ -939,7 +982,8 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, std::source_location loc = s
   ::selk_sim::detail::warp_op(::selk_sim::detail::kSyncwarp, mask, 0, 0, 0, 32, loc);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
-  return static_cast<unsigned>(::selk_sim::detail::warp_op(::selk_sim::detail::kBallot, mask, pred != 0, 4, 0, 32, loc));
+  return static_cast<unsigned>(
+      ::selk_sim::detail::warp_op(::selk_sim::detail::kBallot, mask, pred != 0, 4, 0, 32, loc));
 }
 inline int __any_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
   return static_cast<int>(::selk_sim::detail::warp_op(::selk_sim::detail::kAny, mask, pred != 0, 4, 0, 32, loc));
@@ -948,13 +992,12 @@ inline int __all_sync(unsigned mask, int pred, std::source_location loc = std::s
   return static_cast<int>(::selk_sim::detail::warp_op(::selk_sim::detail::kAll, mask, pred != 0, 4, 0, 32, loc));
 }
 
-#define SELK_SIM_SHFL(NAME, OP, ARGT)                                                                      \
-  template <class T, std::enable_if_t<::selk_sim::detail::shfl_type_v<T>, int> = 0>                        \
-  inline T NAME(unsigned mask, T var, ARGT a, int width = 32,                                              \
-                std::source_location loc = std::source_location::current()) {                              \
-    return ::selk_sim::detail::from_bits<T>(::selk_sim::detail::warp_op(                                   \
-        ::selk_sim::detail::OP, mask, ::selk_sim::detail::to_bits(var), sizeof(T), static_cast<int>(a), width, \
-        loc));                                                                                             \
+#define SELK_SIM_SHFL(NAME, OP, ARGT)                                                                                 \
+  template <class T, std::enable_if_t<::selk_sim::detail::shfl_type_v<T>, int> = 0>                                   \
+  inline T NAME(unsigned mask, T var, ARGT a, int width = 32,                                                         \
+                std::source_location loc = std::source_location::current()) {                                         \
+    return ::selk_sim::detail::from_bits<T>(::selk_sim::detail::warp_op(                                              \
+        ::selk_sim::detail::OP, mask, ::selk_sim::detail::to_bits(var), sizeof(T), static_cast<int>(a), width, loc)); \
   }
 SELK_SIM_SHFL(__shfl_sync, kShfl, int)
 SELK_SIM_SHFL(__shfl_up_sync, kShflUp, unsigned int)
@@ -973,27 +1016,25 @@ inline T __ldg(const T* p) {
 
 // Atomics: exactly CUDA's overload set for these types (so e.g. atomicAdd(int64_t*, ...) or
 // atomicMax(float*, ...) fail to compile here as under nvcc). Relaxed, as CUDA's are.
-#define SELK_SIM_ATOMIC_INT(T)                                                                           \
-  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }                   \
-  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }                 \
-  inline T atomicMin(T* p, T v) {                                                                        \
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                        \
-    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) \
-      ;                                                                                                  \
-    return old;                                                                                          \
-  }                                                                                                      \
-  inline T atomicMax(T* p, T v) {                                                                        \
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                        \
-    while (v > old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) \
-      ;                                                                                                  \
-    return old;                                                                                          \
-  }                                                                                                      \
-  inline T atomicCAS(T* p, T cmp, T v) {                                                                 \
-    __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);                  \
-    return cmp;                                                                                          \
-  }                                                                                                      \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }                   \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }                     \
+#define SELK_SIM_ATOMIC_INT(T)                                                                             \
+  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }                     \
+  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }                   \
+  inline T atomicMin(T* p, T v) {                                                                          \
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                          \
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)); \
+    return old;                                                                                            \
+  }                                                                                                        \
+  inline T atomicMax(T* p, T v) {                                                                          \
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                          \
+    while (v > old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)); \
+    return old;                                                                                            \
+  }                                                                                                        \
+  inline T atomicCAS(T* p, T cmp, T v) {                                                                   \
+    __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);                    \
+    return cmp;                                                                                            \
+  }                                                                                                        \
+  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }                     \
+  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }                       \
   inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }
 SELK_SIM_ATOMIC_INT(int)
 SELK_SIM_ATOMIC_INT(unsigned int)
