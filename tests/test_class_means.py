@@ -37,6 +37,21 @@ def test_matches_numpy(dtype, spatial):
     np.testing.assert_allclose(means.double().numpy(), ref_means, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_every_row_length_matches_numpy(dtype):
+    """The CPU kernel picks a code path by the number of positions S (scalar rows below 8, two rows
+    per vector at 4, eight rows per group up to 64 with masked tails, streamed rows above; compile-time
+    lengths at 16, 49 and 64): every S up to 70, and longer rows with and without a tail, on row
+    counts that leave partial groups."""
+    for s in list(range(1, 71)) + [96, 196, 257]:
+        x, labels = make_batch(n=7, c=3, spatial=(s,), k=4, dtype=dtype, relu=False, seed=s)
+        means, _ = selkernels.class_means(x, labels, 4)
+        ref_means, _ = numpy_class_means(x, labels, 4)
+        np.testing.assert_allclose(
+            means.double().numpy(), ref_means, rtol=TOL[dtype], atol=TOL[dtype], err_msg=f"S={s}"
+        )
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 def test_layouts_match_contiguous(layout):
     x, labels = make_batch(n=20, c=8, spatial=(5, 6), k=4, dtype=torch.float32)

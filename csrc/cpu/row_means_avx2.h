@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -31,13 +32,14 @@ SELK_AVX2 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// The last S % 8 elements of a row, zero-padded (never reads past the row).
+// The last n (1..7) elements of a row of at least 8, as the upper n lanes of the row's last eight
+// values with the lower 8 - n lanes zeroed: stays inside the row, no per-row copy.
 template <typename T>
-SELK_AVX2 inline __m256 load_tail(const T* p, int64_t n) {
-  T buf[8];
-  std::memset(static_cast<void*>(buf), 0, sizeof(buf));
-  std::memcpy(static_cast<void*>(buf), p, n * sizeof(T));
-  return load8(buf);
+SELK_AVX2 inline __m256 load_tail(const T* row_end, int64_t n) {
+  static const int32_t ramp[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ramp)),
+                                          _mm256_set1_epi32(static_cast<int32_t>(7 - n)));
+  return _mm256_and_ps(load8(row_end - 8), _mm256_castsi256_ps(keep));
 }
 
 // Lane j of the result = sum of the lanes of v[j].
@@ -79,7 +81,7 @@ struct PairwiseVector {
   }
 };
 
-// Rows of 64 and more: one sequential stream per row (eight interleaved streams that end every few
+// Rows longer than 64: one sequential stream per row (eight interleaved streams that end every few
 // cache lines defeat the hardware prefetcher), 32 values at a time summed as a tree, the groups
 // combined pairwise.
 template <typename T>
@@ -93,16 +95,50 @@ SELK_AVX2 void long_row_means(const T* p, int64_t rows, int64_t S, float scale, 
                              _mm256_add_ps(load8(row + i + 16), load8(row + i + 24))));
     __m256 rest = _mm256_setzero_ps();
     for (; i + 8 <= S; i += 8) rest = _mm256_add_ps(rest, load8(row + i));
-    if (i < S) rest = _mm256_add_ps(rest, load_tail(row + i, S - i));
+    if (i < S) rest = _mm256_add_ps(rest, load_tail(row + S, S - i));
     sum.push(rest);
     out[r] = horizontal_sum(sum.total()) * scale;
   }
 }
 
-// out[r] = scale * sum of row r, rows r < count of the [rows, S] block starting at p.
+// Rows of four (2x2 positions): two rows per vector, eight rows reduced by two rounds of pairwise
+// adds.
 template <typename T>
-SELK_AVX2 void row_means(const T* p, int64_t rows, int64_t S, float scale, float* out) {
-  if (S >= 64) return long_row_means(p, rows, S, scale, out);
+SELK_AVX2 void quad_row_means(const T* p, int64_t rows, float scale, float* out) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    const T* b = p + r0 * 4;
+    // hadd pairs within 128-bit halves: lanes hold rows (0 2 4 6 | 1 3 5 7) after two rounds
+    const __m256 h01 = _mm256_hadd_ps(load8(b), load8(b + 8));        // r0 r0 r2 r2 | r1 r1 r3 r3
+    const __m256 h23 = _mm256_hadd_ps(load8(b + 16), load8(b + 24));  // r4 r4 r6 r6 | r5 r5 r7 r7
+    const __m256 sums = _mm256_hadd_ps(h01, h23);                     // r0 r2 r4 r6 | r1 r3 r5 r7
+    const __m256 ordered = _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_ps(out + r0, _mm256_mul_ps(ordered, vscale));
+  }
+  for (; r0 < rows; ++r0) {
+    const T* row = p + r0 * 4;
+    out[r0] = ((static_cast<float>(row[0]) + static_cast<float>(row[1])) +
+               (static_cast<float>(row[2]) + static_cast<float>(row[3]))) *
+              scale;
+  }
+}
+
+// Rows shorter than 8 other than 4 (rare shapes): a scalar loop.
+template <typename T>
+SELK_AVX2 void tiny_row_means(const T* p, int64_t rows, int64_t S, float scale, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < S; ++i) sum += static_cast<float>(p[r * S + i]);
+    out[r] = sum * scale;
+  }
+}
+
+// Rows of 8 to 64 elements (64 included: whose groups of eight rows are one contiguous 2 KB block
+// the prefetcher follows): eight rows at a time. `S` is an int64_t or a std::integral_constant, so
+// the common late-stage sizes get loops with a compile-time trip count (unrolled, no tail code).
+template <typename T, typename Size>
+SELK_AVX2 inline void grouped_row_means(const T* p, int64_t rows, Size S, float scale, float* out) {
   const int64_t full = S / 8 * 8;
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
@@ -115,7 +151,7 @@ SELK_AVX2 void row_means(const T* p, int64_t rows, int64_t S, float scale, float
     for (int64_t i = 0; i < full; i += 8)
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_ps(acc[j], load8(row[j] + i));
     if (full < S)
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_ps(acc[j], load_tail(row[j] + full, S - full));
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_ps(acc[j], load_tail(row[j] + S, S - full));
     const __m256 means = _mm256_mul_ps(transpose_sum8(acc), vscale);
     if (valid == 8) {
       _mm256_storeu_ps(out + r0, means);
@@ -124,6 +160,25 @@ SELK_AVX2 void row_means(const T* p, int64_t rows, int64_t S, float scale, float
       _mm256_storeu_ps(tmp, means);
       std::memcpy(out + r0, tmp, valid * sizeof(float));
     }
+  }
+}
+
+// out[r] = scale * sum of row r, rows r < count of the [rows, S] block starting at p.
+template <typename T>
+SELK_AVX2 void row_means(const T* p, int64_t rows, int64_t S, float scale, float* out) {
+  switch (S) {
+    case 4:  // 2x2
+      return quad_row_means(p, rows, scale, out);
+    case 16:  // 4x4
+      return grouped_row_means(p, rows, std::integral_constant<int64_t, 16>{}, scale, out);
+    case 49:  // 7x7
+      return grouped_row_means(p, rows, std::integral_constant<int64_t, 49>{}, scale, out);
+    case 64:  // 8x8
+      return grouped_row_means(p, rows, std::integral_constant<int64_t, 64>{}, scale, out);
+    default:
+      if (S > 64) return long_row_means(p, rows, S, scale, out);
+      if (S < 8) return tiny_row_means(p, rows, S, scale, out);
+      return grouped_row_means(p, rows, S, scale, out);
   }
 }
 

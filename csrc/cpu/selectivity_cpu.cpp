@@ -305,7 +305,7 @@ struct Layer {
   at::Tensor x;  // as read: contiguous NCHW, [N, *positions, C] memory, or S == 1 with any strides
   Layout layout;
   int64_t C, S;
-  at::Tensor a;  // acc [N, C] unit means
+  at::Tensor a;  // acc [N, C] unit means (for S == 1, x itself when it already is that tensor)
 };
 
 struct Segmentation {
@@ -358,19 +358,30 @@ std::vector<Layer> prepare_layers(at::TensorList xs, int64_t N) {
     TORCH_CHECK(x.size(0) == N, "selkernels: xs[", l, "] has ", x.size(0), " samples, the labels ", N);
     const int64_t C = x.size(1);
     const int64_t S = N * C == 0 ? 1 : x.numel() / (N * C);
-    Layer layer{x, Layout::kRows, C, S, at::empty({N, C}, x.options().dtype(acc_type_of(x.scalar_type())))};
+    const at::ScalarType acc = acc_type_of(x.scalar_type());
+    Layer layer{x, Layout::kRows, C, S, at::Tensor()};
     if (S == 1) {
+      // Values are their own unit means: read in place when stored as a contiguous [N, C] of the
+      // accumulation type, else converted in one vectorized copy; phase 1 has nothing to do.
       layer.x = x.reshape({N, C});  // a view: every trailing dim is 1
       layer.layout = Layout::kValues;
-    } else {
-      std::vector<int64_t> positions_major{0};
-      for (int64_t d = 2; d < x.dim(); ++d) positions_major.push_back(d);
-      positions_major.push_back(1);
-      if (!x.is_contiguous() && x.permute(positions_major).is_contiguous()) {
-        layer.layout = Layout::kPositionsMajor;  // channels_last, or unit_dim=-1 seen through movedim
+      if (layer.x.is_contiguous() && x.scalar_type() == acc) {
+        layer.a = layer.x;
       } else {
-        layer.x = x.contiguous();  // other stride patterns: one copy (documented in ops.py)
+        layer.a = at::empty({N, C}, x.options().dtype(acc));
+        layer.a.copy_(layer.x);
       }
+      layers.push_back(std::move(layer));
+      continue;
+    }
+    layer.a = at::empty({N, C}, x.options().dtype(acc));
+    std::vector<int64_t> positions_major{0};
+    for (int64_t d = 2; d < x.dim(); ++d) positions_major.push_back(d);
+    positions_major.push_back(1);
+    if (!x.is_contiguous() && x.permute(positions_major).is_contiguous()) {
+      layer.layout = Layout::kPositionsMajor;  // channels_last, or unit_dim=-1 seen through movedim
+    } else {
+      layer.x = x.contiguous();  // other stride patterns: one copy (documented in ops.py)
     }
     layers.push_back(std::move(layer));
   }
@@ -385,12 +396,8 @@ void layer_means_chunk(Layer& L, int64_t begin, int64_t end) {
   const int64_t C = L.C, S = L.S;
   const acc_t inv_S = acc_t(1) / static_cast<acc_t>(S);
   switch (L.layout) {
-    case Layout::kValues: {
-      const int64_t sn = L.x.stride(0), sc = L.x.stride(1);
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t c = 0; c < C; ++c) a[n * C + c] = static_cast<acc_t>(p[n * sn + c * sc]);
+    case Layout::kValues:  // read in place by prepare_layers
       return;
-    }
     case Layout::kPositionsMajor: {
       PairwiseRows<acc_t> acc(C, (S + kColumnSumBlock - 1) / kColumnSumBlock);
       for (int64_t n = begin; n < end; ++n) column_means(p + n * S * C, S, C, inv_S, acc, a + n * C);
@@ -420,6 +427,7 @@ void unit_means_all(std::vector<Layer>& layers, int64_t N) {
   std::vector<MeansTask> tasks;
   for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l) {
     const Layer& L = layers[l];
+    if (L.layout == Layout::kValues) continue;
     const int64_t items = L.layout == Layout::kRows ? N * L.C : N;
     const int64_t work_per_item = L.layout == Layout::kRows ? L.S : L.S * L.C;
     const int64_t chunk = std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));
