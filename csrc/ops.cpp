@@ -35,6 +35,12 @@ TORCH_LIBRARY(selkernels, m) {
   m.def(
       "segmented_unit_grad(Tensor[] grad_si, Tensor[] coeffs, Tensor[] argmax, Tensor[] grad_means, "
       "Tensor labels, Tensor counts, SymInt[] channels, SymInt[] spatial_sizes, int[] out_dtypes) -> Tensor[]");
+  // Dataset-level accumulation (ClassSelectivity): sums[l][k, c] += the sum over the class-k samples
+  // of their unit means, added in float64 into the caller's [K, C_l] state in the same pass that
+  // reduces the classes (no [K, C] means, no second pass); every entry NaN on invalid labels.
+  m.def(
+      "class_sums_accumulate_(Tensor[] xs, Tensor labels, Tensor counts, Tensor offsets, Tensor order, "
+      "Tensor invalid, Tensor(a!)[] sums) -> ()");
   m.def("selectivity_from_means(Tensor means, Tensor counts, float eps) -> Tensor");
   // The launches of one CUDA training step (cuda/launch_plan.h plan_step), on every build: one row
   // per launch of (kernel id, grid x y z, block x y z, smem bytes, bytes read, bytes written).

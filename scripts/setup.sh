@@ -18,5 +18,5 @@ pip=("$py" -m pip install -q --disable-pip-version-check)
 "$py" -c "import torch" || { echo "setup: $torch_spec failed to install" >&2; exit 1; }
 # The runtime dependencies and the dev extras come from pyproject.toml; torch is already satisfied.
 "${pip[@]}" --no-build-isolation -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-"$py" -c "import selkernels, pytest, hypothesis, scipy, sklearn, matplotlib" ||
+"$py" -c "import selkernels, pytest, hypothesis, scipy, sklearn, matplotlib, torchmetrics" ||
     { echo "setup: selkernels or its dev dependencies failed to install" >&2; exit 1; }

@@ -19,7 +19,15 @@ from torch import nn
 
 from . import distributed as _dist
 from ._options import check_layer_groups, check_statistic, check_transform, check_unit_dim, grouped_mean
-from .ops import _FLOAT_DTYPES, _check_eps, _check_num_classes, class_means, segment_labels, selectivity_from_means
+from .ops import (
+    _FLOAT_DTYPES,
+    _check_class_memory,
+    _check_eps,
+    _check_num_classes,
+    _for_kernel,
+    segment_labels,
+    selectivity_from_means,
+)
 from .regularizers import _as_module_list, _LayerOutputHooks
 
 __all__ = ["ClassSelectivity", "LayerSelectivity", "grouped_mean"]
@@ -44,18 +52,20 @@ def _check_activation(x, name: str) -> None:
         )
 
 
-def batch_class_means(xs: Sequence[torch.Tensor], seg, *, unit_dim: int, transform: str | None):
-    """[(means [K, C_l], counts int64 [K]) per layer] of one batch: per class, the mean over its
-    samples of each unit's (transformed) mean over positions; one fused call for all layers, labels
-    segmented once (``seg``, a :class:`selkernels.LabelSegments`). Not differentiable."""
+def accumulate_batch(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], seg, *, unit_dim: int, transform):
+    """sums[l][k, c] += the sum over the batch's class-k samples of layer l's (transformed) unit
+    means, in place: one fused call for all layers (labels segmented once, ``seg``, a
+    :class:`selkernels.LabelSegments`), float64 accumulation in the kernel that reduces the
+    classes. Checks are the caller's. Not differentiable."""
     with torch.no_grad():
         xs = [x.detach() for x in xs]
         if transform is not None:
             # The transform acts on each sample's unit mean, so positions are averaged first.
             xs = [_unit_means(x, unit_dim) for x in xs]
             xs = [x.relu_() if transform == "relu" else x.abs_() for x in xs]
-            unit_dim = 1
-        return class_means(xs, seg, unit_dim=unit_dim)
+        elif unit_dim == -1:
+            xs = [x.movedim(-1, 1) for x in xs]
+        torch.ops.selkernels.class_sums_accumulate_(_for_kernel(xs), *seg, list(sums))
 
 
 def _segment(labels, x: torch.Tensor, num_classes: int, ignore_index: int):
@@ -67,15 +77,6 @@ def _segment(labels, x: torch.Tensor, num_classes: int, ignore_index: int):
     if labels.device != x.device:
         raise ValueError(f"labels must be on the device of the activations ({x.device}), got {labels.device}")
     return segment_labels(labels, num_classes, ignore_index=ignore_index)
-
-
-def add_class_sums(state: torch.Tensor | None, means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """state += means * counts in float64 (one fused op, no temporaries); a new state if None.
-    Exact per batch up to the op's rounding of the means; float64 so many batches add without
-    growing error."""
-    if state is None:
-        state = torch.zeros(means.shape, dtype=torch.float64, device=means.device)
-    return state.addcmul_(means, counts[:, None])
 
 
 @dataclass
@@ -259,9 +260,13 @@ class ClassSelectivity(_LayerOutputHooks):
         if not xs:
             return
         seg = _segment(labels, xs[0], self.num_classes, self.ignore_index)
-        parts = batch_class_means(xs, seg, unit_dim=self.unit_dim, transform=self.transform)
-        for i, (means, counts) in enumerate(parts):
-            self._sums[i] = add_class_sums(self._sums[i], means, counts)
+        _check_class_memory(self.num_classes, xs, xs[0].device)
+        for i, x in enumerate(xs):
+            if self._sums[i] is None:
+                self._sums[i] = torch.zeros(
+                    self.num_classes, x.shape[self.unit_dim], dtype=torch.float64, device=x.device
+                )
+        accumulate_batch(self._sums, xs, seg, unit_dim=self.unit_dim, transform=self.transform)
         self._counts = seg.counts.clone() if self._counts is None else self._counts.add_(seg.counts)
         # CUDA does not sync on bad labels: they are counted here and reported by compute().
         self._invalid = seg.invalid.clone() if self._invalid is None else self._invalid.add_(seg.invalid)

@@ -30,6 +30,7 @@ __all__ = [
     "segment_labels",
     "check_labels",
     "class_means",
+    "accumulate_class_sums",
     "selectivity_index",
     "selectivity_from_means",
     "cuda_launch_plan",
@@ -363,6 +364,59 @@ def class_means(
     means = _ops.class_means_segmented(_for_kernel(xs), *seg)
     out = [(m, seg.counts) for m in means]
     return out[0] if single else out
+
+
+def accumulate_class_sums(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | LabelSegments,
+    sums: torch.Tensor | Sequence[torch.Tensor],
+    num_classes: int | None = None,
+    *,
+    ignore_index: int = -100,
+    unit_dim: int = 1,
+) -> None:
+    """Add each class's sum of unit means to float64 running sums, in place (dataset-level
+    statistics; :class:`selkernels.ClassSelectivity` accumulates with it).
+
+    ``sums[k, c] += sum over the samples n of class k of mean over positions of x[n, c, ...]``, for
+    one layer (``x`` a tensor, ``sums`` a tensor) or several (lists of equal length, one fused call,
+    labels segmented once). ``x`` and ``labels`` as for :func:`class_means`; ``sums`` float64,
+    contiguous, [K, C_l], on x's device.
+
+    Per batch the class sums are pairwise sums in the accumulation type (float32, float64 for
+    float64 x) added once in float64, in the pass that reduces the classes: no [K, C] means and no
+    second pass over the state. Absent classes are untouched. Invalid labels: CPU ``ValueError``
+    before any state changes; CUDA no sync, every entry of every ``sums`` becomes NaN (see
+    :func:`segment_labels`). Not differentiable (activations are read detached). Memory: the
+    label segmentation and an [N, C] float32 buffer per layer.
+    """
+    xs, single = _layers(x, unit_dim)
+    targets = [sums] if isinstance(sums, torch.Tensor) else list(sums) if isinstance(sums, (list, tuple)) else None
+    if targets is None or (single and not isinstance(sums, torch.Tensor)):
+        raise TypeError("sums must be a tensor for a tensor x, or a list/tuple of tensors for a list x")
+    if len(targets) != len(xs):
+        raise ValueError(f"sums must hold one tensor per layer ({len(xs)}), got {len(targets)}")
+    seg = _segments_for(labels, xs[0].shape[0], xs[0].device, num_classes, ignore_index)
+    k = seg.counts.shape[0]
+    _check_class_memory(k, xs, xs[0].device)
+    for i, (t, xi) in enumerate(zip(targets, xs)):
+        name = "sums" if single else f"sums[{i}]"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float64 or t.shape != (k, xi.shape[1]) or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous float64 tensor of shape [{k}, {xi.shape[1]}], "
+                f"got {t.dtype} {tuple(t.shape)}{'' if t.is_contiguous() else ' (non-contiguous)'}"
+            )
+        if t.device != xi.device:
+            raise ValueError(f"{name} must be on the device of the activations ({xi.device}), got {t.device}")
+    with torch.no_grad():
+        _ops.class_sums_accumulate_(_for_kernel([xi.detach() for xi in xs]), *seg, targets)
+
+
+@torch.library.register_fake("selkernels::class_sums_accumulate_")
+def _class_sums_accumulate_fake(xs, labels, counts, offsets, order, invalid, sums):
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torchmetrics
 
 from ._options import check_layer_groups, check_statistic, check_transform, check_unit_dim, grouped_mean
-from .metrics import LayerSelectivity, _check_activation, _segment, add_class_sums, batch_class_means, layer_result
+from .metrics import LayerSelectivity, _check_activation, _segment, accumulate_batch, layer_result
 from .ops import _check_eps, _check_num_classes
 
 __all__ = ["ClassSelectivityMetric"]
@@ -73,9 +73,13 @@ class ClassSelectivityMetric(torchmetrics.Metric):
                     f"activations[{i}] has {x.shape[self.unit_dim]} units on dim {self.unit_dim}, num_units[{i}] = {w}"
                 )
         seg = _segment(labels, xs[0], self.num_classes, self.ignore_index)
-        parts = batch_class_means(xs, seg, unit_dim=self.unit_dim, transform=self.transform)
-        for i, (means, counts) in enumerate(parts):
-            add_class_sums(getattr(self, f"sums_{i}"), means.to(self.counts.device), counts.to(self.counts.device))
+        states = [getattr(self, f"sums_{i}") for i in range(len(xs))]
+        # The kernel adds into sums on the activations' device; a state kept elsewhere gets the batch's.
+        local = [s if s.device == xs[0].device else torch.zeros_like(s, device=xs[0].device) for s in states]
+        accumulate_batch(local, xs, seg, unit_dim=self.unit_dim, transform=self.transform)
+        for state, part in zip(states, local):
+            if part is not state:
+                state.add_(part.to(state.device))
         self.counts.add_(seg.counts.to(self.counts.device))
 
     def compute(self) -> list[LayerSelectivity]:

@@ -499,6 +499,51 @@ std::vector<at::Tensor> class_means_segmented_cpu(at::TensorList xs, const at::T
   return means;
 }
 
+// Phase 2 of class_sums_accumulate_ for channels [c0, c1) of one layer: each present class's segment
+// sum (pairwise in acc_t, as segment_means) added in float64 into sums[k, c0..c1).
+template <typename acc_t>
+void accumulate_segment_sums(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg, double* sums) {
+  const int64_t len = c1 - c0;
+  if (seg.invalid) {
+    for (int64_t k = 0; k < seg.K; ++k)
+      std::fill(sums + k * C + c0, sums + k * C + c1, std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  PairwiseRows<acc_t> acc(len, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
+  std::vector<acc_t> part(len);
+  for (int64_t k = 0; k < seg.K; ++k) {
+    const int64_t begin = seg.offsets[k], end = seg.offsets[k + 1];
+    if (end == begin) continue;
+    segment_sum(a + c0, C, seg.order + begin, end - begin, len, acc, part.data());
+    double* row = sums + k * C + c0;
+    for (int64_t c = 0; c < len; ++c) row[c] += static_cast<double>(part[c]);
+  }
+}
+
+void class_sums_accumulate_cpu(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
+                               const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
+                               at::TensorList sums) {
+  const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
+  TORCH_CHECK(sums.size() == xs.size(), "selkernels: class_sums_accumulate_ needs one sums tensor per layer");
+  std::vector<Layer> layers = prepare_layers(xs, seg.N);
+  for (size_t l = 0; l < layers.size(); ++l)
+    TORCH_CHECK(sums[l].scalar_type() == at::kDouble && sums[l].is_contiguous() &&
+                    sums[l].sizes() == at::IntArrayRef({seg.K, layers[l].C}),
+                "selkernels: sums[", l, "] must be a contiguous float64 [K, C] tensor");
+  unit_means_all(layers, seg.N);
+  const auto tasks = channel_tasks(layers);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const ChannelTask& task = tasks[t];
+      const Layer& L = layers[task.layer];
+      AT_DISPATCH_FLOATING_TYPES(L.a.scalar_type(), "selkernels_class_sums", [&] {
+        accumulate_segment_sums<scalar_t>(L.a.const_data_ptr<scalar_t>(), L.C, task.c0, task.c1, seg,
+                                          sums[task.layer].mutable_data_ptr<double>());
+      });
+    }
+  });
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 selectivity_index_segmented_cpu(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
                                 const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
@@ -633,6 +678,7 @@ std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::Tens
 TORCH_LIBRARY_IMPL(selkernels, CPU, m) {
   m.impl("segment_labels", &segment_labels_cpu);
   m.impl("class_means_segmented", &class_means_segmented_cpu);
+  m.impl("class_sums_accumulate_", &class_sums_accumulate_cpu);
   m.impl("selectivity_index_segmented", &selectivity_index_segmented_cpu);
   m.impl("segmented_unit_grad", &segmented_unit_grad_cpu);
   m.impl("selectivity_from_means", &selectivity_from_means_cpu);

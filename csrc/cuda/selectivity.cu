@@ -177,9 +177,10 @@ void launch_unit_means(std::vector<Layer>& layers, int64_t N, cudaStream_t strea
 }
 
 // Phase 2 (+ SI epilogue when si is non-empty): one launch per acc type (per 16 layers).
-void launch_class_si(const std::vector<Layer>& layers, const Seg& seg, double eps, std::vector<at::Tensor>& means,
-                     std::vector<at::Tensor>* si, std::vector<at::Tensor>* coeffs, std::vector<at::Tensor>* argmax,
-                     cudaStream_t stream) {
+// With `sums`, the class sums are added to those float64 tensors and `means` is not written.
+void launch_class_si(const std::vector<Layer>& layers, const Seg& seg, double eps, std::vector<at::Tensor>* means,
+                     std::vector<at::Tensor>* sums, std::vector<at::Tensor>* si, std::vector<at::Tensor>* coeffs,
+                     std::vector<at::Tensor>* argmax, cudaStream_t stream) {
   std::vector<int32_t> keys;
   for (const Layer& L : layers) keys.push_back(dtype_code(L.a.scalar_type()));
   for (const auto& group : launch_groups(keys, channels_of(layers))) {
@@ -191,7 +192,8 @@ void launch_class_si(const std::vector<Layer>& layers, const Seg& seg, double ep
         const int64_t l = group[j];
         ClassLayer<acc_t>& d = table.layer[j];
         d.a = layers[l].a.const_data_ptr<acc_t>();
-        d.means = means[l].mutable_data_ptr<acc_t>();
+        d.means = means ? (*means)[l].mutable_data_ptr<acc_t>() : nullptr;
+        d.sums = sums ? (*sums)[l].mutable_data_ptr<double>() : nullptr;
         d.si = si ? (*si)[l].mutable_data_ptr<acc_t>() : nullptr;
         d.coeffs = coeffs ? (*coeffs)[l].mutable_data_ptr<acc_t>() : nullptr;
         d.argmax = argmax ? (*argmax)[l].mutable_data_ptr<int64_t>() : nullptr;
@@ -218,8 +220,25 @@ std::vector<at::Tensor> class_means_segmented_cuda(at::TensorList xs, const at::
   launch_unit_means(layers, seg.N, stream);
   std::vector<at::Tensor> means;
   for (const Layer& L : layers) means.push_back(at::empty({seg.K, L.C}, L.a.options()));
-  launch_class_si(layers, seg, 0.0, means, nullptr, nullptr, nullptr, stream);
+  launch_class_si(layers, seg, 0.0, &means, nullptr, nullptr, nullptr, nullptr, stream);
   return means;
+}
+
+void class_sums_accumulate_cuda(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
+                                const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
+                                at::TensorList sums) {
+  const c10::cuda::CUDAGuard guard(labels.device());
+  const Seg seg = check_segmentation(labels, counts, offsets, order, invalid);
+  TORCH_CHECK(sums.size() == xs.size(), "selkernels: class_sums_accumulate_ needs one sums tensor per layer");
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::vector<Layer> layers = prepare_layers(xs, seg);
+  std::vector<at::Tensor> state(sums.begin(), sums.end());
+  for (size_t l = 0; l < layers.size(); ++l)
+    TORCH_CHECK(state[l].is_cuda() && state[l].scalar_type() == at::kDouble && state[l].is_contiguous() &&
+                    state[l].sizes() == at::IntArrayRef({seg.K, layers[l].C}),
+                "selkernels: sums[", l, "] must be a contiguous float64 [K, C] CUDA tensor");
+  launch_unit_means(layers, seg.N, stream);
+  launch_class_si(layers, seg, 0.0, nullptr, &state, nullptr, nullptr, nullptr, stream);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -238,7 +257,7 @@ selectivity_index_segmented_cuda(at::TensorList xs, const at::Tensor& labels, co
     coeffs.push_back(at::empty({2, L.C}, L.a.options()));
     argmax.push_back(at::empty({L.C}, labels.options()));
   }
-  launch_class_si(layers, seg, eps, means, &si, &coeffs, &argmax, stream);
+  launch_class_si(layers, seg, eps, &means, nullptr, &si, &coeffs, &argmax, stream);
   return {si, means, coeffs, argmax};
 }
 
@@ -355,6 +374,7 @@ at::Tensor selectivity_from_means_backward_cuda(const at::Tensor& grad_si_in, co
 TORCH_LIBRARY_IMPL(selkernels, CUDA, m) {
   m.impl("segment_labels", &segment_labels_cuda);
   m.impl("class_means_segmented", &class_means_segmented_cuda);
+  m.impl("class_sums_accumulate_", &class_sums_accumulate_cuda);
   m.impl("selectivity_index_segmented", &selectivity_index_segmented_cuda);
   m.impl("segmented_unit_grad", &segmented_unit_grad_cuda);
   m.impl("selectivity_from_means", &selectivity_from_means_cuda);

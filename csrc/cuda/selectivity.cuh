@@ -423,7 +423,8 @@ __global__ void __launch_bounds__(kMeansThreads) unit_means_kernel(MeansTable<sc
 template <typename acc_t>
 struct ClassLayer {
   const acc_t* a;   // [N, C] unit means
-  acc_t* means;     // [K, C]
+  acc_t* means;     // [K, C], or nullptr (class sums accumulated into `sums` instead)
+  double* sums;     // [K, C] float64 state the class sums are added to, or nullptr (write means)
   acc_t* si;        // [C], or nullptr (class means only)
   acc_t* coeffs;    // [2, C]: dSI/dmu_max, dSI/dmu_rest / (P - 1); with si
   int64_t* argmax;  // [C], -1 when P < 2; with si
@@ -458,13 +459,18 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
   for (int64_t k = ty; k < K; k += kClassRows) {
     const int64_t begin = offsets[k], end = offsets[k + 1];
     if (end == begin) {
-      if (c < C) L.means[k * C + c] = bad ? nan : acc_t(0);
+      if (c < C && L.means != nullptr) L.means[k * C + c] = bad ? nan : acc_t(0);
+      if (c < C && L.sums != nullptr && bad) L.sums[k * C + c] = bits_nan<double>();
       continue;
     }
     acc_t m = acc_t(0);
     if (c < C) {
       SELK_UNROLL_4
       for (int64_t i = begin; i < end; ++i) m += L.a[order[i] * C + c];  // loads pipelined across i
+      if (L.sums != nullptr) {  // accumulation: one read-modify-write of this thread's own entry
+        L.sums[k * C + c] = bad ? bits_nan<double>() : L.sums[k * C + c] + static_cast<double>(m);
+        continue;
+      }
       m = m * (acc_t(1) / static_cast<acc_t>(end - begin));
       if (bad) m = nan;
       L.means[k * C + c] = m;

@@ -281,6 +281,28 @@ void run_class_si(std::vector<LayerData<T>>& layers, const Segs& s, int64_t K, d
                    s.order.data(), &s.invalid, K, static_cast<acc_t>(eps));
 }
 
+// class_si_kernel in accumulation mode (class_sums_accumulate_): `sums` starts at `start` and
+// receives each present class's sum of unit means; means, SI and coefficients are not written.
+template <class acc_t, class T>
+std::vector<std::vector<double>> run_class_sums(std::vector<LayerData<T>>& layers, const Segs& s, int64_t K,
+                                                double start) {
+  ClassTable<acc_t> table{};
+  std::vector<std::vector<double>> sums;
+  for (const auto& L : layers) sums.emplace_back(K * L.p.C, start);
+  int64_t grid = 1;
+  for (size_t j = 0; j < layers.size(); ++j) {
+    ClassLayer<acc_t>& d = table.layer[j];
+    d.a = layers[j].a.data();
+    d.sums = sums[j].data();
+    d.C = layers[j].p.C;
+    grid = std::max(grid, class_tiles(d.C));
+  }
+  selk_sim::launch(dim3(static_cast<unsigned>(grid), static_cast<unsigned>(layers.size())), dim3(kWarpSize, kClassRows),
+                   class_si_smem_bytes<acc_t>(), class_si_kernel<acc_t>, table, s.counts.data(), s.offsets.data(),
+                   s.order.data(), &s.invalid, K, acc_t(0));
+  return sums;
+}
+
 // Reference coefficients: dSI/dmu_max and dSI/dmu_rest / (P - 1) read off the finite-difference
 // gradient of the reference SI (grad_si = 1), and the argmax.
 void ref_coeffs(const Ref& r, int64_t K, int64_t C, double eps, std::vector<double>& g_max, std::vector<double>& g_rest,
@@ -348,6 +370,18 @@ void forward_layers(int64_t N, int64_t K, int64_t classes_used,
   SELK_CHECK(s.invalid == 0);
   run_class_si<acc_t, T>(layers, s, K, eps, true);
   check_layers<T>(layers, s, eps);
+  // Accumulation mode on the same unit means: start + count * mean for present classes, start
+  // (untouched) for absent ones.
+  const std::vector<std::vector<double>> sums = run_class_sums<acc_t, T>(layers, s, K, 0.25);
+  const double tol = std::is_same_v<T, double> ? 1e-12 : 2e-6;
+  for (size_t j = 0; j < layers.size(); ++j) {
+    const Ref r = reference(layers[j].p, eps);
+    std::vector<double> expected(r.means.size());
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < layers[j].p.C; ++c)
+        expected[k * layers[j].p.C + c] = 0.25 + static_cast<double>(r.counts[k]) * r.means[k * layers[j].p.C + c];
+    SELK_CHECK_CLOSE(sums[j], expected, tol, tol);
+  }
 }
 
 template <class T>
@@ -527,6 +561,8 @@ SELK_TEST(invalid_labels_give_nan) {
   for (float v : layers[0].means) SELK_CHECK(std::isnan(v));
   for (float v : layers[0].si) SELK_CHECK(std::isnan(v));
   for (float v : layers[0].coeffs) SELK_CHECK(std::isnan(v));
+  const std::vector<std::vector<double>> sums = run_class_sums<float, float>(layers, s, p.K, 1.0);
+  for (double v : sums[0]) SELK_CHECK(std::isnan(v));
 }
 
 SELK_TEST(ties_go_to_the_first_class) {
