@@ -167,6 +167,17 @@ class _Layer(nn.Module):
             return (x @ self.weight.to(x.dtype).T).view(x.shape[0], *self.out_shape)
 
 
+def _class_selectivity_read(metric):
+    result = metric.compute()[0]
+    return result.class_sums, result.counts, result.si
+
+
+def _class_selectivity_ref(x, labels):
+    """Dataset-level SI of one batch: float64 class sums of the unit means, then the paper's SI."""
+    means, counts = reference.class_means_reference(x.double(), labels.long(), K)
+    return means * counts.unsqueeze(1), counts, reference.selectivity_from_means_reference(means, counts)
+
+
 def _sel_reg_make(n, g):
     return {"x": torch.rand(n, 7, generator=g, dtype=torch.float64), "labels": _labels(n, g)}
 
@@ -318,6 +329,21 @@ CASES = [
         empty=[
             lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
             lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K},
+        ],
+    ),
+    Case(
+        "ClassSelectivity",
+        _act,
+        run=None,
+        ref=_class_selectivity_ref,
+        float_keys=("x",),
+        label_key="labels",
+        build=lambda: selkernels.ClassSelectivity(None, K),
+        feed=lambda metric, x, labels: metric.update_from(x, labels),
+        read=_class_selectivity_read,
+        empty=[
+            lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
+            lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
         ],
     ),
     Case(
