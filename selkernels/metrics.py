@@ -161,7 +161,8 @@ class ClassSelectivity(_LayerOutputHooks):
 
     Memory: a float64 [K, C_l] sum per layer plus an int64 [K] count, on the device of the first
     activations; only the latest output of each hooked module is held between forward and update.
-    Each update reads the activations once (the fused class-means op) and adds O(K * C) numbers.
+    Each update reads the activations once and adds each class's sum into the float64 state in the
+    same pass (:func:`selkernels.ops.accumulate_class_sums`, all layers in one call).
 
     Distributed: ``all_reduce()`` sums the state of all ranks of ``process_group`` in place (one
     collective of ``K * sum_l C_l + K`` float64 numbers), so every rank
