@@ -40,7 +40,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size(group=None) -> int:
+def world_size(group: dist.ProcessGroup | None = None) -> int:
     """Number of ranks in ``group`` (default: the default group); 1 when not distributed."""
     return dist.get_world_size(group) if is_distributed() else 1
 
@@ -109,7 +109,7 @@ def _agree_bucket_layout_fake(like, signature, group_name, layout_key):
     return like.new_empty(())
 
 
-def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Differentiable sum of ``tensor`` over the ranks of ``group``; returns a new tensor.
 
     Every rank must call it (same shape and dtype), and, when the result is differentiated, every
@@ -126,7 +126,7 @@ def global_class_means(
     num_classes: int,
     *,
     ignore_index: int = -100,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     unit_dim: int = 1,
     layout_key: str = "",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -193,7 +193,7 @@ def global_selectivity_index(
     *,
     eps: float = 1e-7,
     ignore_index: int = -100,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     unit_dim: int = 1,
     layout_key: str = "",
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -246,7 +246,7 @@ def _check_moments(count, mean, m2):
 
 
 def all_reduce_moments(
-    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group=None
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact merge of running moments across the ranks of ``group`` (Chan et al.'s parallel formula).
 

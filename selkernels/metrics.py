@@ -181,9 +181,9 @@ class ClassSelectivity(_LayerOutputHooks):
         eps: float = 1e-7,
         ignore_index: int = -100,
         sync: str | None = None,
-        process_group=None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         layer_groups: Sequence[Sequence[int]] | None = None,
-    ):
+    ) -> None:
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

@@ -196,11 +196,11 @@ class SelectivityRegularizer(_LayerOutputHooks):
         eps: float = 1e-7,
         ignore_index: int = -100,
         sync: str | None = None,
-        process_group=None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         unit_dim: int = 1,
         statistic: str = "mean",
         layer_groups: Sequence[Sequence[int]] | None = None,
-    ):
+    ) -> None:
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         self.sync = sync
@@ -308,7 +308,7 @@ class SpectralRegularizer(_LayerOutputHooks):
         *,
         slope: float = 1.0,
         tau: int = 10,
-    ):
+    ) -> None:
         from .spectral_ops import _check_slope_tau
 
         self.modules = _as_module_list(modules)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,10 +41,10 @@ class AblationCurve:
     def table(self) -> str:
         return format_table(self.rows, f"Unit ablation ({self.order} order, {self.num_units} units)")
 
-    def write_csv(self, path) -> None:
+    def write_csv(self, path: str | os.PathLike) -> None:
         write_csv(self.rows, path)
 
-    def plot(self, path, *others: AblationCurve) -> None:
+    def plot(self, path: str | os.PathLike, *others: AblationCurve) -> None:
         """Accuracy vs fraction ablated, this curve and ``others`` on one axis, to ``path`` (PNG)."""
         from .plots import plot_ablation
 
@@ -99,7 +100,7 @@ def ablation_curve(
     num_classes: int | None = None,
     selectivity: torch.Tensor | None = None,
     seed: int = 0,
-    device=None,
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
 ) -> AblationCurve:
     """Zero growing fractions of ``module``'s output units and measure ``model``'s accuracy.
