@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
+from ._hooks import LayerOutputHooks, as_module_list
 from ._options import check_layer_groups, check_statistic, check_transform, check_unit_dim, grouped_mean
 from .ops import _FLOAT_DTYPES, _check_eps, _check_num_classes, class_means, segment_labels, selectivity_from_means
-from .regularizers import _as_module_list, _LayerOutputHooks
 
 __all__ = ["ClassSelectivity", "LayerSelectivity", "grouped_mean"]
 
@@ -125,7 +125,7 @@ def layer_result(name: str, sums: torch.Tensor, counts: torch.Tensor, *, statist
     return LayerSelectivity(name, si, preferred, means, sums, counts.clone(), mean_si), vanishing
 
 
-class ClassSelectivity(_LayerOutputHooks):
+class ClassSelectivity(LayerOutputHooks):
     """Class selectivity of every unit of the hooked layers over a whole dataset, streamed.
 
     ``ClassSelectivity(modules, num_classes)`` registers forward hooks on ``modules`` (an nn.Module,
@@ -201,7 +201,7 @@ class ClassSelectivity(_LayerOutputHooks):
             self.names: list[str] = []
         else:
             self.names = [str(k) for k in modules] if isinstance(modules, dict) else []
-            self.modules = _as_module_list(modules)
+            self.modules = as_module_list(modules)
             self.names = self.names or [str(i) for i in range(len(self.modules))]
         self._layer_groups_arg = layer_groups
         self.layer_groups = check_layer_groups(layer_groups, len(self.modules)) if self.modules else None
@@ -273,14 +273,6 @@ class ClassSelectivity(_LayerOutputHooks):
         self._check_outputs()
         outputs, self._outputs = self._outputs, [None] * len(self.modules)
         self.update_from(outputs, labels)
-
-    def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self._outputs[index] = output.detach()
-
-        return hook
 
     def merge(self, other: ClassSelectivity) -> ClassSelectivity:
         """Add ``other``'s data to this metric's (same configuration); returns self."""
