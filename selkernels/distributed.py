@@ -11,6 +11,11 @@ so it runs on any backend (NCCL for CUDA tensors, gloo for CPU tensors) with the
   gradient averaging over ranks divides by the world size, the averaged gradient equals the
   single-process gradient on the joined batch.
 * :func:`all_reduce_moments` — exact (Chan) merge of count / mean / M2 moments across ranks.
+
+The one op defined outside ``csrc/ops.cpp`` (where every ``selkernels::`` schema lives) is here,
+``selkernels_dist::agree_bucket_layout``: a Python custom op because it has no kernel, only a
+host-side exchange of Python objects between the ranks (``all_gather_object``), made an op so that
+torch.compile keeps it in the graph; the collectives themselves are torch's functional collectives.
 """
 
 from __future__ import annotations
