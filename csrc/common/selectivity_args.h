@@ -85,10 +85,9 @@ void selectivity_outputs(const std::vector<Layer>& layers, int64_t K, const at::
 
 // segmented_unit_grad: grad_si, coeffs and argmax (or none of them) and grad_means (or none) hold
 // one entry per layer.
-inline void check_unit_grad_lists(at::TensorList grad_si, at::TensorList coeffs,
-                                                   at::TensorList argmax, at::TensorList grad_means,
-                                                   at::IntArrayRef channels, at::IntArrayRef spatial_sizes,
-                                                   at::IntArrayRef out_dtypes) {
+inline void check_unit_grad_lists(at::TensorList grad_si, at::TensorList coeffs, at::TensorList argmax,
+                                  at::TensorList grad_means, at::IntArrayRef channels, at::IntArrayRef spatial_sizes,
+                                  at::IntArrayRef out_dtypes) {
   const size_t L = channels.size();
   const bool with_si = !grad_si.empty(), with_means = !grad_means.empty();
   TORCH_CHECK((!with_si || (grad_si.size() == L && coeffs.size() == L && argmax.size() == L)) &&
