@@ -136,7 +136,14 @@ class StreamingCovariance:
     Copies: ``copy.deepcopy`` and ``pickle`` copy the state (plain tensors).
     """
 
-    def __init__(self, dim: int, *, num_classes: int | None = None, device=None, ignore_index: int = -100):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        ignore_index: int = -100,
+    ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= _INT64_MAX:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if num_classes is not None and (
@@ -292,7 +299,7 @@ class StreamingCovariance:
         )
         return self
 
-    def all_reduce(self, group=None) -> StreamingCovariance:
+    def all_reduce(self, group: torch.distributed.ProcessGroup | None = None) -> StreamingCovariance:
         """Replace these statistics by those of all ranks' samples joined, over the ranks of
         ``group`` (default: the default group); exact (Chan merge, see
         :func:`selkernels.distributed.all_reduce_moments`: two all-reduces, ``B * (D + 1)`` and

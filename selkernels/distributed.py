@@ -11,6 +11,11 @@ so it runs on any backend (NCCL for CUDA tensors, gloo for CPU tensors) with the
   gradient averaging over ranks divides by the world size, the averaged gradient equals the
   single-process gradient on the joined batch.
 * :func:`all_reduce_moments` — exact (Chan) merge of count / mean / M2 moments across ranks.
+
+The one op defined outside ``csrc/ops.cpp`` (where every ``selkernels::`` schema lives) is here,
+``selkernels_dist::agree_bucket_layout``: a Python custom op because it has no kernel, only a
+host-side exchange of Python objects between the ranks (``all_gather_object``), made an op so that
+torch.compile keeps it in the graph; the collectives themselves are torch's functional collectives.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size(group=None) -> int:
+def world_size(group: dist.ProcessGroup | None = None) -> int:
     """Number of ranks in ``group`` (default: the default group); 1 when not distributed."""
     return dist.get_world_size(group) if is_distributed() else 1
 
@@ -109,7 +114,7 @@ def _agree_bucket_layout_fake(like, signature, group_name, layout_key):
     return like.new_empty(())
 
 
-def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Differentiable sum of ``tensor`` over the ranks of ``group``; returns a new tensor.
 
     Every rank must call it (same shape and dtype), and, when the result is differentiated, every
@@ -126,7 +131,7 @@ def global_class_means(
     num_classes: int,
     *,
     ignore_index: int = -100,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     unit_dim: int = 1,
     layout_key: str = "",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -193,7 +198,7 @@ def global_selectivity_index(
     *,
     eps: float = 1e-7,
     ignore_index: int = -100,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     unit_dim: int = 1,
     layout_key: str = "",
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -246,7 +251,7 @@ def _check_moments(count, mean, m2):
 
 
 def all_reduce_moments(
-    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group=None
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact merge of running moments across the ranks of ``group`` (Chan et al.'s parallel formula).
 

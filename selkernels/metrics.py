@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
+from ._hooks import LayerOutputHooks, as_module_list
 from ._options import check_layer_groups, check_statistic, check_transform, check_unit_dim, grouped_mean
 from .ops import (
     _FLOAT_DTYPES,
@@ -28,7 +29,6 @@ from .ops import (
     segment_labels,
     selectivity_from_means,
 )
-from .regularizers import _as_module_list, _LayerOutputHooks
 
 __all__ = ["ClassSelectivity", "LayerSelectivity", "grouped_mean"]
 
@@ -126,7 +126,7 @@ def layer_result(name: str, sums: torch.Tensor, counts: torch.Tensor, *, statist
     return LayerSelectivity(name, si, preferred, means, sums, counts.clone(), mean_si), vanishing
 
 
-class ClassSelectivity(_LayerOutputHooks):
+class ClassSelectivity(LayerOutputHooks):
     """Class selectivity of every unit of the hooked layers over a whole dataset, streamed.
 
     ``ClassSelectivity(modules, num_classes)`` registers forward hooks on ``modules`` (an nn.Module,
@@ -183,9 +183,9 @@ class ClassSelectivity(_LayerOutputHooks):
         eps: float = 1e-7,
         ignore_index: int = -100,
         sync: str | None = None,
-        process_group=None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         layer_groups: Sequence[Sequence[int]] | None = None,
-    ):
+    ) -> None:
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -203,7 +203,7 @@ class ClassSelectivity(_LayerOutputHooks):
             self.names: list[str] = []
         else:
             self.names = [str(k) for k in modules] if isinstance(modules, dict) else []
-            self.modules = _as_module_list(modules)
+            self.modules = as_module_list(modules)
             self.names = self.names or [str(i) for i in range(len(self.modules))]
         self._layer_groups_arg = layer_groups
         self.layer_groups = check_layer_groups(layer_groups, len(self.modules)) if self.modules else None
@@ -279,14 +279,6 @@ class ClassSelectivity(_LayerOutputHooks):
         self._check_outputs()
         outputs, self._outputs = self._outputs, [None] * len(self.modules)
         self.update_from(outputs, labels)
-
-    def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self._outputs[index] = output.detach()
-
-        return hook
 
     def merge(self, other: ClassSelectivity) -> ClassSelectivity:
         """Add ``other``'s data to this metric's (same configuration); returns self."""

@@ -324,7 +324,7 @@ def class_means(
     *,
     ignore_index: int = -100,
     unit_dim: int = 1,
-):
+) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
     """Class-conditional mean activation of every unit, of one layer or of several in one call.
 
     Args:
@@ -467,7 +467,7 @@ def selectivity_index(
     eps: float = 1e-7,
     ignore_index: int = -100,
     unit_dim: int = 1,
-):
+) -> torch.Tensor | list[torch.Tensor]:
     """Class selectivity index of every unit, of one layer or of several in one fused call.
 
     Equivalent to ``selectivity_from_means(*class_means(x, labels, num_classes), eps)`` over the

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from . import distributed as _dist
+from ._hooks import LayerOutputHooks, as_module_list
 from ._options import check_layer_groups, check_statistic, check_unit_dim, grouped_mean
 from .ops import _check_eps, _check_num_classes, class_means, selectivity_from_means, selectivity_index
 
@@ -18,113 +18,7 @@ __all__ = ["SelectivityRegularizer", "SpectralRegularizer"]
 _REGULARIZER_IDS = itertools.count()
 
 
-def _as_module_list(modules) -> list[nn.Module]:
-    if isinstance(modules, nn.Module):
-        return [modules]
-    if isinstance(modules, dict):
-        modules = list(modules.values())
-    modules = list(modules)
-    if not modules or not all(isinstance(m, nn.Module) for m in modules):
-        raise TypeError("modules must be an nn.Module or a non-empty iterable (or dict) of nn.Modules")
-    return modules
-
-
-class _OutputHook:
-    """Forward hook that stores a module's output in slot ``index`` of its owner's ``_outputs``.
-
-    The owner is held weakly: a regularizer dropped without ``remove()`` is collected (and its hooks
-    removed), never kept alive by the model. A copy of the hook, made when the hooked model is
-    copied (``copy.deepcopy``, ``pickle``, ``torch.save``), is inert: it has no owner and does
-    nothing, so a copy of the model (an EMA or teacher) never writes into the original's state.
-    """
-
-    __slots__ = ("_owner", "index")
-
-    def __init__(self, owner: _LayerOutputHooks | None, index: int):
-        self._owner = None if owner is None else weakref.ref(owner)
-        self.index = index
-
-    def __call__(self, module, inputs, output):
-        owner = None if self._owner is None else self._owner()
-        if owner is None:
-            return
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            # The penalty reads a view made now, before the layers after this one use the output:
-            # its autograd node is older than theirs, so the backward delivers the penalty's gradient
-            # after the dense one, which autograd then adds into in place (SelectivityRegularizer's
-            # docstring: cost in a training step).
-            output = output.view_as(output)
-        owner._outputs[self.index] = output
-
-    def __deepcopy__(self, memo):
-        return _OutputHook(None, self.index)
-
-    def __reduce__(self):
-        return _OutputHook, (None, self.index)
-
-
-def _remove_handles(handles) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-class _LayerOutputHooks:
-    """Forward hooks that keep the latest output of each hooked module (what both regularizers need).
-
-    Only the latest output per module is held; the penalty takes them and releases them. Use as a
-    context manager, or call ``remove()``, to take the hooks off.
-
-    Copies. Copying the hooked model (``copy.deepcopy(model)`` for an EMA or teacher,
-    ``pickle``/``torch.save(model)``) gives the copy inert hooks: running the copy changes nothing
-    here, and this regularizer keeps reading the original model. To regularize the copy, build a
-    regularizer on it. Copying the regularizer (``copy.deepcopy``, ``pickle``) copies its
-    configuration and its modules, drops the held outputs (they belong to one forward pass) and
-    hooks the copied modules: ``copy.deepcopy((model, reg))`` gives a regularizer bound to the
-    model copy, and a pickled ``(model, reg)`` loads as a working pair.
-    """
-
-    def _hook(self, modules: list[nn.Module]) -> None:
-        self._outputs: list[torch.Tensor | None] = [None] * len(modules)
-        self._handles = [m.register_forward_hook(_OutputHook(self, i)) for i, m in enumerate(modules)]
-        weakref.finalize(self, _remove_handles, list(self._handles))
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_outputs"] = [None] * len(self._outputs)
-        state["_handles"] = bool(self._handles)  # whether to hook the (copied) modules again
-        return state
-
-    def __setstate__(self, state):
-        hooked = state.pop("_handles")
-        self.__dict__.update(state)
-        self._handles = []
-        if hooked:
-            self._hook(self.modules)
-
-    def _check_outputs(self) -> None:
-        missing = [i for i, out in enumerate(self._outputs) if out is None]
-        if missing:
-            raise RuntimeError(
-                f"modules {missing} produced no output since the last penalty(): run the model's "
-                "forward pass on this batch first"
-            )
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._outputs = [None] * len(self._outputs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-class SelectivityRegularizer(_LayerOutputHooks):
+class SelectivityRegularizer(LayerOutputHooks):
     """Class-selectivity regularizer of Leavitt & Morcos (ICLR 2021), fused.
 
     Registers forward hooks on ``modules`` (e.g. every residual block, as the paper does) and keeps
@@ -196,16 +90,16 @@ class SelectivityRegularizer(_LayerOutputHooks):
         eps: float = 1e-7,
         ignore_index: int = -100,
         sync: str | None = None,
-        process_group=None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         unit_dim: int = 1,
         statistic: str = "mean",
         layer_groups: Sequence[Sequence[int]] | None = None,
-    ):
+    ) -> None:
         if sync not in (None, "global", "local"):
             raise ValueError(f'sync must be "global", "local" or None, got {sync!r}')
         self.sync = sync
         self.process_group = process_group
-        self.modules = _as_module_list(modules)
+        self.modules = as_module_list(modules)
         self.alpha = float(alpha)
         self.num_classes = _check_num_classes(num_classes)
         self.eps = _check_eps(eps)
@@ -223,7 +117,7 @@ class SelectivityRegularizer(_LayerOutputHooks):
         tensors (over the global batch under global sync, see the class docstring)."""
         self._check_outputs()
         use_global = self._is_global()
-        outputs, self._outputs = self._outputs, [None] * len(self.modules)
+        outputs = self._take_outputs()
         if self.statistic == "sum":
             return self._sum_selectivity(outputs, labels, use_global)
         if use_global:
@@ -285,7 +179,7 @@ class SelectivityRegularizer(_LayerOutputHooks):
     __call__ = penalty
 
 
-class SpectralRegularizer(_LayerOutputHooks):
+class SpectralRegularizer(LayerOutputHooks):
     """1/n spectral regularizer of Nassar et al. (NeurIPS 2020), fused.
 
     Registers forward hooks on ``modules`` and keeps each one's latest output (flattened to
@@ -308,10 +202,10 @@ class SpectralRegularizer(_LayerOutputHooks):
         *,
         slope: float = 1.0,
         tau: int = 10,
-    ):
+    ) -> None:
         from .spectral_ops import _check_slope_tau
 
-        self.modules = _as_module_list(modules)
+        self.modules = as_module_list(modules)
         self.beta = float(beta)
         self.slope, self.tau = _check_slope_tau(slope, tau)
         self.bases: list[torch.Tensor | None] = [None] * len(self.modules)

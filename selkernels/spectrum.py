@@ -42,7 +42,7 @@ def _check_eigvals(eigvals) -> torch.Tensor:
     return eigvals.double()
 
 
-def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False):
+def eigenvalues(cov: torch.Tensor, *, eigenvectors: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues of a symmetric covariance [..., D, D], float64, descending, clamped at 0.
 
     Computed with a float64 ``torch.linalg.eigh`` (the matrix is symmetrised first, so rounding
@@ -92,7 +92,7 @@ def default_fit_range(dim: int) -> tuple[int, int]:
 
 def power_law_alpha(
     eigvals: torch.Tensor, fit_range: tuple[int, int] | None = None, *, weighted: bool = False, return_r2: bool = False
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exponent alpha of lambda_n ~ n^-alpha: minus the least-squares slope of log lambda_n vs log n.
 
     ``eigvals`` [..., D], descending; n is 1-based. ``fit_range = (lo, hi)`` selects ranks

@@ -86,6 +86,13 @@ def _act(n, g):
     return {"x": torch.rand((n, C) + SPATIAL, generator=g, dtype=torch.float64) + 0.1, "labels": _labels(n, g)}
 
 
+# Empty activations of the layer ops: no samples, then no units.
+_ACT_EMPTY = [
+    lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
+    lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
+]
+
+
 def _spectral(n, g):
     h = torch.randn(n, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)
     V, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
@@ -227,10 +234,7 @@ CASES = [
         float_keys=("x",),
         grad_keys=("x",),
         label_key="labels",
-        empty=[
-            lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
-            lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
-        ],
+        empty=_ACT_EMPTY,
     ),
     Case(
         "selectivity_index",
@@ -240,10 +244,7 @@ CASES = [
         float_keys=("x",),
         grad_keys=("x",),
         label_key="labels",
-        empty=[
-            lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
-            lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
-        ],
+        empty=_ACT_EMPTY,
     ),
     Case(
         "segment_labels",
@@ -410,7 +411,7 @@ CASES = [
         float_keys=("x",),
         grad_keys=("x",),
         label_key="labels",
-        empty=[lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)}],
+        empty=_ACT_EMPTY[:1],
     ),
 ]
 

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 
 from selkernels import StreamingCovariance
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def np_cov(x, ddof=1):
@@ -182,14 +181,14 @@ def test_per_class_flatten_repeats_labels():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,d,k", [(30, 5, 4), (200, 70, 2), (150, 9, 1)])  # small classes, BLAS classes, one set
-def test_class_moments_update_opcheck(dtype, n, d, k):
+def test_class_moments_update_opcheck(device, dtype, n, d, k):
     g = torch.Generator().manual_seed(11)
     args = (
-        torch.randn(n, d, generator=g).to(dtype),
-        torch.randint(0, max(k - 1, 1), (n,), generator=g),
-        torch.zeros(k, dtype=torch.int64),
-        torch.zeros(k, d, dtype=torch.float64),
-        torch.zeros(k, d, d, dtype=torch.float64),
+        torch.randn(n, d, generator=g).to(dtype).to(device),
+        torch.randint(0, max(k - 1, 1), (n,), generator=g).to(device),
+        torch.zeros(k, dtype=torch.int64, device=device),
+        torch.zeros(k, d, dtype=torch.float64, device=device),
+        torch.zeros(k, d, d, dtype=torch.float64, device=device),
     )
     torch.library.opcheck(torch.ops.selkernels.class_moments_update_, args)
 
@@ -251,7 +250,7 @@ def test_bad_inputs():
         s.merge(c)
 
 
-@CUDA
+@requires_cuda
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(12)
     x = torch.randn(500, 16, generator=g, dtype=torch.float64) + 1e6
@@ -265,7 +264,7 @@ def test_cuda_matches_cpu():
         assert rel_err(gpu.M2, cpu.M2.numpy()) < 1e-9
 
 
-@CUDA
+@requires_cuda
 def test_cuda_per_class_no_host_sync_and_k_beyond_grid_limits():
     # K = 70000 > 65535 (the old grid.y limit); only a few classes present; no device-to-host sync
     g = torch.Generator().manual_seed(14)
@@ -289,7 +288,7 @@ def test_cuda_per_class_no_host_sync_and_k_beyond_grid_limits():
     assert rel_err(gpu.M2[present.cuda()], cpu.M2[present].numpy()) < 1e-10
 
 
-@CUDA
+@requires_cuda
 def test_cuda_kernels_once_match_cpu():
     from selkernels.bench.covariance import run_kernels_once
 

@@ -1,5 +1,10 @@
 """CUDA kernels of the selectivity family against the CPU kernels (themselves tested against fp64
-oracles in test_class_means.py / test_selectivity_index.py). Skipped without a GPU.
+oracles in test_class_means.py / test_selectivity_index.py), on the shapes, layouts and dtypes that
+pick distinct CUDA code paths, and what only CUDA has: no host sync, CUDA graph capture, the
+deterministic-algorithms mode, torch.compile on the GPU. Skipped without a GPU.
+
+The op tests themselves (against the oracles, gradcheck, opcheck, edge cases, bitwise determinism)
+have one body for every device: they take the `device` fixture of conftest.py and run here too.
 
 Under the CUDA sanitizers (on a GPU machine, from the repository root):
     compute-sanitizer --tool memcheck  --leak-check full .venv/bin/python -m pytest tests/test_cuda.py -q -x
@@ -10,11 +15,11 @@ Under the CUDA sanitizers (on a GPU machine, from the repository root):
 
 import pytest
 import torch
-from conftest import make_batch
+from conftest import make_batch, requires_cuda
 
 import selkernels
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = requires_cuda
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # CUDA and CPU both accumulate in fp32 (fp64) but in different orders; fp16/bf16 inputs are exact
@@ -186,18 +191,6 @@ def test_no_host_sync_in_a_step():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_fewer_than_two_classes_and_empty_batch():
-    x = torch.randn(8, 5, 2, 2, device="cuda", requires_grad=True)
-    si = selkernels.selectivity_index(x, torch.zeros(8, dtype=torch.long, device="cuda"), 4)
-    assert torch.all(si == 0)
-    (g,) = torch.autograd.grad(si.sum(), x)
-    assert torch.all(g == 0)
-    means, counts = selkernels.class_means(
-        torch.randn(0, 5, 3, device="cuda"), torch.zeros(0, dtype=torch.long, device="cuda"), 3
-    )
-    assert torch.all(means == 0) and torch.all(counts == 0)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradients_match_cpu(dtype, layout):
@@ -237,29 +230,6 @@ def test_selectivity_from_means_and_backward_match_cpu():
         )
 
 
-def test_gradcheck_fp64():
-    x, labels = make_batch(n=12, c=3, spatial=(2, 2), k=3)
-    x = x.cuda().requires_grad_()
-    labels = labels.cuda()
-    assert torch.autograd.gradcheck(lambda t: selkernels.selectivity_index(t, labels, 3), (x,))
-    assert torch.autograd.gradcheck(lambda t: selkernels.class_means(t, labels, 3)[0], (x,))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_deterministic_bitwise(dtype, layout):
-    x, labels = make_batch(n=512, c=64, spatial=(8, 8), k=100, dtype=dtype)
-    x = _to_cuda(x, layout).requires_grad_()
-    labels = labels.cuda()
-    runs = []
-    for _ in range(3):
-        si = selkernels.selectivity_index(x, labels, 100)
-        (g,) = torch.autograd.grad(si.sum(), x)
-        runs.append((si, g))
-    for si, g in runs[1:]:
-        assert torch.equal(si, runs[0][0]) and torch.equal(g, runs[0][1])
-
-
 def test_deterministic_algorithms_mode():
     x, labels = make_batch(n=32, c=8, spatial=(2, 2), k=4, dtype=torch.float32)
     prev = torch.are_deterministic_algorithms_enabled()
@@ -269,16 +239,6 @@ def test_deterministic_algorithms_mode():
     finally:
         torch.use_deterministic_algorithms(prev)
     torch.testing.assert_close(si.cpu(), selkernels.selectivity_index(x, labels, 4), rtol=1e-5, atol=1e-6)
-
-
-def test_opcheck_cuda():
-    x, labels = make_batch(n=20, c=5, spatial=(2, 2), k=4, dtype=torch.float32)
-    x, labels = x.cuda().requires_grad_(), labels.cuda()
-    y = torch.randn(20, 3, 7, device="cuda", dtype=torch.float64).movedim(-1, 1).requires_grad_()
-    torch.library.opcheck(_ops.segment_labels, (labels, 4, -100))
-    seg = selkernels.segment_labels(labels, 4)
-    torch.library.opcheck(_ops.selectivity_index_segmented, ([x, y], *seg, 1e-7))
-    torch.library.opcheck(_ops.class_means_segmented, ([x, y], *seg))
 
 
 def test_cuda_graph_capture_of_a_whole_step():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import requires_cuda
 from scipy.stats import multivariate_normal
 from sklearn.covariance import oas
 
@@ -253,7 +254,7 @@ def test_bad_inputs():
         fit_dp_mixture(x, y.double())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_cuda_matches_cpu():
     x, y = _gaussian_classes(k=4, d=5, n=50, seed=11)
     loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]

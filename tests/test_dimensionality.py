@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import requires_cuda
 
 from selkernels.analysis import DimensionalityReport, GaussianNoise, PGDAttack, dimensionality
 
@@ -260,7 +261,7 @@ def test_bad_inputs():
         PGDAttack(model, eps=0.1, step_size=0.1, steps=1)(x, torch.zeros(8))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(12)
     x = torch.randn(64, 6, generator=g, dtype=torch.float64)

@@ -28,28 +28,29 @@ def numpy_selectivity(x, labels, k, eps=1e-7):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("spatial,k", [((), 3), ((4, 4), 5), ((2, 3), 40)])
-def test_matches_numpy(dtype, spatial, k):
-    x, labels = make_batch(n=60, c=7, spatial=spatial, k=k, dtype=dtype)
+def test_matches_numpy(device, dtype, spatial, k):
+    x, labels = make_batch(n=60, c=7, spatial=spatial, k=k, dtype=dtype, device=device)
     si = selkernels.selectivity_index(x, labels, k)
-    expected = numpy_selectivity(x, labels, k)
-    np.testing.assert_allclose(si.double().numpy(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+    assert si.device == x.device
+    expected = numpy_selectivity(x.cpu(), labels.cpu(), k)
+    np.testing.assert_allclose(si.double().cpu().numpy(), expected, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_matches_paper_script_forward_and_gradient_fp64():
-    x, labels = make_batch(n=40, c=6, spatial=(3, 3), k=4)
+def test_matches_paper_script_forward_and_gradient_fp64(device):
+    x, labels = make_batch(n=40, c=6, spatial=(3, 3), k=4, device=device)
     x.requires_grad_()
     si = selkernels.selectivity_index(x, labels, 4)
     si_paper = reference.paper_class_selectivity(x, labels)
     torch.testing.assert_close(si, si_paper, rtol=1e-10, atol=1e-12)
-    w = torch.randn(6, dtype=torch.float64)
+    w = torch.randn(6, dtype=torch.float64).to(device)
     (g,) = torch.autograd.grad((si * w).sum(), x)
     (g_paper,) = torch.autograd.grad((si_paper * w).sum(), x)
     torch.testing.assert_close(g, g_paper, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_gradient(dtype):
-    x, labels = make_batch(n=32, c=5, spatial=(4, 4), k=4)
+def test_low_precision_gradient(device, dtype):
+    x, labels = make_batch(n=32, c=5, spatial=(4, 4), k=4, device=device)
     x_low = x.to(dtype).requires_grad_()
     x_ref = x_low.detach().double().requires_grad_()
     (g,) = torch.autograd.grad(selkernels.selectivity_index(x_low, labels, 4).sum(), x_low)
@@ -58,8 +59,8 @@ def test_low_precision_gradient(dtype):
     torch.testing.assert_close(g.double(), g_ref, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 1e-2)
 
 
-def test_layouts():
-    x, labels = make_batch(n=18, c=6, spatial=(5, 5), k=4, dtype=torch.float32)
+def test_layouts(device):
+    x, labels = make_batch(n=18, c=6, spatial=(5, 5), k=4, dtype=torch.float32, device=device)
     ref = selkernels.selectivity_index(x, labels, 4)
     for xv in (x.to(memory_format=torch.channels_last), x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)):
         xv = xv.clone().requires_grad_()
@@ -68,10 +69,10 @@ def test_layouts():
         assert g.shape == xv.shape
 
 
-def test_fewer_than_two_classes_gives_zero_and_zero_gradient():
-    x, _ = make_batch(n=8, c=4, spatial=(2, 2), k=3)
+def test_fewer_than_two_classes_gives_zero_and_zero_gradient(device):
+    x, _ = make_batch(n=8, c=4, spatial=(2, 2), k=3, device=device)
     x.requires_grad_()
-    labels = torch.full((8,), 2)
+    labels = torch.full((8,), 2, device=device)
     si = selkernels.selectivity_index(x, labels, 3)
     assert torch.all(si == 0)
     (g,) = torch.autograd.grad(si.sum(), x)
@@ -80,24 +81,24 @@ def test_fewer_than_two_classes_gives_zero_and_zero_gradient():
     assert torch.isnan(reference.paper_class_selectivity(x, labels)).all()
 
 
-def test_zero_activations():
-    x = torch.zeros(6, 3, 2, 2)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+def test_zero_activations(device):
+    x = torch.zeros(6, 3, 2, 2, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
     assert torch.all(selkernels.selectivity_index(x, labels, 3) == 0)
     assert torch.isnan(selkernels.selectivity_index(x, labels, 3, eps=0.0)).all()
 
 
-def test_absent_classes_are_skipped():
-    x, labels = make_batch(n=30, c=4, spatial=(2,), k=3)
+def test_absent_classes_are_skipped(device):
+    x, labels = make_batch(n=30, c=4, spatial=(2,), k=3, device=device)
     # Same batch, labels renamed into a larger label space with gaps: SI must not change.
-    remapped = torch.tensor([1, 4, 9])[labels]
+    remapped = torch.tensor([1, 4, 9], device=device)[labels]
     torch.testing.assert_close(
         selkernels.selectivity_index(x, remapped, 12), selkernels.selectivity_index(x, labels, 3)
     )
 
 
-def test_ignore_index():
-    x, labels = make_batch(n=20, c=4, spatial=(3,), k=3)
+def test_ignore_index(device):
+    x, labels = make_batch(n=20, c=4, spatial=(3,), k=3, device=device)
     labels_ign = labels.clone()
     labels_ign[::4] = -100
     keep = labels_ign != -100
@@ -108,31 +109,32 @@ def test_ignore_index():
     assert torch.all(g[~keep] == 0)
 
 
-def test_gradcheck_fp64():
-    x, labels = make_batch(n=14, c=3, spatial=(2, 3), k=4)
+def test_gradcheck_fp64(device):
+    x, labels = make_batch(n=14, c=3, spatial=(2, 3), k=4, device=device)
     labels[3] = -100
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: selkernels.selectivity_index(t, labels, 4), (x,))
 
 
-def test_fused_equals_composition():
-    x, labels = make_batch(n=50, c=8, spatial=(3, 3), k=6, dtype=torch.float32)
+def test_fused_equals_composition(device):
+    x, labels = make_batch(n=50, c=8, spatial=(3, 3), k=6, dtype=torch.float32, device=device)
     means, counts = selkernels.class_means(x, labels, 6)
     torch.testing.assert_close(
         selkernels.selectivity_index(x, labels, 6), selkernels.selectivity_from_means(means, counts)
     )
 
 
-def test_opcheck():
-    x, labels = make_batch(n=12, c=4, spatial=(3, 2), k=3, dtype=torch.float32)
+def test_opcheck(device):
+    x, labels = make_batch(n=12, c=4, spatial=(3, 2), k=3, dtype=torch.float32, device=device)
     x.requires_grad_()
-    y = torch.randn(12, 2, 5, dtype=torch.float64).movedim(-1, 1).requires_grad_()
+    y = torch.randn(12, 2, 5, dtype=torch.float64).to(device).movedim(-1, 1).requires_grad_()
     ops = torch.ops.selkernels
     seg = selkernels.segment_labels(labels, 3)
     torch.library.opcheck(ops.selectivity_index_segmented, ([x, y], *seg, 1e-7))
     si, means, coeffs, argmax = ops.selectivity_index_segmented([x.detach(), y.detach()], *seg, 1e-7)
-    grad_si = [torch.randn(4), torch.randn(5, dtype=torch.float64)]
-    for grad_means in ([], [torch.randn(3, 4), torch.randn(3, 5, dtype=torch.float64)]):
+    grad_si = [torch.randn(4).to(device), torch.randn(5, dtype=torch.float64).to(device)]
+    grad_means_given = [torch.randn(3, 4).to(device), torch.randn(3, 5, dtype=torch.float64).to(device)]
+    for grad_means in ([], grad_means_given):
         torch.library.opcheck(
             ops.segmented_unit_grad,
             (grad_si, list(coeffs), list(argmax), grad_means, seg.labels, seg.counts, [4, 5], [6, 2], [6, 7]),
@@ -157,12 +159,17 @@ def test_torch_compile_fullgraph_dynamic(backend):
         torch.testing.assert_close(g, g_eager)
 
 
-def test_deterministic_bitwise():
-    x, labels = make_batch(n=300, c=40, spatial=(6, 6), k=9, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("n,c,s,k", [(300, 40, 6, 9), (512, 64, 8, 100)])
+def test_deterministic_bitwise(device, dtype, layout, n, c, s, k):
+    x, labels = make_batch(n=n, c=c, spatial=(s, s), k=k, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     runs = []
     for _ in range(3):
-        si = selkernels.selectivity_index(x, labels, 9)
+        si = selkernels.selectivity_index(x, labels, k)
         (g,) = torch.autograd.grad(si.sum(), x)
         runs.append((si, g.contiguous()))
     for si, g in runs[1:]:

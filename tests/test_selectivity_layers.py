@@ -14,7 +14,7 @@ from selkernels import reference
 HALF = (torch.float16, torch.bfloat16)
 
 
-def layers(n, seed=0):
+def layers(n, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     xs = [
         torch.randn(n, 6, 3, 4, generator=g, dtype=torch.float64),  # NCHW fp64
@@ -23,7 +23,7 @@ def layers(n, seed=0):
         torch.randn(n, 3, 2, 2, 2, generator=g).to(torch.float16),  # 3-D spatial fp16
         torch.randn(n, 7, 10, generator=g)[:, :, ::2],  # strided: copied once
     ]
-    return [(x.relu() + 0.1).requires_grad_() for x in xs]
+    return [(x.relu() + 0.1).to(device).requires_grad_() for x in xs]
 
 
 def reference_si(x, labels, k, unit_dim=1):
@@ -36,14 +36,14 @@ def tol(dtype):
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-3)
 
 
-def test_list_equals_each_layer_and_reference():
-    _, labels = make_batch(n=20, k=6)
+def test_list_equals_each_layer_and_reference(device):
+    _, labels = make_batch(n=20, k=6, device=device)
     labels[[2, 11]] = -100
-    xs = layers(20)
+    xs = layers(20, device=device)
     seg = selkernels.segment_labels(labels, 6)
     si = selkernels.selectivity_index(xs, seg)
     assert isinstance(si, list) and len(si) == len(xs)
-    ws = [torch.randn(s.shape, dtype=s.dtype) for s in si]
+    ws = [torch.randn(s.shape, dtype=s.dtype).to(device) for s in si]
     grads = torch.autograd.grad(sum((s * w).sum() for s, w in zip(si, ws)), xs)
     for x, s, w, g in zip(xs, si, ws, grads):
         one = selkernels.selectivity_index(x, labels, 6)
@@ -60,11 +60,11 @@ def test_list_equals_each_layer_and_reference():
         )
 
 
-def test_unit_dim_last_reads_a_view():
+def test_unit_dim_last_reads_a_view(device):
     # [N, T, D] tokens and [N, H, W, D] maps: units on the last dim, positions averaged.
-    _, labels = make_batch(n=12, k=4)
-    tokens = torch.randn(12, 7, 5, dtype=torch.float64, requires_grad=True)
-    maps = torch.randn(12, 3, 2, 6, dtype=torch.float64, requires_grad=True)
+    _, labels = make_batch(n=12, k=4, device=device)
+    tokens = torch.randn(12, 7, 5, dtype=torch.float64).to(device).requires_grad_()
+    maps = torch.randn(12, 3, 2, 6, dtype=torch.float64).to(device).requires_grad_()
     si = selkernels.selectivity_index([tokens, maps], labels, 4, unit_dim=-1)
     for x, s in zip((tokens, maps), si):
         torch.testing.assert_close(s, reference_si(x, labels, 4, unit_dim=-1), rtol=1e-12, atol=1e-12)
@@ -75,13 +75,13 @@ def test_unit_dim_last_reads_a_view():
     assert g.shape == tokens.shape and g.stride()[1] == 0  # broadcast over positions, no copy
 
 
-def test_gradcheck_and_gradgradcheck_of_a_list():
-    _, labels = make_batch(n=14, k=4)
+def test_gradcheck_and_gradgradcheck_of_a_list(device):
+    _, labels = make_batch(n=14, k=4, device=device)
     labels[5] = -100
     g = torch.Generator().manual_seed(1)
     xs = [
-        (torch.rand(14, 3, 2, 3, generator=g, dtype=torch.float64) + 0.1).requires_grad_(),
-        (torch.rand(14, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_(),
+        (torch.rand(14, 3, 2, 3, generator=g, dtype=torch.float64) + 0.1).to(device).requires_grad_(),
+        (torch.rand(14, 4, generator=g, dtype=torch.float64) + 0.1).to(device).requires_grad_(),
     ]
     seg = selkernels.segment_labels(labels, 4)
     fn = lambda *t: selkernels.selectivity_index(list(t), seg)  # noqa: E731
@@ -96,68 +96,70 @@ def second_derivative(fn, x, w, v):
 
 
 @pytest.mark.parametrize("spatial", [(), (2, 3)])
-def test_second_derivative_of_si_matches_reference(spatial):
-    x, labels = make_batch(n=16, c=4, spatial=spatial, k=5)
+def test_second_derivative_of_si_matches_reference(device, spatial):
+    x, labels = make_batch(n=16, c=4, spatial=spatial, k=5, device=device)
     x.requires_grad_()
-    w, v = torch.randn(4, dtype=torch.float64), torch.randn_like(x)
+    w, v = torch.randn(4, dtype=torch.float64).to(device), torch.randn(x.shape, dtype=x.dtype).to(device)
     fused = second_derivative(lambda t: selkernels.selectivity_index(t, labels, 5), x, w, v)
     ref = second_derivative(lambda t: reference.selectivity_index_reference(t, labels, 5), x, w, v)
     assert fused.abs().max() > 1e-3  # SI is not linear in the means: never silent zeros
     torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-12)
 
 
-def test_second_derivative_of_selectivity_from_means():
+def test_second_derivative_of_selectivity_from_means(device):
     g = torch.Generator().manual_seed(2)
-    means = (torch.rand(6, 5, generator=g, dtype=torch.float64) + 0.2).requires_grad_()
-    counts = torch.tensor([3, 0, 2, 5, 1, 4])
-    w, v = torch.randn(5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    means = (torch.rand(6, 5, generator=g, dtype=torch.float64) + 0.2).to(device).requires_grad_()
+    counts = torch.tensor([3, 0, 2, 5, 1, 4], device=device)
+    w, v = torch.randn(5, dtype=torch.float64).to(device), torch.randn(6, 5, dtype=torch.float64).to(device)
     fused = second_derivative(lambda m: selkernels.selectivity_from_means(m, counts), means, w, v)
     ref = second_derivative(lambda m: reference.selectivity_from_means_reference(m, counts), means, w, v)
     assert fused.abs().max() > 1e-3
     torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-12)
     assert torch.autograd.gradgradcheck(lambda m: selkernels.selectivity_from_means(m, counts), (means,))
     # ... and through the class means: SI(class_means(x)) twice differentiated w.r.t. x.
-    x, labels = make_batch(n=12, c=3, spatial=(2,), k=4)
+    x, labels = make_batch(n=12, c=3, spatial=(2,), k=4, device=device)
     x.requires_grad_()
     assert torch.autograd.gradgradcheck(
         lambda t: selkernels.selectivity_from_means(*selkernels.class_means(t, labels, 4)), (x,)
     )
 
 
-def test_fewer_than_two_classes_gives_zero_si_and_zero_gradients_to_second_order():
-    x = torch.rand(6, 3, 2, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([2, 2, -100, 2, 2, 2])
+def test_fewer_than_two_classes_gives_zero_si_and_zero_gradients_to_second_order(device):
+    x = torch.rand(6, 3, 2, dtype=torch.float64).to(device).requires_grad_()
+    labels = torch.tensor([2, 2, -100, 2, 2, 2], device=device)
     si = selkernels.selectivity_index([x, x * 2], labels, 4)
     assert all(torch.all(s == 0) for s in si)
     assert torch.autograd.gradgradcheck(lambda t: selkernels.selectivity_index(t, labels, 4), (x,))
 
 
-def test_zero_size_inputs():
-    labels = torch.zeros(0, dtype=torch.long)
-    x = torch.zeros(0, 4, 2, 2, requires_grad=True)
-    si = selkernels.selectivity_index([x, torch.zeros(0, 3)], labels, 3)
+def test_zero_size_inputs(device):
+    labels = torch.zeros(0, dtype=torch.long, device=device)
+    x = torch.zeros(0, 4, 2, 2, device=device, requires_grad=True)
+    si = selkernels.selectivity_index([x, torch.zeros(0, 3, device=device)], labels, 3)
     assert si[0].shape == (4,) and torch.all(si[0] == 0)
     (g,) = torch.autograd.grad(si[0].sum(), x)
     assert g.shape == x.shape
-    x0 = torch.zeros(5, 0, 3, requires_grad=True)
-    assert selkernels.selectivity_index(x0, torch.arange(5) % 2, 2).shape == (0,)
+    x0 = torch.zeros(5, 0, 3, device=device, requires_grad=True)
+    assert selkernels.selectivity_index(x0, torch.arange(5, device=device) % 2, 2).shape == (0,)
 
 
-def test_opcheck_on_every_new_op():
-    _, labels = make_batch(n=10, k=3)
+def test_opcheck_on_every_new_op(device):
+    _, labels = make_batch(n=10, k=3, device=device)
     labels[1] = -100
     ops = torch.ops.selkernels
     torch.library.opcheck(ops.segment_labels, (labels, 3, -100))
     seg = selkernels.segment_labels(labels, 3)
-    xs = [x.float().detach().requires_grad_() for x in layers(10)[:2]] + [layers(10)[3].detach()]
+    xs = [x.float().detach().requires_grad_() for x in layers(10, device=device)[:2]]
+    xs.append(layers(10, device=device)[3].detach())
     torch.library.opcheck(ops.selectivity_index_segmented, (xs, *seg, 1e-7))
     torch.library.opcheck(ops.class_means_segmented, (xs, *seg))
 
 
-def test_segment_labels_contract():
-    labels = torch.tensor([3, -100, 0, 3, 1, -100, 0, 3], dtype=torch.int32)
+def test_segment_labels_contract(device):
+    labels = torch.tensor([3, -100, 0, 3, 1, -100, 0, 3], dtype=torch.int32, device=device)
     seg = selkernels.segment_labels(labels, 5)
     assert isinstance(seg, selkernels.LabelSegments)
+    assert all(t.device == labels.device for t in seg)
     assert seg.labels.tolist() == [3, -1, 0, 3, 1, -1, 0, 3]
     assert seg.counts.tolist() == [2, 1, 0, 3, 0]
     assert seg.offsets.tolist() == [0, 2, 3, 3, 6, 6]

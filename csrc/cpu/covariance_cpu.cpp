@@ -29,15 +29,10 @@
 #include <vector>
 
 #include "common/moments.h"
+#include "cpu/target_clones.h"
 
 namespace selk {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SELK_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SELK_TARGET_CLONES
-#endif
 
 constexpr int64_t kTile = 64;      // side of a state tile (and of a GEMM block row)
 constexpr int64_t kGemmRows = 64;  // classes with at least this many rows in the batch use BLAS

@@ -18,18 +18,13 @@
 #include <vector>
 
 #include "common/selectivity.h"
+#include "common/selectivity_args.h"
 #include "cpu/pairwise_sum.h"
 #include "cpu/row_means_avx2.h"
+#include "cpu/target_clones.h"
 
 namespace selk {
 namespace {
-
-// Runtime dispatch to the widest vector unit without building the wheel for one CPU.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SELK_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SELK_TARGET_CLONES
-#endif
 
 // Each vectorized loop is compiled once per instruction set and called once per chunk of rows, so
 // the dispatch costs one indirect call per chunk, not per row.
@@ -132,8 +127,6 @@ SELK_TARGET_CLONES void segment_sum(const double* a, int64_t C, const int64_t* o
 // a second thread exceeds the work (and on a loaded machine it can cost a whole time slice).
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Per-unit SI terms for units [c0, c1), sweeping the [K, C] means row by row so the inner loop is
 // unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's coalescing instead).
 // Same semantics: present = classes with count > 0, first maximum on ties, NaN propagates.
@@ -212,10 +205,8 @@ UnitGradCoeffs<acc_t> unit_grad_coeffs(const acc_t* means, const int64_t* counts
 }
 
 at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tensor& counts_in, double eps) {
-  TORCH_CHECK(means_in.dim() == 2, "selkernels: means must be [K, C]");
-  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == means_in.size(0), "selkernels: counts must be [K]");
+  const at::Tensor counts = from_means_counts(means_in, counts_in);
   const at::Tensor means = means_in.to(acc_type_of(means_in.scalar_type())).contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
   const int64_t K = means.size(0), C = means.size(1);
   at::Tensor si = at::empty({C}, means.options());
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity", [&] {
@@ -235,9 +226,9 @@ at::Tensor selectivity_from_means_cpu(const at::Tensor& means_in, const at::Tens
 
 at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, const at::Tensor& means_in,
                                                const at::Tensor& counts_in, double eps) {
+  const at::Tensor counts = from_means_counts(means_in, counts_in);
   const at::Tensor means = means_in.contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  const at::Tensor grad_si = grad_si_in.to(means.scalar_type()).contiguous();
+  const at::Tensor grad_si = from_means_grad_arg(grad_si_in, means);
   const int64_t K = means.size(0), C = means.size(1);
   at::Tensor grad_means = at::empty({K, C}, means.options());
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity_backward", [&] {
@@ -263,8 +254,7 @@ at::Tensor selectivity_from_means_backward_cpu(const at::Tensor& grad_si_in, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_labels_cpu(const at::Tensor& labels_in,
                                                                                           int64_t K,
                                                                                           int64_t ignore_index) {
-  TORCH_CHECK(labels_in.dim() == 1, "selkernels: labels must be [N]");
-  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
+  check_segment_labels_args(labels_in, K);
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t N = labels.size(0);
   const int64_t* l = labels.data_ptr<int64_t>();
@@ -319,16 +309,7 @@ struct Segmentation {
 
 Segmentation check_segmentation(const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
                                 const at::Tensor& order, const at::Tensor& invalid) {
-  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "selkernels: segment labels must be int64 [N]");
-  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong && counts.size(0) >= 1,
-              "selkernels: counts must be int64 [K], K >= 1");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) == counts.size(0) + 1,
-              "selkernels: offsets must be int64 [K + 1]");
-  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.size(0) == labels.size(0),
-              "selkernels: order must be int64 [N]");
-  TORCH_CHECK(invalid.numel() == 1, "selkernels: invalid must be a scalar");
-  TORCH_CHECK(labels.is_contiguous() && counts.is_contiguous() && offsets.is_contiguous() && order.is_contiguous(),
-              "selkernels: the segmentation tensors must be contiguous (as segment_labels returns them)");
+  check_segmentation_args(labels, counts, offsets, order, invalid);
   return {labels.size(0),
           counts.size(0),
           labels.data_ptr<int64_t>(),
@@ -348,23 +329,22 @@ at::Tensor without_broadcast_positions(const at::Tensor& x) {
   return out;
 }
 
-std::vector<Layer> prepare_layers(at::TensorList xs, int64_t N) {
+std::vector<Layer> prepare_layers(at::TensorList xs, const at::Tensor& labels) {
+  const int64_t N = labels.size(0);
   std::vector<Layer> layers;
   layers.reserve(xs.size());
   for (size_t l = 0; l < xs.size(); ++l) {
+    check_layer_arg(xs[l], l, N, labels.device());
     const at::Tensor x = without_broadcast_positions(xs[l]);
-    TORCH_CHECK(x.dim() >= 2, "selkernels: xs[", l, "] must be [N, C, *spatial], got ", x.dim(), " dims");
-    TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: xs[", l, "] must be floating point");
-    TORCH_CHECK(x.size(0) == N, "selkernels: xs[", l, "] has ", x.size(0), " samples, the labels ", N);
     const int64_t C = x.size(1);
-    const int64_t S = N * C == 0 ? 1 : x.numel() / (N * C);
-    const at::ScalarType acc = acc_type_of(x.scalar_type());
+    const int64_t S = positions_of(x, N);
     Layer layer{x, Layout::kRows, C, S, at::Tensor()};
     if (S == 1) {
       // Values are their own unit means: read in place when stored as a contiguous [N, C] of the
       // accumulation type, else converted in one vectorized copy; phase 1 has nothing to do.
       layer.x = x.reshape({N, C});  // a view: every trailing dim is 1
       layer.layout = Layout::kValues;
+      const at::ScalarType acc = acc_type_of(x.scalar_type());
       if (layer.x.is_contiguous() && x.scalar_type() == acc) {
         layer.a = layer.x;
       } else {
@@ -374,11 +354,8 @@ std::vector<Layer> prepare_layers(at::TensorList xs, int64_t N) {
       layers.push_back(std::move(layer));
       continue;
     }
-    layer.a = at::empty({N, C}, x.options().dtype(acc));
-    std::vector<int64_t> positions_major{0};
-    for (int64_t d = 2; d < x.dim(); ++d) positions_major.push_back(d);
-    positions_major.push_back(1);
-    if (!x.is_contiguous() && x.permute(positions_major).is_contiguous()) {
+    layer.a = unit_means_buffer(x, N);
+    if (!x.is_contiguous() && positions_major(x)) {
       layer.layout = Layout::kPositionsMajor;  // channels_last, or unit_dim=-1 seen through movedim
     } else {
       layer.x = x.contiguous();  // other stride patterns: one copy (documented in ops.py)
@@ -482,10 +459,9 @@ std::vector<at::Tensor> class_means_segmented_cpu(at::TensorList xs, const at::T
                                                   const at::Tensor& offsets, const at::Tensor& order,
                                                   const at::Tensor& invalid) {
   const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
-  std::vector<Layer> layers = prepare_layers(xs, seg.N);
+  std::vector<Layer> layers = prepare_layers(xs, labels);
   unit_means_all(layers, seg.N);
-  std::vector<at::Tensor> means;
-  for (const Layer& L : layers) means.push_back(at::empty({seg.K, L.C}, L.a.options()));
+  std::vector<at::Tensor> means = class_means_outputs(layers, seg.K);
   const auto tasks = channel_tasks(layers);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -524,12 +500,8 @@ void class_sums_accumulate_cpu(at::TensorList xs, const at::Tensor& labels, cons
                                const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
                                at::TensorList sums) {
   const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
-  TORCH_CHECK(sums.size() == xs.size(), "selkernels: class_sums_accumulate_ needs one sums tensor per layer");
-  std::vector<Layer> layers = prepare_layers(xs, seg.N);
-  for (size_t l = 0; l < layers.size(); ++l)
-    TORCH_CHECK(sums[l].scalar_type() == at::kDouble && sums[l].is_contiguous() &&
-                    sums[l].sizes() == at::IntArrayRef({seg.K, layers[l].C}),
-                "selkernels: sums[", l, "] must be a contiguous float64 [K, C] tensor");
+  std::vector<Layer> layers = prepare_layers(xs, labels);
+  check_class_sums_args(sums, layers, seg.K, labels.device());
   unit_means_all(layers, seg.N);
   const auto tasks = channel_tasks(layers);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
@@ -549,15 +521,10 @@ selectivity_index_segmented_cpu(at::TensorList xs, const at::Tensor& labels, con
                                 const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
                                 double eps) {
   const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
-  std::vector<Layer> layers = prepare_layers(xs, seg.N);
+  std::vector<Layer> layers = prepare_layers(xs, labels);
   unit_means_all(layers, seg.N);
   std::vector<at::Tensor> si, means, coeffs, argmax;
-  for (const Layer& L : layers) {
-    si.push_back(at::empty({L.C}, L.a.options()));
-    means.push_back(at::empty({seg.K, L.C}, L.a.options()));
-    coeffs.push_back(at::empty({2, L.C}, L.a.options()));
-    argmax.push_back(at::empty({L.C}, labels.options()));
-  }
+  selectivity_outputs(layers, seg.K, labels, si, means, coeffs, argmax);
   const auto tasks = channel_tasks(layers);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -593,10 +560,7 @@ std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::Tens
                                                 at::IntArrayRef spatial_sizes, at::IntArrayRef out_dtypes) {
   const size_t L = channels.size();
   const bool with_si = !grad_si.empty(), with_means = !grad_means.empty();
-  TORCH_CHECK((!with_si || (grad_si.size() == L && coeffs.size() == L && argmax.size() == L)) &&
-                  (!with_means || grad_means.size() == L) && spatial_sizes.size() == L && out_dtypes.size() == L,
-              "selkernels: segmented_unit_grad: grad_si, coeffs, argmax (or none of them) and grad_means (or none) "
-              "need one entry per layer");
+  check_unit_grad_lists(grad_si, coeffs, argmax, grad_means, channels, spatial_sizes, out_dtypes);
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();
   const int64_t N = labels.size(0), K = counts.size(0);
@@ -614,20 +578,13 @@ std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::Tens
     const at::ScalarType acc = with_si      ? coeffs[l].scalar_type()
                                : with_means ? acc_type_of(grad_means[l].scalar_type())
                                             : at::kFloat;
+    G.out = unit_grad_output(l, grad_si, coeffs, argmax, grad_means, G.C, N, K, out_dtypes[l], labels);
     if (with_si) {
-      TORCH_CHECK(
-          coeffs[l].sizes() == at::IntArrayRef({2, G.C}) && argmax[l].numel() == G.C && grad_si[l].numel() == G.C,
-          "selkernels: coeffs[", l, "] must be [2, C], argmax and grad_si [C]");
       G.coeffs = coeffs[l].contiguous();
       G.argmax = argmax[l].to(at::kLong).contiguous();
       G.g_si = grad_si[l].to(acc).contiguous();
     }
-    if (with_means) {
-      TORCH_CHECK(grad_means[l].sizes() == at::IntArrayRef({K, G.C}), "selkernels: grad_means[", l, "] must be [K, C]");
-      G.g_means = grad_means[l].to(acc).contiguous();
-    }
-    G.out = at::empty({N, G.C}, labels.options().dtype(static_cast<at::ScalarType>(out_dtypes[l])));
-    if (!with_si && !with_means) G.out.zero_();
+    if (with_means) G.g_means = grad_means[l].to(acc).contiguous();
   }
   std::vector<MeansTask> tasks;
   for (size_t l = 0; l < L; ++l) {

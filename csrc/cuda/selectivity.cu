@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/acc_type.h"
+#include "common/selectivity_args.h"
 #include "cuda/selectivity.cuh"
 
 namespace selk {
@@ -52,8 +53,7 @@ int32_t dtype_code(at::ScalarType t) { return static_cast<int32_t>(t); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_labels_cuda(const at::Tensor& labels_in,
                                                                                            int64_t K,
                                                                                            int64_t ignore_index) {
-  TORCH_CHECK(labels_in.dim() == 1, "selkernels: labels must be [N]");
-  TORCH_CHECK(K >= 1, "selkernels: num_classes must be >= 1");
+  check_segment_labels_args(labels_in, K);
   const c10::cuda::CUDAGuard guard(labels_in.device());
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t N = labels.size(0);
@@ -80,16 +80,8 @@ struct Seg {
 
 Seg check_segmentation(const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
                        const at::Tensor& order, const at::Tensor& invalid) {
-  for (const at::Tensor* t : {&labels, &counts, &offsets, &order, &invalid}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == labels.device() && t->scalar_type() == at::kLong && t->is_contiguous(),
-                "selkernels: the segmentation tensors must be contiguous int64 on the device of x "
-                "(as segment_labels returns them)");
-  }
-  TORCH_CHECK(labels.dim() == 1 && order.dim() == 1 && order.size(0) == labels.size(0),
-              "selkernels: labels and order must be [N]");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 1 && offsets.dim() == 1 && offsets.size(0) == counts.size(0) + 1,
-              "selkernels: counts must be [K] and offsets [K + 1]");
-  TORCH_CHECK(invalid.numel() == 1, "selkernels: invalid must be a scalar");
+  TORCH_CHECK(labels.is_cuda(), "selkernels: the segmentation tensors must be on the CUDA device of x");
+  check_segmentation_args(labels, counts, offsets, order, invalid);
   return {labels.size(0), counts.size(0), labels, counts, offsets, order, invalid};
 }
 
@@ -101,24 +93,14 @@ struct Layer {
   at::Tensor a;  // acc [N, C]
 };
 
-bool positions_major(const at::Tensor& x) {
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous();
-}
-
 std::vector<Layer> prepare_layers(at::TensorList xs, const Seg& seg) {
   std::vector<Layer> layers;
   for (size_t l = 0; l < xs.size(); ++l) {
     const at::Tensor& x = xs[l];
-    TORCH_CHECK(x.dim() >= 2 && at::isFloatingType(x.scalar_type()), "selkernels: xs[", l,
-                "] must be a floating-point [N, C, *spatial] tensor");
-    TORCH_CHECK(x.size(0) == seg.N, "selkernels: xs[", l, "] has ", x.size(0), " samples, the labels ", seg.N);
-    TORCH_CHECK(x.device() == seg.labels.device(), "selkernels: xs[", l, "] must be on the device of the labels");
+    check_layer_arg(x, l, seg.N, seg.labels.device());
     const int64_t N = seg.N, C = x.size(1);
-    const int64_t S = N * C == 0 ? 1 : x.numel() / (N * C);
-    Layer L{x, kRows, 1, C, S, at::empty({N, C}, x.options().dtype(acc_type_of(x.scalar_type())))};
+    const int64_t S = positions_of(x, N);
+    Layer L{x, kRows, 1, C, S, unit_means_buffer(x, N)};
     if (S == 1) {
       L.x = x.reshape({N, C});  // a view: every trailing dim is 1
       L.layout = kValues;
@@ -218,8 +200,7 @@ std::vector<at::Tensor> class_means_segmented_cuda(at::TensorList xs, const at::
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::vector<Layer> layers = prepare_layers(xs, seg);
   launch_unit_means(layers, seg.N, stream);
-  std::vector<at::Tensor> means;
-  for (const Layer& L : layers) means.push_back(at::empty({seg.K, L.C}, L.a.options()));
+  std::vector<at::Tensor> means = class_means_outputs(layers, seg.K);
   launch_class_si(layers, seg, 0.0, &means, nullptr, nullptr, nullptr, nullptr, stream);
   return means;
 }
@@ -229,14 +210,10 @@ void class_sums_accumulate_cuda(at::TensorList xs, const at::Tensor& labels, con
                                 at::TensorList sums) {
   const c10::cuda::CUDAGuard guard(labels.device());
   const Seg seg = check_segmentation(labels, counts, offsets, order, invalid);
-  TORCH_CHECK(sums.size() == xs.size(), "selkernels: class_sums_accumulate_ needs one sums tensor per layer");
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::vector<Layer> layers = prepare_layers(xs, seg);
+  check_class_sums_args(sums, layers, seg.K, labels.device());
   std::vector<at::Tensor> state(sums.begin(), sums.end());
-  for (size_t l = 0; l < layers.size(); ++l)
-    TORCH_CHECK(state[l].is_cuda() && state[l].scalar_type() == at::kDouble && state[l].is_contiguous() &&
-                    state[l].sizes() == at::IntArrayRef({seg.K, layers[l].C}),
-                "selkernels: sums[", l, "] must be a contiguous float64 [K, C] CUDA tensor");
   launch_unit_means(layers, seg.N, stream);
   launch_class_si(layers, seg, 0.0, nullptr, &state, nullptr, nullptr, nullptr, stream);
 }
@@ -251,12 +228,7 @@ selectivity_index_segmented_cuda(at::TensorList xs, const at::Tensor& labels, co
   std::vector<Layer> layers = prepare_layers(xs, seg);
   launch_unit_means(layers, seg.N, stream);
   std::vector<at::Tensor> si, means, coeffs, argmax;
-  for (const Layer& L : layers) {
-    si.push_back(at::empty({L.C}, L.a.options()));
-    means.push_back(at::empty({seg.K, L.C}, L.a.options()));
-    coeffs.push_back(at::empty({2, L.C}, L.a.options()));
-    argmax.push_back(at::empty({L.C}, labels.options()));
-  }
+  selectivity_outputs(layers, seg.K, labels, si, means, coeffs, argmax);
   launch_class_si(layers, seg, eps, &means, nullptr, &si, &coeffs, &argmax, stream);
   return {si, means, coeffs, argmax};
 }
@@ -269,10 +241,7 @@ std::vector<at::Tensor> segmented_unit_grad_cuda(at::TensorList grad_si, at::Ten
   const c10::cuda::CUDAGuard guard(labels_in.device());
   const size_t L = channels.size();
   const bool with_si = !grad_si.empty(), with_means = !grad_means.empty();
-  TORCH_CHECK((!with_si || (grad_si.size() == L && coeffs.size() == L && argmax.size() == L)) &&
-                  (!with_means || grad_means.size() == L) && spatial_sizes.size() == L && out_dtypes.size() == L,
-              "selkernels: segmented_unit_grad: grad_si, coeffs, argmax (or none of them) and grad_means (or none) "
-              "need one entry per layer");
+  check_unit_grad_lists(grad_si, coeffs, argmax, grad_means, channels, spatial_sizes, out_dtypes);
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();
   const int64_t N = labels.size(0), K = counts.size(0);
@@ -282,21 +251,14 @@ std::vector<at::Tensor> segmented_unit_grad_cuda(at::TensorList grad_si, at::Ten
   for (size_t l = 0; l < L; ++l) {
     const auto out_dtype = static_cast<at::ScalarType>(out_dtypes[l]);
     const at::ScalarType acc = acc_type_of(out_dtype);
-    out.push_back(at::empty({N, channels[l]}, labels.options().dtype(out_dtype)));
+    out.push_back(unit_grad_output(l, grad_si, coeffs, argmax, grad_means, channels[l], N, K, out_dtypes[l], labels));
     if (with_si) {
-      TORCH_CHECK(coeffs[l].sizes() == at::IntArrayRef({2, channels[l]}) && coeffs[l].scalar_type() == acc &&
-                      argmax[l].numel() == channels[l] && grad_si[l].numel() == channels[l],
-                  "selkernels: coeffs[", l, "] must be [2, C] in the accumulation type, argmax and grad_si [C]");
+      TORCH_CHECK(coeffs[l].scalar_type() == acc, "selkernels: coeffs[", l, "] must be in the accumulation type");
       cf[l] = coeffs[l].contiguous();
       am[l] = argmax[l].to(at::kLong).contiguous();
       g_si[l] = grad_si[l].to(acc).contiguous();
     }
-    if (with_means) {
-      TORCH_CHECK(grad_means[l].sizes() == at::IntArrayRef({K, channels[l]}), "selkernels: grad_means[", l,
-                  "] must be [K, C]");
-      g_means[l] = grad_means[l].to(acc).contiguous();
-    }
-    if (!with_si && !with_means) out[l].zero_();
+    if (with_means) g_means[l] = grad_means[l].to(acc).contiguous();
     keys.push_back(out_dtypes[l]);
     launched_channels.push_back(with_si || with_means ? channels[l] * (N > 0) : 0);
   }
@@ -331,12 +293,9 @@ std::vector<at::Tensor> segmented_unit_grad_cuda(at::TensorList grad_si, at::Ten
 }
 
 at::Tensor selectivity_from_means_cuda(const at::Tensor& means_in, const at::Tensor& counts_in, double eps) {
-  TORCH_CHECK(means_in.dim() == 2, "selkernels: means must be [K, C]");
-  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == means_in.size(0), "selkernels: counts must be [K]");
-  TORCH_CHECK(counts_in.device() == means_in.device(), "selkernels: counts must be on the device of means");
   const c10::cuda::CUDAGuard guard(means_in.device());
+  const at::Tensor counts = from_means_counts(means_in, counts_in);
   const at::Tensor means = means_in.to(acc_type_of(means_in.scalar_type())).contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
   const int64_t K = means.size(0), C = means.size(1);
   at::Tensor si = at::empty({C}, means.options());
   if (C == 0) return si;
@@ -352,11 +311,10 @@ at::Tensor selectivity_from_means_cuda(const at::Tensor& means_in, const at::Ten
 at::Tensor selectivity_from_means_backward_cuda(const at::Tensor& grad_si_in, const at::Tensor& means_in,
                                                 const at::Tensor& counts_in, double eps) {
   const c10::cuda::CUDAGuard guard(means_in.device());
+  const at::Tensor counts = from_means_counts(means_in, counts_in);
   const at::Tensor means = means_in.contiguous();
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  const at::Tensor grad_si = grad_si_in.to(means.scalar_type()).contiguous();
+  const at::Tensor grad_si = from_means_grad_arg(grad_si_in, means);
   const int64_t K = means.size(0), C = means.size(1);
-  TORCH_CHECK(grad_si.numel() == C, "selkernels: grad_si must be [C]");
   at::Tensor grad_means = at::empty({K, C}, means.options());
   if (C == 0) return grad_means;
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "selkernels_selectivity_backward_cuda", [&] {

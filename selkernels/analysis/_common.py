@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from .._hooks import LayerOutputHooks
 from .._table import format_number, render
 
 FEATURES = ("mean", "flatten")
@@ -72,7 +73,7 @@ def to_features(out: torch.Tensor, features: str) -> torch.Tensor:
     return out.flatten(1)
 
 
-class Recorder:
+class Recorder(LayerOutputHooks):
     """Forward hooks on the chosen layers that record their features while ``active``.
 
     Inactive outside :meth:`run`, so forwards made by perturbations (e.g. an attack's gradient
@@ -83,37 +84,29 @@ class Recorder:
         self.features = features
         self.active = False
         self.detach = True
-        self.outputs: dict[str, torch.Tensor] = {}
         self.names = list(layers)
-        self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
+        super().__init__(layers)
 
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            if not self.active:
-                return
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"layer {name!r} must output a tensor, got {type(output).__name__}")
-            feats = to_features(output, self.features)
-            self.outputs[name] = feats.detach() if self.detach else feats
-
-        return hook
+    def _capture(self, index: int, output) -> None:
+        if not self.active:
+            return
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"layer {self.names[index]!r} must output a tensor, got {type(output).__name__}")
+        feats = to_features(output, self.features)
+        self._outputs[index] = feats.detach() if self.detach else feats
 
     def run(self, model: torch.nn.Module, x: torch.Tensor, *, detach: bool = True) -> dict[str, torch.Tensor]:
-        self.outputs, self.active, self.detach = {}, True, detach
+        self._take_outputs()
+        self.active, self.detach = True, detach
         try:
             model(x)
         finally:
             self.active = False
-        missing = [n for n in self.names if n not in self.outputs]
+        outputs = self._take_outputs()
+        missing = [n for n, out in zip(self.names, outputs) if out is None]
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the model's forward")
-        out, self.outputs = self.outputs, {}
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        return dict(zip(self.names, outputs))
 
 
 def model_device(model: torch.nn.Module, device) -> torch.device:

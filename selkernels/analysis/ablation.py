@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from .._hooks import LayerOutputHooks
 from .._options import check_unit_dim
 from ..metrics import ClassSelectivity
 from ._common import batches, format_table, model_device, write_csv
@@ -40,10 +42,10 @@ class AblationCurve:
     def table(self) -> str:
         return format_table(self.rows, f"Unit ablation ({self.order} order, {self.num_units} units)")
 
-    def write_csv(self, path) -> None:
+    def write_csv(self, path: str | os.PathLike) -> None:
         write_csv(self.rows, path)
 
-    def plot(self, path, *others: AblationCurve) -> None:
+    def plot(self, path: str | os.PathLike, *others: AblationCurve) -> None:
         """Accuracy vs fraction ablated, this curve and ``others`` on one axis, to ``path`` (PNG)."""
         from .plots import plot_ablation
 
@@ -63,18 +65,15 @@ def _check_fractions(fractions) -> list[float]:
 @torch.no_grad()
 def _first_forward(model, module, loader, device, unit_dim: int):
     """(number of logits, number of units of module) from the first batch."""
-    seen = {}
-    handle = module.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
-    try:
+    with LayerOutputHooks(module) as hooks:
         for x, _ in batches(loader, device, 1):
             logits = model(x)
-    finally:
-        handle.remove()
-    if "out" not in seen:
+        (out,) = hooks._take_outputs()
+    if out is None:
         raise ValueError("loader yielded no batches, or module did not run in the model's forward")
     if logits.dim() != 2:
         raise ValueError(f"model must return logits [N, K], got shape {tuple(logits.shape)}")
-    return int(logits.shape[1]), int(seen["out"].shape[unit_dim])
+    return int(logits.shape[1]), int(out.shape[unit_dim])
 
 
 @torch.no_grad()
@@ -99,7 +98,7 @@ def ablation_curve(
     num_classes: int | None = None,
     selectivity: torch.Tensor | None = None,
     seed: int = 0,
-    device=None,
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
 ) -> AblationCurve:
     """Zero growing fractions of ``module``'s output units and measure ``model``'s accuracy.

@@ -18,8 +18,10 @@ class's own samples. Entry point: :func:`class_density`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,7 +90,7 @@ class ClassConditionalGaussian:
         *,
         scatter: torch.Tensor | None = None,
         shrinkage_coef: torch.Tensor | None = None,
-    ):
+    ) -> None:
         if not isinstance(means, torch.Tensor) or not isinstance(covariances, torch.Tensor):
             raise TypeError("means and covariances must be torch.Tensors")
         if means.dim() != 2:
@@ -159,7 +161,7 @@ class ClassConditionalGaussian:
         means = torch.where(present[:, None], stats.mean, torch.zeros_like(stats.mean))
         return cls(means, cov, counts, scatter=scatter, shrinkage_coef=coef)
 
-    def to(self, device) -> ClassConditionalGaussian:
+    def to(self, device: torch.device | str) -> ClassConditionalGaussian:
         """A copy with all parameters on ``device``."""
         out = ClassConditionalGaussian.__new__(ClassConditionalGaussian)
         for k, v in vars(self).items():
@@ -231,7 +233,7 @@ class TwoModeSplit:
     gap_ratio: float  # gap / median of the other gaps (inf if that median is 0)
 
 
-def two_mode_split(values) -> TwoModeSplit:
+def two_mode_split(values: torch.Tensor | Sequence[float]) -> TwoModeSplit:
     """Sort per-class values and split them at the largest gap between consecutive values.
 
     values: [K] (tensor or sequence); NaN entries (absent classes) are left out. Needs at least two
@@ -270,12 +272,12 @@ class DPMixtureModels:
     above 1% (the effective mixture size the DP prior settles on).
     """
 
-    def __init__(self, models: list, mean_log_density: torch.Tensor, active_components: list[int]):
+    def __init__(self, models: list, mean_log_density: torch.Tensor, active_components: list[int]) -> None:
         self.models = models
         self.mean_log_density = mean_log_density
         self.active_components = active_components
 
-    def log_prob(self, z) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Per-class log-densities, float64 [N, K] (-inf for classes without a model)."""
         import numpy as np
 
@@ -285,8 +287,8 @@ class DPMixtureModels:
 
 
 def fit_dp_mixture(
-    features,
-    labels,
+    features: torch.Tensor,
+    labels: torch.Tensor,
     num_classes: int | None = None,
     *,
     n_components: int = 10,
@@ -295,7 +297,7 @@ def fit_dp_mixture(
     max_iter: int = 500,
     reg_covar: float = 1e-6,
     random_state: int = 0,
-    **kwargs,
+    **kwargs: Any,
 ) -> DPMixtureModels:
     """Fit one Dirichlet-process Gaussian mixture per class, as Jamroz & Kurdziel do.
 
@@ -361,7 +363,14 @@ class ClassDensityReport:
         dp_splits: {layer: TwoModeSplit} of the DP mixtures' mean log-densities.
     """
 
-    def __init__(self, layers, models, projections, statistics, dp_models):
+    def __init__(
+        self,
+        layers: list[str],
+        models: dict[str, ClassConditionalGaussian],
+        projections: dict[str, Projection | None],
+        statistics: dict[str, StreamingCovariance],
+        dp_models: dict[str, DPMixtureModels],
+    ) -> None:
         self.layers = layers
         self.models = models
         self.projections = projections
@@ -407,10 +416,10 @@ class ClassDensityReport:
             "Class-conditional density: per-class mean log-density of own samples, split at the largest gap",
         )
 
-    def to_csv(self, path) -> None:
+    def to_csv(self, path: str | os.PathLike) -> None:
         write_csv(self.to_rows(), path)
 
-    def plot(self, path) -> None:
+    def plot(self, path: str | os.PathLike) -> None:
         """Sorted per-class mean log-densities per layer with the two-mode split marked."""
         from .plots import plot_class_density
 
@@ -435,14 +444,14 @@ def _project_dims(project_dim, names: list[str]) -> dict[str, int | None]:
 
 def class_density(
     model: torch.nn.Module,
-    layers,
+    layers: Sequence[str | torch.nn.Module] | Mapping[str, torch.nn.Module],
     loader: Iterable,
     num_classes: int,
     *,
-    project_dim=None,
+    project_dim: int | Mapping[str, int] | None = None,
     shrinkage: float | str = "oas",
     ridge: float = 1e-6,
-    device=None,
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
     dp_mixture: None | bool | dict = None,
 ) -> ClassDensityReport:

@@ -13,7 +13,8 @@ condition, no activations kept. Beside it, the input-unit gradient variability o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Callable
 
 import torch
@@ -99,7 +100,7 @@ class DimensionalityReport:
         frac: float,
         features: str,
         gradient_variability: dict[str, tuple[float, float]],
-    ):
+    ) -> None:
         self.layers = layers
         self.conditions = list(covariances)
         self.frac = frac
@@ -137,10 +138,10 @@ class DimensionalityReport:
         )
         return format_table(self.to_rows(), title)
 
-    def to_csv(self, path) -> None:
+    def to_csv(self, path: str | os.PathLike) -> None:
         write_csv(self.to_rows(), path)
 
-    def plot(self, path) -> None:
+    def plot(self, path: str | os.PathLike) -> None:
         """Dimensionality (ncomp and participation ratio) vs layer, one line per condition."""
         from .plots import plot_dimensionality
 
@@ -168,13 +169,13 @@ def _check_count(value, name: str) -> int:
 
 def dimensionality(
     model: torch.nn.Module,
-    layers,
+    layers: Sequence[str | torch.nn.Module] | Mapping[str, torch.nn.Module],
     loader: Iterable,
     perturbations: Mapping | None = None,
     *,
     frac: float = 0.95,
     features: str = "mean",
-    device=None,
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
     grad_units: int = 16,
     grad_samples: int = 256,

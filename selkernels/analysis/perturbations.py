@@ -61,7 +61,7 @@ class GaussianNoise:
 
     def __init__(
         self, std: float, *, clamp: tuple[float, float] | None = None, generator: torch.Generator | None = None
-    ):
+    ) -> None:
         self.std = _check_nonneg(std, "std")
         self.clamp = _check_range(clamp)
         self.generator = generator
@@ -114,7 +114,7 @@ class PGDAttack:
         random_start: bool = True,
         clamp: tuple[float, float] | None = (0.0, 1.0),
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model

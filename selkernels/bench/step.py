@@ -49,6 +49,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._hooks import LayerOutputHooks
+
 __all__ = [
     "RESNET20_BLOCKS",
     "RESNET18_IMAGENET_BLOCKS",
@@ -151,27 +153,18 @@ def _paper_penalty(outputs: Sequence[torch.Tensor], labels: torch.Tensor, num_cl
     return paper_selectivity_penalty(outputs, labels, ALPHA)
 
 
-class _OutputCatcher:
+class _OutputCatcher(LayerOutputHooks):
     """Forward hooks keeping the latest output of each module (the baselines' equivalent of the
-    regularizer's hooks, so every variant pays hooks alike)."""
+    regularizer's hooks, so every variant pays hooks alike): the output itself, not a view."""
 
-    def __init__(self, modules):
-        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(list(modules))  # each module of a list or an nn.ModuleList
 
-    def _hook(self, i):
-        def hook(module, inputs, output):
-            self.outputs[i] = output
-
-        return hook
+    def _capture(self, index: int, output) -> None:
+        self._outputs[index] = output
 
     def take(self) -> list[torch.Tensor]:
-        out, self.outputs = self.outputs, [None] * len(self.outputs)
-        return out
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+        return self._take_outputs()
 
 
 def _floor_penalty(outputs: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int) -> torch.Tensor:
