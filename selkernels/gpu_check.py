@@ -94,6 +94,12 @@ def _workloads(device: str) -> dict[str, Callable[[], None]]:
         means = means.requires_grad_(True)
         torch.autograd.grad(selkernels.selectivity_from_means(means, counts).sum(), means)
 
+    def dataset_metric():
+        metric = selkernels.ClassSelectivity(None, 7)
+        for _ in range(2):
+            metric.update_from([rand(37, 9, 5, 5), rand(37, 3, 6, dtype=torch.bfloat16)], labels)
+        metric.compute()
+
     def double_backward():
         x = rand(37, 5, 3, 3, dtype=torch.float64).requires_grad_(True)
         means, counts = selkernels.class_means(x, labels, 7)
@@ -129,6 +135,7 @@ def _workloads(device: str) -> dict[str, Callable[[], None]]:
             selectivity_single,
             selectivity_layers,
             selectivity_from_means,
+            dataset_metric,
             double_backward,
             covariance,
             spectral,
