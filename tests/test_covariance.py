@@ -211,6 +211,39 @@ def test_state_stays_exactly_symmetric():
         assert torch.equal(s.M2, s.M2.transpose(-1, -2))
 
 
+@pytest.mark.parametrize(
+    "n,d,k",
+    [
+        (1500, 70, None),  # one set, BLAS over all rows (a multi-threaded GEMM would cut the rows)
+        (9000, 130, None),  # one set cut into row chunks, their products summed in chunk order
+        (512, 256, None),
+        (3000, 40, 2),  # large classes
+        (1024, 96, 50),  # small classes
+        (5000, 70, 3),  # unsorted labels, mixed sizes
+    ],
+)
+def test_results_independent_of_thread_count(n, d, k):
+    g = torch.Generator().manual_seed(17)
+    z = torch.randn(n, d, generator=g) * 2 + 1e3
+    labels = None if k is None else torch.randint(0, k, (n,), generator=g)
+    if k == 3:
+        labels[: n // 2] = 0  # one large class, the others smaller
+    states = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            s = StreamingCovariance(d, num_classes=k)
+            for zc, lc in zip(z.split(n // 2 + 1), [None, None] if k is None else labels.split(n // 2 + 1)):
+                s.update(zc, lc)
+            states.append(s.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for other in states[1:]:
+        for name in ("count", "mean", "M2"):
+            assert torch.equal(states[0][name], other[name]), name
+
+
 def test_empty_batch_is_a_no_op():
     for k in (None, 3):
         s = StreamingCovariance(4, num_classes=k)
