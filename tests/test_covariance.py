@@ -211,6 +211,23 @@ def test_state_stays_exactly_symmetric():
         assert torch.equal(s.M2, s.M2.transpose(-1, -2))
 
 
+def test_float32_first_rows_unlike_the_rest():
+    # Large float32 batches are centred on the mean of their first rows when the batch mean is
+    # near it; columns where it is not (here: 50 standard deviations away, with a large offset,
+    # or sorted data) must be centred again on the batch mean, else float32 cancellation shows.
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(3000, 24, generator=g, dtype=torch.float64) * 0.1 + 1e4
+    x[:40] += 5.0
+    x[:, 3] = x[:, 3].sort().values
+    x = x.float()
+    for labels in (None, torch.zeros(3000, dtype=torch.int64)):
+        s = StreamingCovariance(24, num_classes=None if labels is None else 1)
+        for chunk, lc in zip(x.split(1000), [None] * 3 if labels is None else labels.split(1000)):
+            s.update(chunk, lc)
+        cov = s.covariance() if labels is None else s.covariance()[0]
+        assert rel_err(cov, np_cov(x.double().numpy())) < 1e-5
+
+
 @pytest.mark.parametrize(
     "n,d,k",
     [

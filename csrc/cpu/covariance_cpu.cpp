@@ -43,9 +43,13 @@ namespace {
 #define SELK_TARGET_CLONES
 #endif
 
-constexpr int64_t kTile = 64;      // side of a state tile (and of a GEMM block row)
-constexpr int64_t kGemmRows = 64;  // classes with at least this many rows in the batch use BLAS
-constexpr int64_t kMeanCols = 64;  // columns per class-mean task
+constexpr int64_t kTile = 64;           // side of a state tile (and of a GEMM block row)
+constexpr int64_t kGemmRows = 64;       // classes with at least this many rows in the batch use BLAS
+constexpr int64_t kMeanCols = 64;       // columns per class-mean task (small classes)
+constexpr int64_t kPilotRows = 32;      // rows whose mean is a large class's shift
+constexpr int64_t kStatRows = 128;      // rows per statistics task of a large class at least
+constexpr int64_t kMaxStatChunks = 64;  // and at most this many tasks per class
+constexpr double kShiftSlack = 1.0;     // |mean_b - c| accepted per column, in standard deviations
 
 // Register-blocked product S[a, b] = sum_r A[r * lda + a] B[r * ldb + b] for a < ta (a multiple
 // of MR), b < tb (a multiple of NR); S row-major [ta, tb]. The MR x NR accumulator block stays in
@@ -132,14 +136,96 @@ inline __attribute__((always_inline)) void centre_rows_body(const scalar_t* __re
     for (int64_t j = w; j < w + pad; ++j) out[j] = gemm_t(0);
   }
 }
-#define SELK_BATCH_STATS(scalar_t, gemm_t)                                                                           \
-  SELK_TARGET_CLONES void column_sums(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi,   \
-                                      int64_t j0, int64_t w, double* sum) {                                          \
-    column_sums_body(x, D, row_of, lo, hi, j0, w, sum);                                                              \
-  }                                                                                                                  \
-  SELK_TARGET_CLONES void centre_rows(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi,   \
-                                      int64_t j0, int64_t w, int64_t pad, const gemm_t* c, gemm_t* xc, int64_t ld) { \
-    centre_rows_body(x, D, row_of, lo, hi, j0, w, pad, c, xc, ld);                                                   \
+// Large classes, one pass per chunk of rows, about a shift c known beforehand: xc[r] = x[row] - c in
+// the GEMM precision (then `pad` zeros), sum_x[j] = sum of x[row, j] in float64 (rows in order) and
+// sum_sq[j] ~ sum of xc[r, j]^2 (only compared against a threshold: accumulated in the GEMM
+// precision), for rows r = lo .. hi.
+template <typename scalar_t, typename gemm_t>
+inline __attribute__((always_inline)) void centre_and_sum_columns(const scalar_t* __restrict__ x, int64_t D,
+                                                                  const int64_t* __restrict__ row_of, int64_t lo,
+                                                                  int64_t hi, int64_t j0, int64_t j1,
+                                                                  const gemm_t* __restrict__ c, gemm_t* __restrict__ xc,
+                                                                  int64_t ld, double* __restrict__ sum_x,
+                                                                  double* __restrict__ sum_sq) {
+  for (int64_t j = j0; j < j1; ++j) sum_x[j] = sum_sq[j] = 0.0;
+  for (int64_t r = lo; r < hi; ++r) {
+    const scalar_t* row = x + (row_of ? row_of[r] : r) * D;
+    gemm_t* out = xc + r * ld;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const gemm_t v = static_cast<gemm_t>(row[j]) - c[j];
+      out[j] = v;
+      sum_x[j] += static_cast<double>(row[j]);
+      sum_sq[j] += static_cast<double>(v * v);
+    }
+  }
+}
+// float x: blocks of 64 columns whose sums stay in registers (8 float64 and 4 float32 vectors:
+// independent chains, not one store-to-load chain per row), then the generic loop for the rest.
+typedef float selk_v8f __attribute__((vector_size(32)));
+typedef float selk_v16f __attribute__((vector_size(64)));
+typedef double selk_v8d __attribute__((vector_size(64)));
+inline __attribute__((always_inline)) void centre_and_sum_body(const float* __restrict__ x, int64_t D,
+                                                               const int64_t* __restrict__ row_of, int64_t lo,
+                                                               int64_t hi, int64_t pad, const float* __restrict__ c,
+                                                               float* __restrict__ xc, int64_t ld,
+                                                               double* __restrict__ sum_x,
+                                                               double* __restrict__ sum_sq) {
+  constexpr int64_t W = 64;
+  const int64_t blocked = D / W * W;
+  for (int64_t j0 = 0; j0 < blocked; j0 += W) {
+    selk_v16f cv[4], q[4] = {};
+    selk_v8d sx[8] = {};
+    __builtin_memcpy(cv, c + j0, sizeof(cv));
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* row = x + (row_of ? row_of[r] : r) * D + j0;
+      float* out = xc + r * ld + j0;
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b) {
+        selk_v16f xv;
+        selk_v8f x0, x1;
+        __builtin_memcpy(&xv, row + 16 * b, sizeof(xv));
+        __builtin_memcpy(&x0, row + 16 * b, sizeof(x0));
+        __builtin_memcpy(&x1, row + 16 * b + 8, sizeof(x1));
+        const selk_v16f v = xv - cv[b];
+        __builtin_memcpy(out + 16 * b, &v, sizeof(v));
+        sx[2 * b] += __builtin_convertvector(x0, selk_v8d);
+        sx[2 * b + 1] += __builtin_convertvector(x1, selk_v8d);
+        q[b] += v * v;
+      }
+    }
+    __builtin_memcpy(sum_x + j0, sx, sizeof(sx));
+    for (int b = 0; b < 4; ++b)
+      for (int e = 0; e < 16; ++e) sum_sq[j0 + 16 * b + e] = static_cast<double>(q[b][e]);
+  }
+  centre_and_sum_columns(x, D, row_of, lo, hi, blocked, D, c, xc, ld, sum_x, sum_sq);
+  for (int64_t r = lo; r < hi; ++r)
+    for (int64_t j = D; j < D + pad; ++j) xc[r * ld + j] = 0.0f;
+}
+template <typename scalar_t, typename gemm_t>
+inline __attribute__((always_inline)) void centre_and_sum_body(const scalar_t* __restrict__ x, int64_t D,
+                                                               const int64_t* __restrict__ row_of, int64_t lo,
+                                                               int64_t hi, int64_t pad, const gemm_t* __restrict__ c,
+                                                               gemm_t* __restrict__ xc, int64_t ld,
+                                                               double* __restrict__ sum_x,
+                                                               double* __restrict__ sum_sq) {
+  centre_and_sum_columns(x, D, row_of, lo, hi, 0, D, c, xc, ld, sum_x, sum_sq);
+  for (int64_t r = lo; r < hi; ++r)
+    for (int64_t j = D; j < D + pad; ++j) xc[r * ld + j] = gemm_t(0);
+}
+#define SELK_BATCH_STATS(scalar_t, gemm_t)                                                                            \
+  SELK_TARGET_CLONES void column_sums(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi,    \
+                                      int64_t j0, int64_t w, double* sum) {                                           \
+    column_sums_body(x, D, row_of, lo, hi, j0, w, sum);                                                               \
+  }                                                                                                                   \
+  SELK_TARGET_CLONES void centre_rows(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi,    \
+                                      int64_t j0, int64_t w, int64_t pad, const gemm_t* c, gemm_t* xc, int64_t ld) {  \
+    centre_rows_body(x, D, row_of, lo, hi, j0, w, pad, c, xc, ld);                                                    \
+  }                                                                                                                   \
+  SELK_TARGET_CLONES void centre_and_sum(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi, \
+                                         int64_t pad, const gemm_t* c, gemm_t* xc, int64_t ld, double* sum_x,         \
+                                         double* sum_sq) {                                                            \
+    centre_and_sum_body(x, D, row_of, lo, hi, pad, c, xc, ld, sum_x, sum_sq);                                         \
   }
 SELK_BATCH_STATS(float, float)
 SELK_BATCH_STATS(double, double)
@@ -301,14 +387,16 @@ void merge_block_row(const Trapezoid& tz, int64_t g, gemm_t* s, const ClassMerge
   }
 }
 
-// Large classes: BLAS products of the upper trapezoid and tile merges, all classes in one parallel
+// Large classes: BLAS products of the upper trapezoid and their merges, all classes in one parallel
 // region over (class, pair of block rows) items, each product merged at once by the thread that
-// made it. With too few such items for the threads (one large class of small D and many rows, the
-// usual one-set update), the rows are cut into a fixed number of chunks, R, and a second region
-// sums the chunks' products in chunk order before merging. Both the items and R depend only on D
-// and the class sizes, never on the thread count.
-constexpr int64_t kSplitItems = 8;       // cut rows while there are fewer (class, pair) items
-constexpr int64_t kMinChunkRows = 2048;  // rows per chunk at least
+// made it. With fewer than kSplitItems such items (one large class of D up to ~1000, the usual
+// one-set update), the rows are also cut into R chunks of kMinChunkRows rows or more: items
+// (class, pair, chunk) in chunk order, so that threads take chunks of rows (whose centred rows
+// they mostly wrote themselves in the statistics pass), and a second region sums the chunks'
+// products in chunk order before merging. The items and R depend only on D and the class sizes,
+// never on the thread count.
+constexpr int64_t kSplitItems = 8;      // cut rows while there are fewer (class, pair) items
+constexpr int64_t kMinChunkRows = 256;  // rows per chunk at least
 
 template <typename gemm_t>
 void large_classes_update(const at::Tensor& xc, int64_t D, const std::vector<int64_t>& classes,
@@ -432,57 +520,137 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   const int64_t* row_of = sorted ? nullptr : order.data();
   const int64_t P = static_cast<int64_t>(present.size());
 
-  // Per present class p (class present[p]): the GEMM-precision rounding c of the batch mean, the
+  // Per present class p (class present[p]): the shift c of its rows (GEMM precision), the
   // remainder d = mean_b - c and delta = mean_b - mean_a, and what the merge needs.
   std::vector<double> rem(P * D), delta(P * D);
   std::vector<gemm_t> shift(P * D);
   std::vector<ClassMerge> merges(P);
+  std::vector<int64_t> small_at, large_at;  // present classes of fewer / at least kGemmRows rows
   for (int64_t p = 0; p < P; ++p) {
     const int64_t k = present[p], nb = offsets[k + 1] - offsets[k];
     merges[p] = {static_cast<double>(nb), chan_weights(cnt[k], nb).m2_coef, rem.data() + p * D, delta.data() + p * D};
+    (nb < kGemmRows ? small_at : large_at).push_back(p);
   }
+  // Statistics by column blocks (exact_at) or by chunks of rows about a pilot shift (pilot_at, the
+  // large classes; not for float64 z, whose float64 GEMMs would show the pilot shift's larger Gram
+  // sums in their last digits).
+  const bool pilot = !std::is_same_v<gemm_t, double>;
+  std::vector<int64_t> exact_at = pilot ? small_at : std::vector<int64_t>(P), pilot_at;
+  if (pilot) {
+    pilot_at = large_at;
+  } else {
+    for (int64_t p = 0; p < P; ++p) exact_at[p] = p;
+  }
+  const auto finish_column = [&](int64_t p, int64_t j, double mb) {  // given c: d, delta, the mean's step
+    const int64_t k = present[p], nb = offsets[k + 1] - offsets[k];
+    rem[p * D + j] = mb - static_cast<double>(shift[p * D + j]);
+    const double dl = mb - mp[k * D + j];
+    delta[p * D + j] = dl;
+    mp[k * D + j] += dl * chan_weights(cnt[k], nb).mean_weight;
+  };
 
-  // 2. one task per (class, block of columns): the class batch mean of those columns in float64
-  // (rows summed in order), the running mean's step, then the centred rows xc = x - c of those
-  // columns in the GEMM precision, class-contiguous, row stride ld (D rounded up to the product's
-  // vector width; the padding and kMR spare elements at the end are zero, see small_classes_update).
+  // 2. the batch statistics and the centred rows xc = x - c in the GEMM precision, class-contiguous,
+  // row stride ld (D rounded up to the product's vector width; the padding and kMR spare elements
+  // at the end are zero, see small_classes_update), in one parallel region:
+  //  * exact_at: one task per (class, block of columns): the batch mean of those columns in float64
+  //    (rows summed in order), c its rounding, then the centred columns (a second read of the
+  //    rows, from cache for a small class);
+  //  * pilot_at: one read of x. c is the mean of the class's first kPilotRows rows (rounded), near
+  //    the batch mean, so xc stays small (no cancellation in the Gram matrix); one task per chunk
+  //    of rows writes xc and sums x and xc^2 per column (float64, rows in order, chunks combined
+  //    in order). A column whose batch mean turns out farther from c than kShiftSlack standard
+  //    deviations (skewed first rows; about 1e-8 of the columns for normal data) is centred again
+  //    on its batch mean: the Gram matrix's error bound, ~ n sqrt((var_i + d_i^2)(var_j + d_j^2))
+  //    ulps for d = mean_b - c, stays within (1 + kShiftSlack^2) of the batch-mean shift's.
   const int64_t ld = round_up(D, nr_of<gemm_t>());
   at::Tensor xc_buf = at::empty({N * ld + kMR}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
   gemm_t* xcp = xc_buf.data_ptr<gemm_t>();
   std::fill(xcp + N * ld, xcp + N * ld + kMR, gemm_t(0));
   const at::Tensor xc = xc_buf.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, D);
   const int64_t col_blocks = (D + kMeanCols - 1) / kMeanCols;
-  at::parallel_for(0, P * col_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t exact_tasks = static_cast<int64_t>(exact_at.size()) * col_blocks;
+  // chunks of pilot class i: first_chunk[i] .. first_chunk[i + 1]; a fixed count for a class size
+  std::vector<int64_t> first_chunk(pilot_at.size() + 1, 0);
+  for (size_t i = 0; i < pilot_at.size(); ++i) {
+    const int64_t k = present[pilot_at[i]], nb = offsets[k + 1] - offsets[k];
+    first_chunk[i + 1] = first_chunk[i] + std::clamp<int64_t>(nb / kStatRows, 1, kMaxStatChunks);
+  }
+  const auto chunk_rows = [&](size_t i, int64_t q) {  // rows [lo, hi) of chunk q of pilot class i
+    const int64_t k = present[pilot_at[i]], lo = offsets[k], nb = offsets[k + 1] - lo;
+    const int64_t chunks = first_chunk[i + 1] - first_chunk[i];
+    return std::make_pair(lo + nb * q / chunks, lo + nb * (q + 1) / chunks);
+  };
+  for (const int64_t p : pilot_at) {  // the pilot shifts
+    const int64_t lo = offsets[present[p]], n = std::min(kPilotRows, offsets[present[p] + 1] - lo);
+    double sum[kMeanCols];
+    for (int64_t j0 = 0; j0 < D; j0 += kMeanCols) {
+      const int64_t w = std::min(kMeanCols, D - j0);
+      column_sums(xp, D, row_of, lo, lo + n, j0, w, sum);
+      for (int64_t j = 0; j < w; ++j) shift[p * D + j0 + j] = static_cast<gemm_t>(sum[j] / static_cast<double>(n));
+    }
+  }
+  std::vector<double> chunk_sums(first_chunk.back() * 2 * D);  // per chunk: sum of x, sum of xc^2
+  at::parallel_for(0, exact_tasks + first_chunk.back(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t p = t / col_blocks, k = present[p];
+      if (t >= exact_tasks) {
+        const int64_t q = t - exact_tasks;
+        const size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), q) - first_chunk.begin() - 1;
+        const auto [lo, hi] = chunk_rows(i, q - first_chunk[i]);
+        double* sums = chunk_sums.data() + q * 2 * D;
+        centre_and_sum(xp, D, row_of, lo, hi, ld - D, shift.data() + pilot_at[i] * D, xcp, ld, sums, sums + D);
+        continue;
+      }
+      const int64_t p = exact_at[t / col_blocks], k = present[p];
       const int64_t j0 = (t % col_blocks) * kMeanCols, w = std::min(kMeanCols, D - j0);
       const int64_t lo = offsets[k], hi = offsets[k + 1];
       double sum[kMeanCols];
       column_sums(xp, D, row_of, lo, hi, j0, w, sum);
-      const double inv = 1.0 / static_cast<double>(hi - lo);
-      const double step = chan_weights(cnt[k], hi - lo).mean_weight;
       gemm_t* c = shift.data() + p * D + j0;
       for (int64_t j = 0; j < w; ++j) {
-        const double mb = sum[j] * inv;
+        const double mb = sum[j] / static_cast<double>(hi - lo);
         c[j] = static_cast<gemm_t>(mb);
-        rem[p * D + j0 + j] = mb - static_cast<double>(c[j]);
-        const double dl = mb - mp[k * D + j0 + j];
-        delta[p * D + j0 + j] = dl;
-        mp[k * D + j0 + j] += dl * step;
+        finish_column(p, j0 + j, mb);
       }
       const int64_t pad = j0 + w == D ? ld - D : 0;  // the last column block zeroes the padding
       centre_rows(xp, D, row_of, lo, hi, j0, w, pad, c, xcp, ld);
     }
   });
+  std::vector<size_t> recentre;  // pilot classes with a column centred again
+  for (size_t i = 0; i < pilot_at.size(); ++i) {
+    const int64_t p = pilot_at[i], nb = offsets[present[p] + 1] - offsets[present[p]];
+    bool moved = false;
+    for (int64_t j = 0; j < D; ++j) {
+      double sx = 0.0, sq = 0.0;
+      for (int64_t q = first_chunk[i]; q < first_chunk[i + 1]; ++q) {
+        sx += chunk_sums[q * 2 * D + j];
+        sq += chunk_sums[q * 2 * D + D + j];
+      }
+      const double mb = sx / static_cast<double>(nb), d = mb - static_cast<double>(shift[p * D + j]);
+      const double offset_sq = static_cast<double>(nb) * d * d;  // = sq - nb * variance
+      if (!(offset_sq <= kShiftSlack * kShiftSlack * (sq - offset_sq))) {
+        shift[p * D + j] = static_cast<gemm_t>(mb);
+        moved = true;
+      }
+      finish_column(p, j, mb);
+    }
+    if (moved) recentre.push_back(i);
+  }
+  if (!recentre.empty()) {
+    std::vector<std::pair<size_t, int64_t>> tasks;  // (pilot class, chunk)
+    for (const size_t i : recentre)
+      for (int64_t q = 0; q < first_chunk[i + 1] - first_chunk[i]; ++q) tasks.emplace_back(i, q);
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [lo, hi] = chunk_rows(tasks[t].first, tasks[t].second);
+        centre_rows(xp, D, row_of, lo, hi, 0, D, ld - D, shift.data() + pilot_at[tasks[t].first] * D, xcp, ld);
+      }
+    });
+  }
 
   // 3. products and merges
-  std::vector<int64_t> small, large, small_at, large_at;
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t k = present[p];
-    const bool is_small = offsets[k + 1] - offsets[k] < kGemmRows;
-    (is_small ? small : large).push_back(k);
-    (is_small ? small_at : large_at).push_back(p);
-  }
+  std::vector<int64_t> small, large;
+  for (const int64_t p : small_at) small.push_back(present[p]);
+  for (const int64_t p : large_at) large.push_back(present[p]);
   const auto merges_of = [&](const std::vector<int64_t>& at_p) {
     std::vector<ClassMerge> out;
     for (const int64_t p : at_p) out.push_back(merges[p]);
