@@ -367,107 +367,130 @@ void block_row_product(const at::Tensor& xc_rows, const Trapezoid& tz, int64_t g
 // from column g0 on, one merge_row each, then the mirror, columns g0 .. g0 + rows of the state rows
 // below, from the transposed rest of s. The diagonal block's lower triangle is first overwritten by
 // its upper one (s is scratch), so entries (i, j) and (j, i) are merged from the same value.
+constexpr int64_t kPrefetchRows = 16;  // state rows prefetched ahead of a block row's merge
+inline void prefetch_for_write(const double* p, int64_t len) {
+  for (int64_t o = 0; o < len; o += 64 / static_cast<int64_t>(sizeof(double))) __builtin_prefetch(p + o, 1, 3);
+}
+
 template <typename gemm_t>
 void merge_block_row(const Trapezoid& tz, int64_t g, gemm_t* s, const ClassMerge& m, double* m2k,
                      std::vector<gemm_t>& scratch) {
   const int64_t D = tz.D, g0 = g * kTile, rows = tz.rows(g), cols = tz.cols(g);
+  const int64_t rest = cols - rows;
+  // The state rows are prefetched kPrefetchRows ahead: row t of the block row's rows + rest rows,
+  // the direct ones, then the mirror ones (whose short segments the hardware prefetcher would
+  // not fetch early).
+  const auto prefetch_row = [&](int64_t t) {
+    if (t < rows) {
+      prefetch_for_write(m2k + (g0 + t) * D + g0, cols);
+    } else if (t < rows + rest) {
+      prefetch_for_write(m2k + (g0 + t) * D + g0, rows);
+    }
+  };
+  for (int64_t t = 0; t < kPrefetchRows; ++t) prefetch_row(t);
   for (int64_t a = 1; a < rows; ++a)
     for (int64_t b = 0; b < a; ++b) s[a * cols + b] = s[b * cols + a];
-  for (int64_t a = 0; a < rows; ++a)
+  for (int64_t a = 0; a < rows; ++a) {
+    prefetch_row(a + kPrefetchRows);
     merge_row(m2k + (g0 + a) * D + g0, s + a * cols, cols, m.n_b, m.d[g0 + a], m.d + g0, m.m2_coef, m.delta[g0 + a],
               m.delta + g0);
-  const int64_t rest = cols - rows;
+  }
   if (rest == 0) return;
   scratch.resize(rest * rows);
   transpose(s + rows, cols, rows, rest, scratch.data());
   for (int64_t b = 0; b < rest; ++b) {
     const int64_t j = g0 + rows + b;
+    prefetch_row(rows + b + kPrefetchRows);
     merge_row(m2k + j * D + g0, scratch.data() + b * rows, rows, m.n_b, m.d[j], m.d + g0, m.m2_coef, m.delta[j],
               m.delta + g0);
   }
 }
 
-// Large classes: BLAS products of the upper trapezoid and their merges, all classes in one parallel
-// region over (class, pair of block rows) items, each product merged at once by the thread that
-// made it. With fewer than kSplitItems such items (one large class of D up to ~1000, the usual
-// one-set update), the rows are also cut into R chunks of kMinChunkRows rows or more: items
-// (class, pair, chunk) in chunk order, so that threads take chunks of rows (whose centred rows
-// they mostly wrote themselves in the statistics pass), and a second region sums the chunks'
-// products in chunk order before merging. The items and R depend only on D and the class sizes,
-// never on the thread count.
+// Large classes: BLAS products of the upper trapezoid and their merges, one parallel region over
+// (class, pair of block rows) items, each product merged at once by the thread that made it. With
+// fewer than kSplitItems such items (one large class of D up to ~1000, the usual one-set update),
+// a class's rows are also cut into R chunks of kMinChunkRows rows or more, each chunk's products
+// made on their own (for float32 GEMMs right after the chunk is centred, by the same task: see
+// class_moments_update_typed) and summed in chunk order by the merging item. The items and R
+// depend only on D and the class sizes, never on the thread count.
 constexpr int64_t kSplitItems = 8;      // cut rows while there are fewer (class, pair) items
 constexpr int64_t kMinChunkRows = 256;  // rows per chunk at least
 
 template <typename gemm_t>
-void large_classes_update(const at::Tensor& xc, int64_t D, const std::vector<int64_t>& classes,
-                          const std::vector<int64_t>& offsets, const std::vector<ClassMerge>& merges, double* m2p) {
-  const Trapezoid tz(D);
-  const int64_t L = static_cast<int64_t>(classes.size()), Q = tz.pairs();
-  const int64_t max_chunks = std::max<int64_t>(1, (kSplitItems + L * Q - 1) / (L * Q));
-  std::vector<int64_t> chunks(L), first_item(L + 1, 0);
-  for (int64_t c = 0; c < L; ++c) {
-    const int64_t k = classes[c];
-    chunks[c] = std::clamp<int64_t>((offsets[k + 1] - offsets[k]) / kMinChunkRows, 1, max_chunks);
-    first_item[c + 1] = first_item[c] + Q * chunks[c];
+struct LargeClasses {
+  const at::Tensor& xc;
+  const std::vector<int64_t>& classes;  // the large classes, in increasing order
+  const std::vector<int64_t>& offsets;
+  Trapezoid tz;
+  std::vector<int64_t> chunks;      // R of each class (1: not cut)
+  std::vector<at::Tensor> partial;  // [R, tz.size] chunk products of the classes cut in chunks
+
+  LargeClasses(const at::Tensor& xc_, int64_t D, const std::vector<int64_t>& classes_,
+               const std::vector<int64_t>& offsets_)
+      : xc(xc_), classes(classes_), offsets(offsets_), tz(D), chunks(classes_.size()), partial(classes_.size()) {
+    const int64_t L = static_cast<int64_t>(classes.size()), Q = tz.pairs();
+    const int64_t max_chunks = L == 0 ? 1 : std::max<int64_t>(1, (kSplitItems + L * Q - 1) / (L * Q));
+    for (int64_t c = 0; c < L; ++c) {
+      chunks[c] = std::clamp<int64_t>(size(c) / kMinChunkRows, 1, max_chunks);
+      if (chunks[c] > 1) partial[c] = at::empty({chunks[c], tz.size}, xc.options());
+    }
   }
-  // Chunked classes keep every chunk's trapezoid until the second region.
-  std::vector<at::Tensor> partial(L);
-  for (int64_t c = 0; c < L; ++c)
-    if (chunks[c] > 1) partial[c] = at::empty({chunks[c], tz.size}, xc.options());
-  const auto rows_of = [&](int64_t c, int64_t r) {
-    const int64_t k = classes[c], lo = offsets[k], n = offsets[k + 1] - lo;
-    const int64_t b = lo + n * r / chunks[c], e = lo + n * (r + 1) / chunks[c];
-    return xc.narrow(0, b, e - b);
-  };
-  const auto blocks_of_pair = [&](int64_t q, int64_t* g) {
-    g[0] = q;
-    g[1] = tz.T - 1 - q;
-    return g[1] == q ? 1 : 2;
-  };
-  at::parallel_for(0, first_item[L], 1, [&](int64_t begin, int64_t end) {
-    const SequentialBlas sequential;
-    std::vector<gemm_t> product, scratch;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c = std::upper_bound(first_item.begin(), first_item.end(), t) - first_item.begin() - 1;
-      const int64_t q = (t - first_item[c]) % Q, r = (t - first_item[c]) / Q;
-      const at::Tensor x_rows = rows_of(c, r);
-      int64_t g[2];
-      const int nb = blocks_of_pair(q, g);
-      for (int i = 0; i < nb; ++i) {
-        if (chunks[c] > 1) {
-          block_row_product(x_rows, tz, g[i], partial[c].data_ptr<gemm_t>() + r * tz.size + tz.piece_offset[g[i]]);
-        } else {
-          product.resize(tz.rows(g[i]) * tz.cols(g[i]));
-          block_row_product(x_rows, tz, g[i], product.data());
-          merge_block_row(tz, g[i], product.data(), merges[c], m2p + classes[c] * D * D, scratch);
-        }
-      }
-    }
-  });
-  std::vector<std::pair<int64_t, int64_t>> pending;  // (class, pair) of chunked classes
-  for (int64_t c = 0; c < L; ++c)
-    if (chunks[c] > 1)
-      for (int64_t q = 0; q < Q; ++q) pending.emplace_back(c, q);
-  at::parallel_for(0, static_cast<int64_t>(pending.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<gemm_t> scratch;
-    for (int64_t t = begin; t < end; ++t) {
-      const auto [c, q] = pending[t];
-      gemm_t* base = partial[c].data_ptr<gemm_t>();
-      int64_t g[2];
-      const int nb = blocks_of_pair(q, g);
-      for (int i = 0; i < nb; ++i) {
-        gemm_t* sum = base + tz.piece_offset[g[i]];
-        const int64_t len = tz.rows(g[i]) * tz.cols(g[i]);
-        for (int64_t r = 1; r < chunks[c]; ++r) {
-          const gemm_t* part = base + r * tz.size + tz.piece_offset[g[i]];
+  int64_t size(int64_t c) const { return offsets[classes[c] + 1] - offsets[classes[c]]; }
+  // rows [first, second) of chunk r of class c, out of `count` chunks
+  std::pair<int64_t, int64_t> rows(int64_t c, int64_t r, int64_t count) const {
+    const int64_t lo = offsets[classes[c]], n = size(c);
+    return {lo + n * r / count, lo + n * (r + 1) / count};
+  }
+  // every block row's product of chunk r of a class cut in chunks (call with BLAS sequential)
+  void chunk_products(int64_t c, int64_t r) const {
+    const auto [b, e] = rows(c, r, chunks[c]);
+    const at::Tensor x_rows = xc.narrow(0, b, e - b);
+    gemm_t* out = partial[c].template data_ptr<gemm_t>() + r * tz.size;
+    for (int64_t g = 0; g < tz.T; ++g) block_row_product(x_rows, tz, g, out + tz.piece_offset[g]);
+  }
+  // chunk products of the classes cut in chunks, where not made yet, in one parallel region
+  void chunk_products() const {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    for (int64_t c = 0; c < static_cast<int64_t>(classes.size()); ++c)
+      for (int64_t r = 0; chunks[c] > 1 && r < chunks[c]; ++r) items.emplace_back(c, r);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      for (int64_t t = begin; t < end; ++t) chunk_products(items[t].first, items[t].second);
+    });
+  }
+  // the products (or the sums of the chunks' products) of every pair's block rows, merged into the
+  // state, in one parallel region over (class, pair) items
+  void merge(const std::vector<ClassMerge>& merges, double* m2p) const {
+    const int64_t Q = tz.pairs(), D = tz.D;
+    at::parallel_for(0, static_cast<int64_t>(classes.size()) * Q, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      std::vector<gemm_t> product, scratch;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t c = t / Q, q = t % Q;
+        const int64_t pair[2] = {q, tz.T - 1 - q};  // the middle block row of an odd T alone
+        for (int i = 0; i < (pair[1] == q ? 1 : 2); ++i) {
+          const int64_t g = pair[i];
+          gemm_t* s;
+          if (chunks[c] > 1) {
+            gemm_t* base = partial[c].template data_ptr<gemm_t>();
+            s = base + tz.piece_offset[g];
+            const int64_t len = tz.rows(g) * tz.cols(g);
+            for (int64_t r = 1; r < chunks[c]; ++r) {
+              const gemm_t* part = base + r * tz.size + tz.piece_offset[g];
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e) sum[e] += part[e];
+              for (int64_t e = 0; e < len; ++e) s[e] += part[e];
+            }
+          } else {
+            product.resize(tz.rows(g) * tz.cols(g));
+            s = product.data();
+            block_row_product(xc.narrow(0, offsets[classes[c]], size(c)), tz, g, s);
+          }
+          merge_block_row(tz, g, s, merges[c], m2p + classes[c] * D * D, scratch);
         }
-        merge_block_row(tz, g[i], sum, merges[c], m2p + classes[c] * D * D, scratch);
       }
-    }
-  });
-}
+    });
+  }
+};
 
 void check_state(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
                  const at::Tensor& m2) {
@@ -567,18 +590,24 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   gemm_t* xcp = xc_buf.data_ptr<gemm_t>();
   std::fill(xcp + N * ld, xcp + N * ld + kMR, gemm_t(0));
   const at::Tensor xc = xc_buf.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, D);
+  std::vector<int64_t> small, large;  // the classes of small_at, large_at
+  for (const int64_t p : small_at) small.push_back(present[p]);
+  for (const int64_t p : large_at) large.push_back(present[p]);
+  const LargeClasses<gemm_t> large_classes(xc, D, large, offsets);
   const int64_t col_blocks = (D + kMeanCols - 1) / kMeanCols;
   const int64_t exact_tasks = static_cast<int64_t>(exact_at.size()) * col_blocks;
-  // chunks of pilot class i: first_chunk[i] .. first_chunk[i + 1]; a fixed count for a class size
+  // Chunks of pilot class i (large class i): first_chunk[i] .. first_chunk[i + 1], a fixed count for
+  // the class size; the large classes' own chunks where they are cut, whose products the chunk's
+  // task then makes at once (the rows it has just centred are in its cache).
   std::vector<int64_t> first_chunk(pilot_at.size() + 1, 0);
   for (size_t i = 0; i < pilot_at.size(); ++i) {
-    const int64_t k = present[pilot_at[i]], nb = offsets[k + 1] - offsets[k];
-    first_chunk[i + 1] = first_chunk[i] + std::clamp<int64_t>(nb / kStatRows, 1, kMaxStatChunks);
+    const int64_t chunks = large_classes.chunks[i] > 1
+                               ? large_classes.chunks[i]
+                               : std::clamp<int64_t>(large_classes.size(i) / kStatRows, 1, kMaxStatChunks);
+    first_chunk[i + 1] = first_chunk[i] + chunks;
   }
   const auto chunk_rows = [&](size_t i, int64_t q) {  // rows [lo, hi) of chunk q of pilot class i
-    const int64_t k = present[pilot_at[i]], lo = offsets[k], nb = offsets[k + 1] - lo;
-    const int64_t chunks = first_chunk[i + 1] - first_chunk[i];
-    return std::make_pair(lo + nb * q / chunks, lo + nb * (q + 1) / chunks);
+    return large_classes.rows(i, q, first_chunk[i + 1] - first_chunk[i]);
   };
   for (const int64_t p : pilot_at) {  // the pilot shifts
     const int64_t lo = offsets[present[p]], n = std::min(kPilotRows, offsets[present[p] + 1] - lo);
@@ -591,6 +620,7 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   }
   std::vector<double> chunk_sums(first_chunk.back() * 2 * D);  // per chunk: sum of x, sum of xc^2
   at::parallel_for(0, exact_tasks + first_chunk.back(), 1, [&](int64_t begin, int64_t end) {
+    const SequentialBlas sequential;
     for (int64_t t = begin; t < end; ++t) {
       if (t >= exact_tasks) {
         const int64_t q = t - exact_tasks;
@@ -598,6 +628,7 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
         const auto [lo, hi] = chunk_rows(i, q - first_chunk[i]);
         double* sums = chunk_sums.data() + q * 2 * D;
         centre_and_sum(xp, D, row_of, lo, hi, ld - D, shift.data() + pilot_at[i] * D, xcp, ld, sums, sums + D);
+        if (large_classes.chunks[i] > 1) large_classes.chunk_products(i, q - first_chunk[i]);
         continue;
       }
       const int64_t p = exact_at[t / col_blocks], k = present[p];
@@ -635,29 +666,32 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
     }
     if (moved) recentre.push_back(i);
   }
-  if (!recentre.empty()) {
+  if (!recentre.empty()) {                          // centred again, and the chunk products made again
     std::vector<std::pair<size_t, int64_t>> tasks;  // (pilot class, chunk)
     for (const size_t i : recentre)
       for (int64_t q = 0; q < first_chunk[i + 1] - first_chunk[i]; ++q) tasks.emplace_back(i, q);
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
       for (int64_t t = begin; t < end; ++t) {
-        const auto [lo, hi] = chunk_rows(tasks[t].first, tasks[t].second);
-        centre_rows(xp, D, row_of, lo, hi, 0, D, ld - D, shift.data() + pilot_at[tasks[t].first] * D, xcp, ld);
+        const auto [i, q] = tasks[t];
+        const auto [lo, hi] = chunk_rows(i, q);
+        centre_rows(xp, D, row_of, lo, hi, 0, D, ld - D, shift.data() + pilot_at[i] * D, xcp, ld);
+        if (large_classes.chunks[i] > 1) large_classes.chunk_products(i, q);
       }
     });
   }
 
   // 3. products and merges
-  std::vector<int64_t> small, large;
-  for (const int64_t p : small_at) small.push_back(present[p]);
-  for (const int64_t p : large_at) large.push_back(present[p]);
   const auto merges_of = [&](const std::vector<int64_t>& at_p) {
     std::vector<ClassMerge> out;
     for (const int64_t p : at_p) out.push_back(merges[p]);
     return out;
   };
   if (!small.empty()) small_classes_update<gemm_t>(xcp, ld, D, small, offsets, merges_of(small_at), m2p);
-  if (!large.empty()) large_classes_update<gemm_t>(xc, D, large, offsets, merges_of(large_at), m2p);
+  if (!large.empty()) {
+    if (!pilot) large_classes.chunk_products();  // not made with the statistics
+    large_classes.merge(merges_of(large_at), m2p);
+  }
   for (const int64_t k : present) cnt[k] += offsets[k + 1] - offsets[k];
 }
 
