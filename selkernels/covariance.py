@@ -35,6 +35,11 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is enabled for the device's type (which may lower the moments' GEMMs)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def _autocast_off(device: torch.device):
     """A context in which autocast cannot lower the precision of the moments' GEMMs on device."""
     if torch.amp.is_autocast_available(device.type):
@@ -173,14 +178,19 @@ class StreamingCovariance:
         self._bind_views()
 
     def _bind_views(self) -> None:
-        """count/mean/M2: the state without its spare row."""
+        """count/mean/M2: the state without its spare row; _op_state: the state as the update op takes it."""
         self._count, self._mean, self._m2 = (
             self._state if self.num_classes is None else tuple(t[: self.num_classes] for t in self._state)
+        )
+        self._op_state = (
+            (self._count.view(1), self._mean.view(1, self.dim), self._m2.view(1, self.dim, self.dim))
+            if self.num_classes is None
+            else self._state
         )
 
     def __getstate__(self):
         # Views are rebuilt on load: pickle does not keep a view sharing its base's storage.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_count", "_mean", "_m2")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_count", "_mean", "_m2", "_op_state")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -221,7 +231,11 @@ class StreamingCovariance:
     # ------------------------------------------------------------------------------------------
     def update(self, z: torch.Tensor, labels: torch.Tensor | None = None, *, reduce: str = "mean") -> None:
         """Fold a batch in (see the class docstring for shapes and ``reduce``)."""
-        with _autocast_off(self.device):
+        device = self._mean.device
+        if _autocast_on(device):
+            with _autocast_off(device):
+                self._update(z, labels, reduce)
+        else:
             self._update(z, labels, reduce)
 
     def _update(self, z: torch.Tensor, labels: torch.Tensor | None, reduce: str) -> None:
@@ -236,16 +250,10 @@ class StreamingCovariance:
             # The one-set update is the per-class op with a single class: one fused pass (batch
             # mean, centring, symmetric product, Chan merge) on the device, no host sync.
             labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-            torch.ops.selkernels.class_moments_update_(
-                x.contiguous(),
-                labels,
-                self._count.view(1),
-                self._mean.view(1, self.dim),
-                self._m2.view(1, self.dim, self.dim),
-            )
+            torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._op_state)
             return
         labels = self._check_labels(labels, z, x.shape[0])
-        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._state)
+        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._op_state)
 
     def _check_labels(self, labels, z: torch.Tensor, rows: int) -> torch.Tensor:
         """int64 labels of the rows of x, ignore_index mapped to the spare state row."""

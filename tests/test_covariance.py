@@ -210,6 +210,56 @@ def test_state_stays_exactly_symmetric():
         assert torch.equal(s.M2, s.M2.transpose(-1, -2))
 
 
+def test_float32_first_rows_unlike_the_rest():
+    # Large float32 batches are centred on the mean of their first rows when the batch mean is
+    # near it; columns where it is not (here: 50 standard deviations away, with a large offset,
+    # or sorted data) must be centred again on the batch mean, else float32 cancellation shows.
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(3000, 24, generator=g, dtype=torch.float64) * 0.1 + 1e4
+    x[:40] += 5.0
+    x[:, 3] = x[:, 3].sort().values
+    x = x.float()
+    for labels in (None, torch.zeros(3000, dtype=torch.int64)):
+        s = StreamingCovariance(24, num_classes=None if labels is None else 1)
+        for chunk, lc in zip(x.split(1000), [None] * 3 if labels is None else labels.split(1000)):
+            s.update(chunk, lc)
+        cov = s.covariance() if labels is None else s.covariance()[0]
+        assert rel_err(cov, np_cov(x.double().numpy())) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "n,d,k",
+    [
+        (1500, 70, None),  # one set, BLAS over all rows (a multi-threaded GEMM would cut the rows)
+        (9000, 130, None),  # one set cut into row chunks, their products summed in chunk order
+        (512, 256, None),
+        (3000, 40, 2),  # large classes
+        (1024, 96, 50),  # small classes
+        (5000, 70, 3),  # unsorted labels, mixed sizes
+    ],
+)
+def test_results_independent_of_thread_count(n, d, k):
+    g = torch.Generator().manual_seed(17)
+    z = torch.randn(n, d, generator=g) * 2 + 1e3
+    labels = None if k is None else torch.randint(0, k, (n,), generator=g)
+    if k == 3:
+        labels[: n // 2] = 0  # one large class, the others smaller
+    states = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            s = StreamingCovariance(d, num_classes=k)
+            for zc, lc in zip(z.split(n // 2 + 1), [None, None] if k is None else labels.split(n // 2 + 1)):
+                s.update(zc, lc)
+            states.append(s.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for other in states[1:]:
+        for name in ("count", "mean", "M2"):
+            assert torch.equal(states[0][name], other[name]), name
+
+
 def test_empty_batch_is_a_no_op():
     for k in (None, 3):
         s = StreamingCovariance(4, num_classes=k)

@@ -1,25 +1,29 @@
 // CPU kernel of the streaming moments update (class_moments_update_; the single-set update is the
 // same op with one class).
 //
-// One call per batch, no loop over classes in Python:
-//   1. counting sort of the labels (class k = rows order[offsets[k] .. offsets[k + 1]))
-//   2. class batch means in float64, one task per (class, block of columns), rows summed in order
-//   3. centred rows xc = x - c_k in the GEMM precision, written class-contiguous, c_k the class
-//      batch mean rounded to that precision (small values: no cancellation in the Gram matrix)
-//   4. Gram matrix S_k = xc_k^T xc_k of each present class and the Chan merge of
+// One call per batch, no loop over classes in Python, three parallel regions at most:
+//   1. counting sort of the labels (class k = rows order[offsets[k] .. offsets[k + 1])); sorted
+//      labels (always so for one set) need no permutation: class k is rows offsets[k] .. of x
+//   2. one task per (class, block of columns): the class batch mean in float64 (rows summed in
+//      order), the running mean's step, then the centred rows xc = x - c_k of those columns in the
+//      GEMM precision, written class-contiguous, c_k the class batch mean rounded to that
+//      precision (small values: no cancellation in the Gram matrix)
+//   3. Gram matrix S_k = xc_k^T xc_k of each present class and the Chan merge of
 //      (n_b, mean_b, S_k - n_b d d^T) into the float64 state, in ONE read-write pass over each
 //      class's D x D block (the pass is the floor of the whole update).
 //      * Small classes (n_b < kGemmRows, the usual per-class case): one task per (class, block of
 //        kRowBlock state rows) computes that block's rows of S_k with a register-blocked product
-//        straight from xc and merges them at once, streaming whole state rows; no Gram matrix in
-//        memory. The product is cheap next to the state pass here, so it is not halved.
-//      * Large classes (the one-set update): ATen GEMMs (BLAS) on the upper block trapezoid of S_k
-//        only (~(T + 1) / 2T of a full product for T blocks per side) into a buffer, then one merge
-//        pass over kTile x kTile state tiles (I, J), I <= J, each writing (I, J) and its mirror
-//        (J, I) from the same product values.
-// Deterministic: fixed summation orders, no atomics, results independent of the thread count.
-// Absent classes are not touched. M2 stays exactly symmetric: both mirror entries are computed
-// from the same product value with the same operations.
+//        straight from xc, prefetching the state rows meanwhile, and merges them at once; no Gram
+//        matrix in memory. The product is cheap next to the state pass here, so it is not halved.
+//      * Large classes (the one-set update): single-threaded BLAS GEMMs on the upper block
+//        trapezoid of S_k only (~(T + 1) / 2T of a full product for T block rows of kTile), one
+//        parallel region over (class, pair of block rows g and T - 1 - g) items, each block row
+//        merged by the thread that made it, right after its GEMM: state rows of the block row
+//        and, from the transposed product, their mirror columns.
+// Deterministic: fixed summation orders, no atomics, the same decomposition (and BLAS calls) for
+// every thread count, so results are independent of it. Absent classes are not touched. M2 stays
+// exactly symmetric: both mirror entries are computed from the same product value with the same
+// operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -34,20 +38,32 @@
 namespace selk {
 namespace {
 
-constexpr int64_t kTile = 64;      // side of a state tile (and of a GEMM block row)
-constexpr int64_t kGemmRows = 64;  // classes with at least this many rows in the batch use BLAS
-constexpr int64_t kMeanCols = 64;  // columns per class-mean task
+constexpr int64_t kTile = 64;           // side of a state tile (and of a GEMM block row)
+constexpr int64_t kGemmRows = 64;       // classes with at least this many rows in the batch use BLAS
+constexpr int64_t kMeanCols = 64;       // columns per class-mean task (small classes)
+constexpr int64_t kPilotRows = 32;      // rows whose mean is a large class's shift
+constexpr int64_t kStatRows = 128;      // rows per statistics task of a large class at least
+constexpr int64_t kMaxStatChunks = 64;  // and at most this many tasks per class
+constexpr double kShiftSlack = 1.0;     // |mean_b - c| accepted per column, in standard deviations
 
 // Register-blocked product S[a, b] = sum_r A[r * lda + a] B[r * ldb + b] for a < ta (a multiple
 // of MR), b < tb (a multiple of NR); S row-major [ta, tb]. The MR x NR accumulator block stays in
 // registers over the n rows, so every B load feeds MR FMAs. Entry (a, b) is the same sequence of
 // FMAs as the entry with A and B swapped, so the product of a matrix with itself is exactly symmetric.
+// Meanwhile the pf_len doubles at pf (the state rows the product is merged into next) are
+// prefetched, a few cache lines per accumulator block, so that memory traffic overlaps the FMAs.
 template <typename T, int MR, int NR>
 inline __attribute__((always_inline)) void panel_product_body(const T* __restrict__ A, int64_t lda,
                                                               const T* __restrict__ B, int64_t ldb, int64_t n,
-                                                              int64_t ta, int64_t tb, T* __restrict__ S) {
+                                                              int64_t ta, int64_t tb, T* __restrict__ S,
+                                                              const double* pf, int64_t pf_len) {
+  constexpr int64_t kLine = 64 / sizeof(double);
+  const int64_t lines = (pf_len + kLine - 1) / kLine, blocks = (ta / MR) * (tb / NR);
+  const int64_t per_block = (lines + blocks - 1) / blocks;
+  int64_t next = 0;
   for (int64_t a0 = 0; a0 < ta; a0 += MR) {
     for (int64_t b0 = 0; b0 < tb; b0 += NR) {
+      for (int64_t p = 0; p < per_block && next < lines; ++p, ++next) __builtin_prefetch(pf + next * kLine, 1, 2);
       T acc[MR][NR] = {};
       for (int64_t r = 0; r < n; ++r) {
         const T* arow = A + r * lda + a0;
@@ -71,12 +87,12 @@ constexpr int kNRDouble = 8;
 constexpr int64_t kRowBlock = 2 * kMR;
 
 SELK_TARGET_CLONES void panel_product(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t n, int64_t ta,
-                                      int64_t tb, float* S) {
-  panel_product_body<float, kMR, kNRFloat>(A, lda, B, ldb, n, ta, tb, S);
+                                      int64_t tb, float* S, const double* pf, int64_t pf_len) {
+  panel_product_body<float, kMR, kNRFloat>(A, lda, B, ldb, n, ta, tb, S, pf, pf_len);
 }
 SELK_TARGET_CLONES void panel_product(const double* A, int64_t lda, const double* B, int64_t ldb, int64_t n, int64_t ta,
-                                      int64_t tb, double* S) {
-  panel_product_body<double, kMR, kNRDouble>(A, lda, B, ldb, n, ta, tb, S);
+                                      int64_t tb, double* S, const double* pf, int64_t pf_len) {
+  panel_product_body<double, kMR, kNRDouble>(A, lda, B, ldb, n, ta, tb, S, pf, pf_len);
 }
 
 template <typename T>
@@ -85,6 +101,132 @@ constexpr int nr_of() {
 }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The batch statistics pass, per (class, block of w columns from j0), rows r = lo .. hi of the
+// class (x row row_of[r], or r where the labels were sorted):
+// sum[j] = sum over the rows, in order, of x[row, j0 + j] in float64
+template <typename scalar_t>
+inline __attribute__((always_inline)) void column_sums_body(const scalar_t* __restrict__ x, int64_t D,
+                                                            const int64_t* __restrict__ row_of, int64_t lo, int64_t hi,
+                                                            int64_t j0, int64_t w, double* __restrict__ sum) {
+  for (int64_t j = 0; j < w; ++j) sum[j] = 0.0;
+  for (int64_t r = lo; r < hi; ++r) {
+    const scalar_t* row = x + (row_of ? row_of[r] : r) * D + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) sum[j] += static_cast<double>(row[j]);
+  }
+}
+// xc[r, j0 + j] = x[row, j0 + j] - c[j] in the GEMM precision, then `pad` zeros (the row padding).
+template <typename scalar_t, typename gemm_t>
+inline __attribute__((always_inline)) void centre_rows_body(const scalar_t* __restrict__ x, int64_t D,
+                                                            const int64_t* __restrict__ row_of, int64_t lo, int64_t hi,
+                                                            int64_t j0, int64_t w, int64_t pad,
+                                                            const gemm_t* __restrict__ c, gemm_t* __restrict__ xc,
+                                                            int64_t ld) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const scalar_t* row = x + (row_of ? row_of[r] : r) * D + j0;
+    gemm_t* out = xc + r * ld + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) out[j] = static_cast<gemm_t>(row[j]) - c[j];
+    for (int64_t j = w; j < w + pad; ++j) out[j] = gemm_t(0);
+  }
+}
+// Large classes, one pass per chunk of rows, about a shift c known beforehand: xc[r] = x[row] - c in
+// the GEMM precision (then `pad` zeros), sum_x[j] = sum of x[row, j] in float64 (rows in order) and
+// sum_sq[j] ~ sum of xc[r, j]^2 (only compared against a threshold: accumulated in the GEMM
+// precision), for rows r = lo .. hi.
+template <typename scalar_t, typename gemm_t>
+inline __attribute__((always_inline)) void centre_and_sum_columns(const scalar_t* __restrict__ x, int64_t D,
+                                                                  const int64_t* __restrict__ row_of, int64_t lo,
+                                                                  int64_t hi, int64_t j0, int64_t j1,
+                                                                  const gemm_t* __restrict__ c, gemm_t* __restrict__ xc,
+                                                                  int64_t ld, double* __restrict__ sum_x,
+                                                                  double* __restrict__ sum_sq) {
+  for (int64_t j = j0; j < j1; ++j) sum_x[j] = sum_sq[j] = 0.0;
+  for (int64_t r = lo; r < hi; ++r) {
+    const scalar_t* row = x + (row_of ? row_of[r] : r) * D;
+    gemm_t* out = xc + r * ld;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const gemm_t v = static_cast<gemm_t>(row[j]) - c[j];
+      out[j] = v;
+      sum_x[j] += static_cast<double>(row[j]);
+      sum_sq[j] += static_cast<double>(v * v);
+    }
+  }
+}
+// float x: blocks of 64 columns whose sums stay in registers (8 float64 and 4 float32 vectors:
+// independent chains, not one store-to-load chain per row), then the generic loop for the rest.
+typedef float selk_v8f __attribute__((vector_size(32)));
+typedef float selk_v16f __attribute__((vector_size(64)));
+typedef double selk_v8d __attribute__((vector_size(64)));
+inline __attribute__((always_inline)) void centre_and_sum_body(const float* __restrict__ x, int64_t D,
+                                                               const int64_t* __restrict__ row_of, int64_t lo,
+                                                               int64_t hi, int64_t pad, const float* __restrict__ c,
+                                                               float* __restrict__ xc, int64_t ld,
+                                                               double* __restrict__ sum_x,
+                                                               double* __restrict__ sum_sq) {
+  constexpr int64_t W = 64;
+  const int64_t blocked = D / W * W;
+  for (int64_t j0 = 0; j0 < blocked; j0 += W) {
+    selk_v16f cv[4], q[4] = {};
+    selk_v8d sx[8] = {};
+    __builtin_memcpy(cv, c + j0, sizeof(cv));
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* row = x + (row_of ? row_of[r] : r) * D + j0;
+      float* out = xc + r * ld + j0;
+#pragma GCC unroll 4
+      for (int b = 0; b < 4; ++b) {
+        selk_v16f xv;
+        selk_v8f x0, x1;
+        __builtin_memcpy(&xv, row + 16 * b, sizeof(xv));
+        __builtin_memcpy(&x0, row + 16 * b, sizeof(x0));
+        __builtin_memcpy(&x1, row + 16 * b + 8, sizeof(x1));
+        const selk_v16f v = xv - cv[b];
+        __builtin_memcpy(out + 16 * b, &v, sizeof(v));
+        sx[2 * b] += __builtin_convertvector(x0, selk_v8d);
+        sx[2 * b + 1] += __builtin_convertvector(x1, selk_v8d);
+        q[b] += v * v;
+      }
+    }
+    __builtin_memcpy(sum_x + j0, sx, sizeof(sx));
+    for (int b = 0; b < 4; ++b)
+      for (int e = 0; e < 16; ++e) sum_sq[j0 + 16 * b + e] = static_cast<double>(q[b][e]);
+  }
+  centre_and_sum_columns(x, D, row_of, lo, hi, blocked, D, c, xc, ld, sum_x, sum_sq);
+  for (int64_t r = lo; r < hi; ++r)
+    for (int64_t j = D; j < D + pad; ++j) xc[r * ld + j] = 0.0f;
+}
+template <typename scalar_t, typename gemm_t>
+inline __attribute__((always_inline)) void centre_and_sum_body(const scalar_t* __restrict__ x, int64_t D,
+                                                               const int64_t* __restrict__ row_of, int64_t lo,
+                                                               int64_t hi, int64_t pad, const gemm_t* __restrict__ c,
+                                                               gemm_t* __restrict__ xc, int64_t ld,
+                                                               double* __restrict__ sum_x,
+                                                               double* __restrict__ sum_sq) {
+  centre_and_sum_columns(x, D, row_of, lo, hi, 0, D, c, xc, ld, sum_x, sum_sq);
+  for (int64_t r = lo; r < hi; ++r)
+    for (int64_t j = D; j < D + pad; ++j) xc[r * ld + j] = gemm_t(0);
+}
+#define SELK_BATCH_STATS(scalar_t, gemm_t)                                                                            \
+  SELK_TARGET_CLONES void column_sums(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi,    \
+                                      int64_t j0, int64_t w, double* sum) {                                           \
+    column_sums_body(x, D, row_of, lo, hi, j0, w, sum);                                                               \
+  }                                                                                                                   \
+  SELK_TARGET_CLONES void centre_rows(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi,    \
+                                      int64_t j0, int64_t w, int64_t pad, const gemm_t* c, gemm_t* xc, int64_t ld) {  \
+    centre_rows_body(x, D, row_of, lo, hi, j0, w, pad, c, xc, ld);                                                    \
+  }                                                                                                                   \
+  SELK_TARGET_CLONES void centre_and_sum(const scalar_t* x, int64_t D, const int64_t* row_of, int64_t lo, int64_t hi, \
+                                         int64_t pad, const gemm_t* c, gemm_t* xc, int64_t ld, double* sum_x,         \
+                                         double* sum_sq) {                                                            \
+    centre_and_sum_body(x, D, row_of, lo, hi, pad, c, xc, ld, sum_x, sum_sq);                                         \
+  }
+SELK_BATCH_STATS(float, float)
+SELK_BATCH_STATS(double, double)
+SELK_BATCH_STATS(c10::Half, float)
+SELK_BATCH_STATS(c10::BFloat16, float)
+#undef SELK_BATCH_STATS
 
 // What the merge of one class needs, besides its product: n_b, the rounding remainders
 // d = mean_b - c, delta = mean_b - mean_a and the Chan weight n_a n_b / n.
@@ -121,38 +263,23 @@ SELK_TARGET_CLONES void merge_row(double* out, const double* s, int64_t len, dou
 }
 #pragma GCC pop_options
 
-// Chan merge of the product tile s (rows i0 .. i0 + ti, columns j0 .. j0 + tj of S_k, row stride
-// lds) into the state block m2 [D, D]: entries (i, j) and, for i0 != j0, the mirror (j, i), both
-// row by row (the tile is transposed into scratch for the mirror). On a diagonal tile only the
-// upper triangle of s is read, so mirror entries get identical values.
-template <typename gemm_t>
-void merge_tile(double* __restrict__ m2, int64_t D, int64_t i0, int64_t ti, int64_t j0, int64_t tj,
-                const gemm_t* __restrict__ s, int64_t lds, const ClassMerge& c, std::vector<gemm_t>& scratch) {
-  scratch.resize(ti * tj);
-  gemm_t* t = scratch.data();
-  if (i0 == j0) {
-    for (int64_t a = 0; a < ti; ++a)
-      for (int64_t b = 0; b < tj; ++b) t[a * tj + b] = a <= b ? s[a * lds + b] : s[b * lds + a];
-    s = t;
-    lds = tj;
-  }
-  for (int64_t a = 0; a < ti; ++a)
-    merge_row(m2 + (i0 + a) * D + j0, s + a * lds, tj, c.n_b, c.d[i0 + a], c.d + j0, c.m2_coef, c.delta[i0 + a],
-              c.delta + j0);
-  if (i0 == j0) return;
-  for (int64_t a = 0; a < ti; ++a)
-    for (int64_t b = 0; b < tj; ++b) t[b * ti + a] = s[a * lds + b];
-  for (int64_t b = 0; b < tj; ++b)
-    merge_row(m2 + (j0 + b) * D + i0, t + b * ti, ti, c.n_b, c.d[j0 + b], c.d + i0, c.m2_coef, c.delta[j0 + b],
-              c.delta + i0);
+// t[b * rows + a] = s[a * lds + b] for a < rows, b < cols, in cache-sized blocks.
+template <typename T>
+inline __attribute__((always_inline)) void transpose_body(const T* __restrict__ s, int64_t lds, int64_t rows,
+                                                          int64_t cols, T* __restrict__ t) {
+  constexpr int64_t B = 16;
+  for (int64_t a0 = 0; a0 < rows; a0 += B)
+    for (int64_t b0 = 0; b0 < cols; b0 += B) {
+      const int64_t a1 = std::min(rows, a0 + B), b1 = std::min(cols, b0 + B);
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t a = a0; a < a1; ++a) t[b * rows + a] = s[a * lds + b];
+    }
 }
-
-// The tile pairs (I, J), I <= J, of a D x D block.
-std::vector<std::pair<int64_t, int64_t>> upper_tiles(int64_t D) {
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t i0 = 0; i0 < D; i0 += kTile)
-    for (int64_t j0 = i0; j0 < D; j0 += kTile) tiles.emplace_back(i0, j0);
-  return tiles;
+SELK_TARGET_CLONES void transpose(const float* s, int64_t lds, int64_t rows, int64_t cols, float* t) {
+  transpose_body(s, lds, rows, cols, t);
+}
+SELK_TARGET_CLONES void transpose(const double* s, int64_t lds, int64_t rows, int64_t cols, double* t) {
+  transpose_body(s, lds, rows, cols, t);
 }
 
 // Small classes: for every (class, block of kRowBlock state rows) task, those rows of S_k from
@@ -171,45 +298,194 @@ void small_classes_update(const gemm_t* xc, int64_t ld, int64_t D, const std::ve
       const int64_t c = t / blocks, k = classes[c];
       const int64_t i0 = (t % blocks) * kRowBlock, rows = std::min(kRowBlock, D - i0);
       const gemm_t* xk = xc + offsets[k] * ld;
-      panel_product(xk + i0, ld, xk, ld, offsets[k + 1] - offsets[k], round_up(rows, kMR), tb, s.data());
+      double* out = m2p + (k * D + i0) * D;
+      // The state rows stream in while the product is formed (they are read-modify-written below).
+      panel_product(xk + i0, ld, xk, ld, offsets[k + 1] - offsets[k], round_up(rows, kMR), tb, s.data(), out, rows * D);
       const ClassMerge& m = merges[c];
       for (int64_t a = 0; a < rows; ++a)
-        merge_row(m2p + (k * D + i0 + a) * D, s.data() + a * tb, D, m.n_b, m.d[i0 + a], m.d, m.m2_coef, m.delta[i0 + a],
-                  m.delta);
+        merge_row(out + a * D, s.data() + a * tb, D, m.n_b, m.d[i0 + a], m.d, m.m2_coef, m.delta[i0 + a], m.delta);
     }
   });
 }
 
-// A large class: S's upper block trapezoid by ATen GEMMs (block row g: xc[:, g]^T xc[:, g0:], at
-// most 8 calls), then the tile merges in parallel.
-template <typename gemm_t>
-void large_class_update(const at::Tensor& xc_k, int64_t D, const ClassMerge& merge, double* m2k, at::Tensor& buffer) {
-  const int64_t rows_per_call = round_up((D + 7) / 8, kTile);
-  std::vector<int64_t> piece_offset;  // where block row g's product [rows, D - g0] starts in buffer
-  int64_t used = 0;
-  for (int64_t g0 = 0; g0 < D; g0 += rows_per_call) {
-    piece_offset.push_back(used);
-    used += std::min(rows_per_call, D - g0) * (D - g0);
+// BLAS runs single-threaded inside the update's own parallel regions (MKL does so by itself in a
+// nested region; this also covers a region that ran inline on one thread): a multi-threaded GEMM
+// may split the reduction over the rows, so its bits would depend on the thread count. Where the
+// BLAS is not MKL (no such symbol) the guard does nothing. (MKL_Set_Num_Threads_Local is the C
+// entry point that mkl_service.h names mkl_set_num_threads_local; the exported lowercase symbol is
+// the Fortran one, which takes a pointer.)
+#if defined(__GNUC__) && defined(__linux__)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+struct SequentialBlas {
+#if defined(__GNUC__) && defined(__linux__)
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
   }
-  if (buffer.numel() < used) buffer = at::empty({used}, xc_k.options());
-  for (int64_t g = 0, g0 = 0; g0 < D; ++g, g0 += rows_per_call) {
-    const int64_t rows = std::min(rows_per_call, D - g0);
-    at::Tensor out = buffer.narrow(0, piece_offset[g], rows * (D - g0)).view({rows, D - g0});
-    at::mm_out(out, xc_k.narrow(1, g0, rows).t(), xc_k.narrow(1, g0, D - g0));
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
   }
-  const gemm_t* bp = buffer.data_ptr<gemm_t>();
-  const auto tiles = upper_tiles(D);
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<gemm_t> scratch;
-    for (int64_t t = begin; t < end; ++t) {
-      const auto [i0, j0] = tiles[t];
-      const int64_t g = i0 / rows_per_call, g0 = g * rows_per_call;
-      const int64_t lds = D - g0;
-      const gemm_t* s = bp + piece_offset[g] + (i0 - g0) * lds + (j0 - g0);
-      merge_tile(m2k, D, i0, std::min(kTile, D - i0), j0, std::min(kTile, D - j0), s, lds, merge, scratch);
+#endif
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+};
+
+// The upper block trapezoid of a large class's S_k, by block rows g of kTile rows (block row g:
+// xc[:, g0:g0 + kTile]^T xc[:, g0:], one GEMM), stored one after the other.
+struct Trapezoid {
+  int64_t D, T;                       // T block rows
+  std::vector<int64_t> piece_offset;  // where block row g's product [rows, D - g0] starts
+  int64_t size = 0;
+  explicit Trapezoid(int64_t D_) : D(D_), T((D_ + kTile - 1) / kTile) {
+    for (int64_t g0 = 0; g0 < D; g0 += kTile) {
+      piece_offset.push_back(size);
+      size += std::min(kTile, D - g0) * (D - g0);
     }
-  });
+  }
+  // Work items pair block rows g and T - 1 - g (T + 1 tiles together), so items cost alike.
+  int64_t pairs() const { return (T + 1) / 2; }
+  int64_t rows(int64_t g) const { return std::min(kTile, D - g * kTile); }
+  int64_t cols(int64_t g) const { return D - g * kTile; }
+};
+
+// Block row g of S (rows of xc_rows: any row range of the class) into out [rows, D - g0].
+template <typename gemm_t>
+void block_row_product(const at::Tensor& xc_rows, const Trapezoid& tz, int64_t g, gemm_t* out) {
+  const int64_t g0 = g * kTile;
+  at::Tensor dst = at::from_blob(out, {tz.rows(g), tz.cols(g)}, xc_rows.options());
+  at::mm_out(dst, xc_rows.narrow(1, g0, tz.rows(g)).t(), xc_rows.narrow(1, g0, tz.cols(g)));
 }
+
+// Chan merge of block row g of S (s: [rows, cols], rows = tz.rows(g), cols = D - g0: columns
+// g0 .. g0 + rows of S against columns g0 .. D) into the state block m2k: state rows g0 .. g0 + rows
+// from column g0 on, one merge_row each, then the mirror, columns g0 .. g0 + rows of the state rows
+// below, from the transposed rest of s. The diagonal block's lower triangle is first overwritten by
+// its upper one (s is scratch), so entries (i, j) and (j, i) are merged from the same value.
+constexpr int64_t kPrefetchRows = 16;  // state rows prefetched ahead of a block row's merge
+inline void prefetch_for_write(const double* p, int64_t len) {
+  for (int64_t o = 0; o < len; o += 64 / static_cast<int64_t>(sizeof(double))) __builtin_prefetch(p + o, 1, 3);
+}
+
+template <typename gemm_t>
+void merge_block_row(const Trapezoid& tz, int64_t g, gemm_t* s, const ClassMerge& m, double* m2k,
+                     std::vector<gemm_t>& scratch) {
+  const int64_t D = tz.D, g0 = g * kTile, rows = tz.rows(g), cols = tz.cols(g);
+  const int64_t rest = cols - rows;
+  // The state rows are prefetched kPrefetchRows ahead: row t of the block row's rows + rest rows,
+  // the direct ones, then the mirror ones (whose short segments the hardware prefetcher would
+  // not fetch early).
+  const auto prefetch_row = [&](int64_t t) {
+    if (t < rows) {
+      prefetch_for_write(m2k + (g0 + t) * D + g0, cols);
+    } else if (t < rows + rest) {
+      prefetch_for_write(m2k + (g0 + t) * D + g0, rows);
+    }
+  };
+  for (int64_t t = 0; t < kPrefetchRows; ++t) prefetch_row(t);
+  for (int64_t a = 1; a < rows; ++a)
+    for (int64_t b = 0; b < a; ++b) s[a * cols + b] = s[b * cols + a];
+  for (int64_t a = 0; a < rows; ++a) {
+    prefetch_row(a + kPrefetchRows);
+    merge_row(m2k + (g0 + a) * D + g0, s + a * cols, cols, m.n_b, m.d[g0 + a], m.d + g0, m.m2_coef, m.delta[g0 + a],
+              m.delta + g0);
+  }
+  if (rest == 0) return;
+  scratch.resize(rest * rows);
+  transpose(s + rows, cols, rows, rest, scratch.data());
+  for (int64_t b = 0; b < rest; ++b) {
+    const int64_t j = g0 + rows + b;
+    prefetch_row(rows + b + kPrefetchRows);
+    merge_row(m2k + j * D + g0, scratch.data() + b * rows, rows, m.n_b, m.d[j], m.d + g0, m.m2_coef, m.delta[j],
+              m.delta + g0);
+  }
+}
+
+// Large classes: BLAS products of the upper trapezoid and their merges, one parallel region over
+// (class, pair of block rows) items, each product merged at once by the thread that made it. With
+// fewer than kSplitItems such items (one large class of D up to ~1000, the usual one-set update),
+// a class's rows are also cut into R chunks of kMinChunkRows rows or more, each chunk's products
+// made on their own (for float32 GEMMs right after the chunk is centred, by the same task: see
+// class_moments_update_typed) and summed in chunk order by the merging item. The items and R
+// depend only on D and the class sizes, never on the thread count.
+constexpr int64_t kSplitItems = 8;      // cut rows while there are fewer (class, pair) items
+constexpr int64_t kMinChunkRows = 256;  // rows per chunk at least
+
+template <typename gemm_t>
+struct LargeClasses {
+  const at::Tensor& xc;
+  const std::vector<int64_t>& classes;  // the large classes, in increasing order
+  const std::vector<int64_t>& offsets;
+  Trapezoid tz;
+  std::vector<int64_t> chunks;      // R of each class (1: not cut)
+  std::vector<at::Tensor> partial;  // [R, tz.size] chunk products of the classes cut in chunks
+
+  LargeClasses(const at::Tensor& xc_, int64_t D, const std::vector<int64_t>& classes_,
+               const std::vector<int64_t>& offsets_)
+      : xc(xc_), classes(classes_), offsets(offsets_), tz(D), chunks(classes_.size()), partial(classes_.size()) {
+    const int64_t L = static_cast<int64_t>(classes.size()), Q = tz.pairs();
+    const int64_t max_chunks = L == 0 ? 1 : std::max<int64_t>(1, (kSplitItems + L * Q - 1) / (L * Q));
+    for (int64_t c = 0; c < L; ++c) {
+      chunks[c] = std::clamp<int64_t>(size(c) / kMinChunkRows, 1, max_chunks);
+      if (chunks[c] > 1) partial[c] = at::empty({chunks[c], tz.size}, xc.options());
+    }
+  }
+  int64_t size(int64_t c) const { return offsets[classes[c] + 1] - offsets[classes[c]]; }
+  // rows [first, second) of chunk r of class c, out of `count` chunks
+  std::pair<int64_t, int64_t> rows(int64_t c, int64_t r, int64_t count) const {
+    const int64_t lo = offsets[classes[c]], n = size(c);
+    return {lo + n * r / count, lo + n * (r + 1) / count};
+  }
+  // every block row's product of chunk r of a class cut in chunks (call with BLAS sequential)
+  void chunk_products(int64_t c, int64_t r) const {
+    const auto [b, e] = rows(c, r, chunks[c]);
+    const at::Tensor x_rows = xc.narrow(0, b, e - b);
+    gemm_t* out = partial[c].template data_ptr<gemm_t>() + r * tz.size;
+    for (int64_t g = 0; g < tz.T; ++g) block_row_product(x_rows, tz, g, out + tz.piece_offset[g]);
+  }
+  // chunk products of the classes cut in chunks, where not made yet, in one parallel region
+  void chunk_products() const {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    for (int64_t c = 0; c < static_cast<int64_t>(classes.size()); ++c)
+      for (int64_t r = 0; chunks[c] > 1 && r < chunks[c]; ++r) items.emplace_back(c, r);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      for (int64_t t = begin; t < end; ++t) chunk_products(items[t].first, items[t].second);
+    });
+  }
+  // the products (or the sums of the chunks' products) of every pair's block rows, merged into the
+  // state, in one parallel region over (class, pair) items
+  void merge(const std::vector<ClassMerge>& merges, double* m2p) const {
+    const int64_t Q = tz.pairs(), D = tz.D;
+    at::parallel_for(0, static_cast<int64_t>(classes.size()) * Q, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      std::vector<gemm_t> product, scratch;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t c = t / Q, q = t % Q;
+        const int64_t pair[2] = {q, tz.T - 1 - q};  // the middle block row of an odd T alone
+        for (int i = 0; i < (pair[1] == q ? 1 : 2); ++i) {
+          const int64_t g = pair[i];
+          gemm_t* s;
+          if (chunks[c] > 1) {
+            gemm_t* base = partial[c].template data_ptr<gemm_t>();
+            s = base + tz.piece_offset[g];
+            const int64_t len = tz.rows(g) * tz.cols(g);
+            for (int64_t r = 1; r < chunks[c]; ++r) {
+              const gemm_t* part = base + r * tz.size + tz.piece_offset[g];
+#pragma omp simd
+              for (int64_t e = 0; e < len; ++e) s[e] += part[e];
+            }
+          } else {
+            product.resize(tz.rows(g) * tz.cols(g));
+            s = product.data();
+            block_row_product(xc.narrow(0, offsets[classes[c]], size(c)), tz, g, s);
+          }
+          merge_block_row(tz, g, s, merges[c], m2p + classes[c] * D * D, scratch);
+        }
+      }
+    });
+  }
+};
 
 void check_state(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
                  const at::Tensor& m2) {
@@ -238,107 +514,180 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   double* mp = mean.data_ptr<double>();
   double* m2p = m2.data_ptr<double>();
 
-  // 1. counting sort; the present classes in increasing order
+  // 1. counting sort; the present classes in increasing order. Sorted labels (one class, always)
+  // need no permutation: class k is rows offsets[k] .. offsets[k + 1] of x.
   std::vector<int64_t> offsets(K + 1, 0);
+  bool sorted = true;
   for (int64_t n = 0; n < N; ++n) {
     TORCH_CHECK(lp[n] >= 0 && lp[n] < K, "selkernels: labels[", n, "] = ", lp[n], " is outside [0, num_classes=", K,
                 ")");
     ++offsets[lp[n] + 1];
+    sorted = sorted && (n == 0 || lp[n - 1] <= lp[n]);
   }
   std::vector<int64_t> present;
   for (int64_t k = 0; k < K; ++k) {
     if (offsets[k + 1] > 0) present.push_back(k);
     offsets[k + 1] += offsets[k];
   }
-  std::vector<int64_t> order(N);
-  {
+  std::vector<int64_t> order;
+  if (!sorted) {
+    order.resize(N);
     std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
     for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
   }
+  const int64_t* row_of = sorted ? nullptr : order.data();
   const int64_t P = static_cast<int64_t>(present.size());
 
-  // 2. class batch means (float64), their GEMM-precision rounding c and the remainder d = mean_b - c;
-  // delta = mean_b - mean_a for the merge
-  std::vector<double> mean_b(K * D, 0.0), rem(K * D, 0.0), delta(K * D, 0.0);
-  std::vector<gemm_t> shift(K * D, gemm_t(0));
-  const int64_t col_blocks = (D + kMeanCols - 1) / kMeanCols;
-  at::parallel_for(0, P * col_blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t k = present[t / col_blocks];
-      const int64_t j0 = (t % col_blocks) * kMeanCols, j1 = std::min(D, j0 + kMeanCols);
-      const int64_t lo = offsets[k], hi = offsets[k + 1];
-      double* mb = mean_b.data() + k * D;
-      for (int64_t r = lo; r < hi; ++r) {
-        const scalar_t* row = xp + order[r] * D;
-        for (int64_t j = j0; j < j1; ++j) mb[j] += static_cast<double>(row[j]);
-      }
-      const double inv = 1.0 / static_cast<double>(hi - lo);
-      for (int64_t j = j0; j < j1; ++j) {
-        mb[j] *= inv;
-        shift[k * D + j] = static_cast<gemm_t>(mb[j]);
-        rem[k * D + j] = mb[j] - static_cast<double>(shift[k * D + j]);
-        delta[k * D + j] = mb[j] - mp[k * D + j];
-      }
-    }
-  });
-
-  // 3. centred, class-contiguous rows, row stride ld (D rounded up to the product's vector width;
-  // the padding and kMR spare elements are zero, see small_classes_update)
-  const int64_t ld = round_up(D, nr_of<gemm_t>());
-  at::Tensor xc_buf = at::zeros({N * ld + kMR}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
-  const at::Tensor xc = xc_buf.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, D);
-  gemm_t* xcp = xc_buf.data_ptr<gemm_t>();
-  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t k = present[p];
-      const gemm_t* c = shift.data() + k * D;
-      for (int64_t r = offsets[k]; r < offsets[k + 1]; ++r) {
-        const scalar_t* row = xp + order[r] * D;
-        gemm_t* out = xcp + r * ld;
-        for (int64_t j = 0; j < D; ++j) out[j] = static_cast<gemm_t>(row[j]) - c[j];
-      }
-    }
-  });
-
-  // 4. products and merges
-  std::vector<ClassMerge> merges(K);
-  std::vector<int64_t> small;
-  for (const int64_t k : present) {
-    const int64_t nb = offsets[k + 1] - offsets[k];
-    merges[k] = {static_cast<double>(nb), chan_weights(cnt[k], nb).m2_coef, rem.data() + k * D, delta.data() + k * D};
-    if (nb < kGemmRows) small.push_back(k);
+  // Per present class p (class present[p]): the shift c of its rows (GEMM precision), the
+  // remainder d = mean_b - c and delta = mean_b - mean_a, and what the merge needs.
+  std::vector<double> rem(P * D), delta(P * D);
+  std::vector<gemm_t> shift(P * D);
+  std::vector<ClassMerge> merges(P);
+  std::vector<int64_t> small_at, large_at;  // present classes of fewer / at least kGemmRows rows
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t k = present[p], nb = offsets[k + 1] - offsets[k];
+    merges[p] = {static_cast<double>(nb), chan_weights(cnt[k], nb).m2_coef, rem.data() + p * D, delta.data() + p * D};
+    (nb < kGemmRows ? small_at : large_at).push_back(p);
   }
-  if (!small.empty()) {
-    std::vector<ClassMerge> small_merges;
-    for (const int64_t k : small) small_merges.push_back(merges[k]);
-    small_classes_update<gemm_t>(xcp, ld, D, small, offsets, small_merges, m2p);
-  }
-  std::vector<int64_t> large;
-  for (const int64_t k : present)
-    if (offsets[k + 1] - offsets[k] >= kGemmRows) large.push_back(k);
-  const auto run_large = [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = at::empty({0}, xc.options());
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t k = large[c];
-      large_class_update<gemm_t>(xc.narrow(0, offsets[k], offsets[k + 1] - offsets[k]), D, merges[k], m2p + k * D * D,
-                                 buffer);
-    }
-  };
-  const int64_t num_large = static_cast<int64_t>(large.size());
-  // Enough large classes for every thread: one parallel region over classes (each GEMM and merge
-  // then runs on one thread), instead of a parallel GEMM and a parallel merge per class: fork-joins
-  // cost a time slice each on a loaded machine. Fewer: each class gets all threads.
-  if (num_large >= at::get_num_threads()) {
-    at::parallel_for(0, num_large, 1, run_large);
+  // Statistics by column blocks (exact_at) or by chunks of rows about a pilot shift (pilot_at, the
+  // large classes; not for float64 z, whose float64 GEMMs would show the pilot shift's larger Gram
+  // sums in their last digits).
+  const bool pilot = !std::is_same_v<gemm_t, double>;
+  std::vector<int64_t> exact_at = pilot ? small_at : std::vector<int64_t>(P), pilot_at;
+  if (pilot) {
+    pilot_at = large_at;
   } else {
-    run_large(0, num_large);
+    for (int64_t p = 0; p < P; ++p) exact_at[p] = p;
   }
-  for (const int64_t k : present) {
-    const int64_t nb = offsets[k + 1] - offsets[k];
-    const double w = chan_weights(cnt[k], nb).mean_weight;
-    for (int64_t j = 0; j < D; ++j) mp[k * D + j] += delta[k * D + j] * w;
-    cnt[k] += nb;
+  const auto finish_column = [&](int64_t p, int64_t j, double mb) {  // given c: d, delta, the mean's step
+    const int64_t k = present[p], nb = offsets[k + 1] - offsets[k];
+    rem[p * D + j] = mb - static_cast<double>(shift[p * D + j]);
+    const double dl = mb - mp[k * D + j];
+    delta[p * D + j] = dl;
+    mp[k * D + j] += dl * chan_weights(cnt[k], nb).mean_weight;
+  };
+
+  // 2. the batch statistics and the centred rows xc = x - c in the GEMM precision, class-contiguous,
+  // row stride ld (D rounded up to the product's vector width; the padding and kMR spare elements
+  // at the end are zero, see small_classes_update), in one parallel region:
+  //  * exact_at: one task per (class, block of columns): the batch mean of those columns in float64
+  //    (rows summed in order), c its rounding, then the centred columns (a second read of the
+  //    rows, from cache for a small class);
+  //  * pilot_at: one read of x. c is the mean of the class's first kPilotRows rows (rounded), near
+  //    the batch mean, so xc stays small (no cancellation in the Gram matrix); one task per chunk
+  //    of rows writes xc and sums x and xc^2 per column (float64, rows in order, chunks combined
+  //    in order). A column whose batch mean turns out farther from c than kShiftSlack standard
+  //    deviations (skewed first rows; about 1e-8 of the columns for normal data) is centred again
+  //    on its batch mean: the Gram matrix's error bound, ~ n sqrt((var_i + d_i^2)(var_j + d_j^2))
+  //    ulps for d = mean_b - c, stays within (1 + kShiftSlack^2) of the batch-mean shift's.
+  const int64_t ld = round_up(D, nr_of<gemm_t>());
+  at::Tensor xc_buf = at::empty({N * ld + kMR}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
+  gemm_t* xcp = xc_buf.data_ptr<gemm_t>();
+  std::fill(xcp + N * ld, xcp + N * ld + kMR, gemm_t(0));
+  const at::Tensor xc = xc_buf.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, D);
+  std::vector<int64_t> small, large;  // the classes of small_at, large_at
+  for (const int64_t p : small_at) small.push_back(present[p]);
+  for (const int64_t p : large_at) large.push_back(present[p]);
+  const LargeClasses<gemm_t> large_classes(xc, D, large, offsets);
+  const int64_t col_blocks = (D + kMeanCols - 1) / kMeanCols;
+  const int64_t exact_tasks = static_cast<int64_t>(exact_at.size()) * col_blocks;
+  // Chunks of pilot class i (large class i): first_chunk[i] .. first_chunk[i + 1], a fixed count for
+  // the class size; the large classes' own chunks where they are cut, whose products the chunk's
+  // task then makes at once (the rows it has just centred are in its cache).
+  std::vector<int64_t> first_chunk(pilot_at.size() + 1, 0);
+  for (size_t i = 0; i < pilot_at.size(); ++i) {
+    const int64_t chunks = large_classes.chunks[i] > 1
+                               ? large_classes.chunks[i]
+                               : std::clamp<int64_t>(large_classes.size(i) / kStatRows, 1, kMaxStatChunks);
+    first_chunk[i + 1] = first_chunk[i] + chunks;
   }
+  const auto chunk_rows = [&](size_t i, int64_t q) {  // rows [lo, hi) of chunk q of pilot class i
+    return large_classes.rows(i, q, first_chunk[i + 1] - first_chunk[i]);
+  };
+  for (const int64_t p : pilot_at) {  // the pilot shifts
+    const int64_t lo = offsets[present[p]], n = std::min(kPilotRows, offsets[present[p] + 1] - lo);
+    double sum[kMeanCols];
+    for (int64_t j0 = 0; j0 < D; j0 += kMeanCols) {
+      const int64_t w = std::min(kMeanCols, D - j0);
+      column_sums(xp, D, row_of, lo, lo + n, j0, w, sum);
+      for (int64_t j = 0; j < w; ++j) shift[p * D + j0 + j] = static_cast<gemm_t>(sum[j] / static_cast<double>(n));
+    }
+  }
+  std::vector<double> chunk_sums(first_chunk.back() * 2 * D);  // per chunk: sum of x, sum of xc^2
+  at::parallel_for(0, exact_tasks + first_chunk.back(), 1, [&](int64_t begin, int64_t end) {
+    const SequentialBlas sequential;
+    for (int64_t t = begin; t < end; ++t) {
+      if (t >= exact_tasks) {
+        const int64_t q = t - exact_tasks;
+        const size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), q) - first_chunk.begin() - 1;
+        const auto [lo, hi] = chunk_rows(i, q - first_chunk[i]);
+        double* sums = chunk_sums.data() + q * 2 * D;
+        centre_and_sum(xp, D, row_of, lo, hi, ld - D, shift.data() + pilot_at[i] * D, xcp, ld, sums, sums + D);
+        if (large_classes.chunks[i] > 1) large_classes.chunk_products(i, q - first_chunk[i]);
+        continue;
+      }
+      const int64_t p = exact_at[t / col_blocks], k = present[p];
+      const int64_t j0 = (t % col_blocks) * kMeanCols, w = std::min(kMeanCols, D - j0);
+      const int64_t lo = offsets[k], hi = offsets[k + 1];
+      double sum[kMeanCols];
+      column_sums(xp, D, row_of, lo, hi, j0, w, sum);
+      gemm_t* c = shift.data() + p * D + j0;
+      for (int64_t j = 0; j < w; ++j) {
+        const double mb = sum[j] / static_cast<double>(hi - lo);
+        c[j] = static_cast<gemm_t>(mb);
+        finish_column(p, j0 + j, mb);
+      }
+      const int64_t pad = j0 + w == D ? ld - D : 0;  // the last column block zeroes the padding
+      centre_rows(xp, D, row_of, lo, hi, j0, w, pad, c, xcp, ld);
+    }
+  });
+  std::vector<size_t> recentre;  // pilot classes with a column centred again
+  for (size_t i = 0; i < pilot_at.size(); ++i) {
+    const int64_t p = pilot_at[i], nb = offsets[present[p] + 1] - offsets[present[p]];
+    bool moved = false;
+    for (int64_t j = 0; j < D; ++j) {
+      double sx = 0.0, sq = 0.0;
+      for (int64_t q = first_chunk[i]; q < first_chunk[i + 1]; ++q) {
+        sx += chunk_sums[q * 2 * D + j];
+        sq += chunk_sums[q * 2 * D + D + j];
+      }
+      const double mb = sx / static_cast<double>(nb), d = mb - static_cast<double>(shift[p * D + j]);
+      const double offset_sq = static_cast<double>(nb) * d * d;  // = sq - nb * variance
+      if (!(offset_sq <= kShiftSlack * kShiftSlack * (sq - offset_sq))) {
+        shift[p * D + j] = static_cast<gemm_t>(mb);
+        moved = true;
+      }
+      finish_column(p, j, mb);
+    }
+    if (moved) recentre.push_back(i);
+  }
+  if (!recentre.empty()) {                          // centred again, and the chunk products made again
+    std::vector<std::pair<size_t, int64_t>> tasks;  // (pilot class, chunk)
+    for (const size_t i : recentre)
+      for (int64_t q = 0; q < first_chunk[i + 1] - first_chunk[i]; ++q) tasks.emplace_back(i, q);
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlas sequential;
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [i, q] = tasks[t];
+        const auto [lo, hi] = chunk_rows(i, q);
+        centre_rows(xp, D, row_of, lo, hi, 0, D, ld - D, shift.data() + pilot_at[i] * D, xcp, ld);
+        if (large_classes.chunks[i] > 1) large_classes.chunk_products(i, q);
+      }
+    });
+  }
+
+  // 3. products and merges
+  const auto merges_of = [&](const std::vector<int64_t>& at_p) {
+    std::vector<ClassMerge> out;
+    for (const int64_t p : at_p) out.push_back(merges[p]);
+    return out;
+  };
+  if (!small.empty()) small_classes_update<gemm_t>(xcp, ld, D, small, offsets, merges_of(small_at), m2p);
+  if (!large.empty()) {
+    if (!pilot) large_classes.chunk_products();  // not made with the statistics
+    large_classes.merge(merges_of(large_at), m2p);
+  }
+  for (const int64_t k : present) cnt[k] += offsets[k + 1] - offsets[k];
 }
 
 void class_moments_update_cpu(const at::Tensor& x_in, const at::Tensor& labels_in, at::Tensor count, at::Tensor mean,
