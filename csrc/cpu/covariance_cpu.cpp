@@ -30,6 +30,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "common/moments.h"
@@ -263,23 +266,60 @@ SELK_TARGET_CLONES void merge_row(double* out, const double* s, int64_t len, dou
 }
 #pragma GCC pop_options
 
-// t[b * rows + a] = s[a * lds + b] for a < rows, b < cols, in cache-sized blocks.
+// t[b * ldt + a] = s[a * lds + b] (or += where add) for a < rows, b < cols, in cache-sized blocks.
 template <typename T>
-inline __attribute__((always_inline)) void transpose_body(const T* __restrict__ s, int64_t lds, int64_t rows,
-                                                          int64_t cols, T* __restrict__ t) {
+inline __attribute__((always_inline)) void transpose_into_body(const T* __restrict__ s, int64_t lds, int64_t rows,
+                                                               int64_t cols, T* __restrict__ t, int64_t ldt, bool add) {
   constexpr int64_t B = 16;
   for (int64_t a0 = 0; a0 < rows; a0 += B)
     for (int64_t b0 = 0; b0 < cols; b0 += B) {
       const int64_t a1 = std::min(rows, a0 + B), b1 = std::min(cols, b0 + B);
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t a = a0; a < a1; ++a) t[b * rows + a] = s[a * lds + b];
+        for (int64_t a = a0; a < a1; ++a) t[b * ldt + a] = add ? t[b * ldt + a] + s[a * lds + b] : s[a * lds + b];
     }
 }
-SELK_TARGET_CLONES void transpose(const float* s, int64_t lds, int64_t rows, int64_t cols, float* t) {
-  transpose_body(s, lds, rows, cols, t);
+#if defined(__x86_64__) && defined(__GNUC__)
+// float: 8 x 8 blocks transposed in AVX2 registers, the rest by the generic loop.
+__attribute__((target("avx2"))) void transpose_into_avx2(const float* __restrict__ s, int64_t lds, int64_t rows,
+                                                         int64_t cols, float* __restrict__ t, int64_t ldt, bool add) {
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t a0 = 0; a0 < rows8; a0 += 8)
+    for (int64_t b0 = 0; b0 < cols8; b0 += 8) {
+      __m256 r[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + (a0 + i) * lds + b0);
+      for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int i = 0; i < 4; ++i) {
+        u[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+        u[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+      }
+      for (int i = 0; i < 8; ++i) {  // u[i]: column b0 + i of the block
+        float* out = t + (b0 + i) * ldt + a0;
+        _mm256_storeu_ps(out, add ? _mm256_add_ps(_mm256_loadu_ps(out), u[i]) : u[i]);
+      }
+    }
+  transpose_into_body(s + rows8 * lds, lds, rows - rows8, cols, t + rows8, ldt, add);
+  transpose_into_body(s + cols8, lds, rows8, cols - cols8, t + cols8 * ldt, ldt, add);
 }
-SELK_TARGET_CLONES void transpose(const double* s, int64_t lds, int64_t rows, int64_t cols, double* t) {
-  transpose_body(s, lds, rows, cols, t);
+#endif
+void transpose_into(const float* s, int64_t lds, int64_t rows, int64_t cols, float* t, int64_t ldt, bool add) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return transpose_into_avx2(s, lds, rows, cols, t, ldt, add);
+#endif
+  transpose_into_body(s, lds, rows, cols, t, ldt, add);
+}
+SELK_TARGET_CLONES void transpose_into(const double* s, int64_t lds, int64_t rows, int64_t cols, double* t, int64_t ldt,
+                                       bool add) {
+  transpose_into_body(s, lds, rows, cols, t, ldt, add);
 }
 
 // Small classes: for every (class, block of kRowBlock state rows) task, those rows of S_k from
@@ -392,7 +432,7 @@ void merge_block_row(const Trapezoid& tz, int64_t g, gemm_t* s, const ClassMerge
   }
   if (rest == 0) return;
   scratch.resize(rest * rows);
-  transpose(s + rows, cols, rows, rest, scratch.data());
+  transpose_into(s + rows, cols, rows, rest, scratch.data(), rows, false);
   for (int64_t b = 0; b < rest; ++b) {
     const int64_t j = g0 + rows + b;
     prefetch_row(rows + b + kPrefetchRows);
@@ -453,34 +493,66 @@ struct LargeClasses {
       for (int64_t t = begin; t < end; ++t) chunk_products(items[t].first, items[t].second);
     });
   }
-  // the products (or the sums of the chunks' products) of every pair's block rows, merged into the
-  // state, in one parallel region over (class, pair) items
+  // State rows g0 .. g0 + rows of a class cut in chunks, whole rows: S's rows assembled in buf
+  // [rows, D] from the chunks' trapezoids, summed in chunk order (columns left of g0 from the
+  // transposed column block g of the earlier block rows' products), then one merge_row per row.
+  // Entries (i, j) and (j, i) are the same sums of the same products, so M2 stays symmetric, and
+  // the threads write disjoint runs of whole rows (interleaved segments of one block would bounce
+  // cache lines between the cores).
+  void merge_rows(int64_t c, int64_t g, const ClassMerge& m, double* m2k, std::vector<gemm_t>& buf) const {
+    const int64_t D = tz.D, g0 = g * kTile, rows = tz.rows(g), cols = tz.cols(g);
+    const gemm_t* base = partial[c].template data_ptr<gemm_t>();
+    buf.resize(rows * D);
+    gemm_t* out = buf.data();
+    for (int64_t r = 0; r < chunks[c]; ++r) {
+      const gemm_t* part = base + r * tz.size;
+      for (int64_t h = 0; h < g; ++h)  // S[g0 + a, h0 + b] = piece h [b, g0 - h0 + a]
+        transpose_into(part + tz.piece_offset[h] + (g0 - h * kTile), tz.cols(h), tz.rows(h), rows, out + h * kTile, D,
+                       r > 0);
+      for (int64_t a = 0; a < rows; ++a) {
+        const gemm_t* src = part + tz.piece_offset[g] + a * cols;
+        gemm_t* dst = out + a * D + g0;
+        if (r == 0) {
+          std::copy(src, src + cols, dst);
+        } else {
+#pragma omp simd
+          for (int64_t e = 0; e < cols; ++e) dst[e] += src[e];
+        }
+      }
+    }
+    for (int64_t a = 1; a < rows; ++a)  // the diagonal block from its upper triangle
+      for (int64_t b = 0; b < a; ++b) out[a * D + g0 + b] = out[b * D + g0 + a];
+    for (int64_t a = 0; a < rows; ++a) {
+      if (a + kPrefetchRows < rows) prefetch_for_write(m2k + (g0 + a + kPrefetchRows) * D, D);
+      merge_row(m2k + (g0 + a) * D, out + a * D, D, m.n_b, m.d[g0 + a], m.d, m.m2_coef, m.delta[g0 + a], m.delta);
+    }
+  }
+
+  // The merges, in one parallel region: classes cut in chunks by (class, block row of state rows)
+  // items (merge_rows); the others by (class, pair of block rows) items, each block row's GEMM then
+  // merged at once (merge_block_row: the class's rows and their mirror columns; one thread per
+  // class where there are enough classes).
   void merge(const std::vector<ClassMerge>& merges, double* m2p) const {
-    const int64_t Q = tz.pairs(), D = tz.D;
-    at::parallel_for(0, static_cast<int64_t>(classes.size()) * Q, 1, [&](int64_t begin, int64_t end) {
+    const int64_t D = tz.D;
+    std::vector<std::pair<int64_t, int64_t>> items;  // (class, block row or pair)
+    for (int64_t c = 0; c < static_cast<int64_t>(classes.size()); ++c)
+      for (int64_t i = 0; i < (chunks[c] > 1 ? tz.T : tz.pairs()); ++i) items.emplace_back(c, i);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       const SequentialBlas sequential;
       std::vector<gemm_t> product, scratch;
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t c = t / Q, q = t % Q;
-        const int64_t pair[2] = {q, tz.T - 1 - q};  // the middle block row of an odd T alone
-        for (int i = 0; i < (pair[1] == q ? 1 : 2); ++i) {
-          const int64_t g = pair[i];
-          gemm_t* s;
-          if (chunks[c] > 1) {
-            gemm_t* base = partial[c].template data_ptr<gemm_t>();
-            s = base + tz.piece_offset[g];
-            const int64_t len = tz.rows(g) * tz.cols(g);
-            for (int64_t r = 1; r < chunks[c]; ++r) {
-              const gemm_t* part = base + r * tz.size + tz.piece_offset[g];
-#pragma omp simd
-              for (int64_t e = 0; e < len; ++e) s[e] += part[e];
-            }
-          } else {
-            product.resize(tz.rows(g) * tz.cols(g));
-            s = product.data();
-            block_row_product(xc.narrow(0, offsets[classes[c]], size(c)), tz, g, s);
-          }
-          merge_block_row(tz, g, s, merges[c], m2p + classes[c] * D * D, scratch);
+        const auto [c, i] = items[t];
+        double* m2k = m2p + classes[c] * D * D;
+        if (chunks[c] > 1) {
+          merge_rows(c, i, merges[c], m2k, product);
+          continue;
+        }
+        const int64_t pair[2] = {i, tz.T - 1 - i};  // the middle block row of an odd T alone
+        for (int h = 0; h < (pair[1] == i ? 1 : 2); ++h) {
+          const int64_t g = pair[h];
+          product.resize(tz.rows(g) * tz.cols(g));
+          block_row_product(xc.narrow(0, offsets[classes[c]], size(c)), tz, g, product.data());
+          merge_block_row(tz, g, product.data(), merges[c], m2k, scratch);
         }
       }
     });
