@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -612,13 +613,14 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
 
   // Per present class p (class present[p]): the shift c of its rows (GEMM precision), the
   // remainder d = mean_b - c and delta = mean_b - mean_a, and what the merge needs.
-  std::vector<double> rem(P * D), delta(P * D);
-  std::vector<gemm_t> shift(P * D);
+  // (uninitialized: every entry of a present class is written in the statistics pass)
+  const std::unique_ptr<double[]> rem(new double[P * D]), delta(new double[P * D]);
+  const std::unique_ptr<gemm_t[]> shift(new gemm_t[P * D]);
   std::vector<ClassMerge> merges(P);
   std::vector<int64_t> small_at, large_at;  // present classes of fewer / at least kGemmRows rows
   for (int64_t p = 0; p < P; ++p) {
     const int64_t k = present[p], nb = offsets[k + 1] - offsets[k];
-    merges[p] = {static_cast<double>(nb), chan_weights(cnt[k], nb).m2_coef, rem.data() + p * D, delta.data() + p * D};
+    merges[p] = {static_cast<double>(nb), chan_weights(cnt[k], nb).m2_coef, rem.get() + p * D, delta.get() + p * D};
     (nb < kGemmRows ? small_at : large_at).push_back(p);
   }
   // Statistics by column blocks (exact_at) or by chunks of rows about a pilot shift (pilot_at, the
@@ -642,9 +644,9 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   // 2. the batch statistics and the centred rows xc = x - c in the GEMM precision, class-contiguous,
   // row stride ld (D rounded up to the product's vector width; the padding and kMR spare elements
   // at the end are zero, see small_classes_update), in one parallel region:
-  //  * exact_at: one task per (class, block of columns): the batch mean of those columns in float64
-  //    (rows summed in order), c its rounding, then the centred columns (a second read of the
-  //    rows, from cache for a small class);
+  //  * exact_at: one task per (class, block of columns; all of them for a small class): the batch
+  //    mean of those columns in float64 (rows summed in order), c its rounding, then the centred
+  //    columns (a second read of the rows, from cache for a small class);
   //  * pilot_at: one read of x. c is the mean of the class's first kPilotRows rows (rounded), near
   //    the batch mean, so xc stays small (no cancellation in the Gram matrix); one task per chunk
   //    of rows writes xc and sums x and xc^2 per column (float64, rows in order, chunks combined
@@ -661,8 +663,15 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   for (const int64_t p : small_at) small.push_back(present[p]);
   for (const int64_t p : large_at) large.push_back(present[p]);
   const LargeClasses<gemm_t> large_classes(xc, D, large, offsets);
-  const int64_t col_blocks = (D + kMeanCols - 1) / kMeanCols;
-  const int64_t exact_tasks = static_cast<int64_t>(exact_at.size()) * col_blocks;
+  // exact_at class e: tasks first_exact[e] .. first_exact[e + 1], blocks of kMeanCols columns (one
+  // task of all columns for a small class: its few rows are read whole)
+  std::vector<int64_t> first_exact(exact_at.size() + 1, 0);
+  for (size_t e = 0; e < exact_at.size(); ++e) {
+    const int64_t k = present[exact_at[e]];
+    first_exact[e + 1] =
+        first_exact[e] + (offsets[k + 1] - offsets[k] < kGemmRows ? 1 : (D + kMeanCols - 1) / kMeanCols);
+  }
+  const int64_t exact_tasks = first_exact.back();
   // Chunks of pilot class i (large class i): first_chunk[i] .. first_chunk[i + 1], a fixed count for
   // the class size; the large classes' own chunks where they are cut, whose products the chunk's
   // task then makes at once (the rows it has just centred are in its cache).
@@ -688,22 +697,25 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   std::vector<double> chunk_sums(first_chunk.back() * 2 * D);  // per chunk: sum of x, sum of xc^2
   at::parallel_for(0, exact_tasks + first_chunk.back(), 1, [&](int64_t begin, int64_t end) {
     const SequentialBlas sequential;
+    std::vector<double> sum;
     for (int64_t t = begin; t < end; ++t) {
       if (t >= exact_tasks) {
         const int64_t q = t - exact_tasks;
         const size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), q) - first_chunk.begin() - 1;
         const auto [lo, hi] = chunk_rows(i, q - first_chunk[i]);
         double* sums = chunk_sums.data() + q * 2 * D;
-        centre_and_sum(xp, D, row_of, lo, hi, ld - D, shift.data() + pilot_at[i] * D, xcp, ld, sums, sums + D);
+        centre_and_sum(xp, D, row_of, lo, hi, ld - D, shift.get() + pilot_at[i] * D, xcp, ld, sums, sums + D);
         if (large_classes.chunks[i] > 1) large_classes.chunk_products(i, q - first_chunk[i]);
         continue;
       }
-      const int64_t p = exact_at[t / col_blocks], k = present[p];
-      const int64_t j0 = (t % col_blocks) * kMeanCols, w = std::min(kMeanCols, D - j0);
+      const size_t e = std::upper_bound(first_exact.begin(), first_exact.end(), t) - first_exact.begin() - 1;
+      const int64_t p = exact_at[e], k = present[p];
+      const int64_t blocks = first_exact[e + 1] - first_exact[e];
+      const int64_t j0 = (t - first_exact[e]) * kMeanCols, w = blocks == 1 ? D : std::min(kMeanCols, D - j0);
       const int64_t lo = offsets[k], hi = offsets[k + 1];
-      double sum[kMeanCols];
-      column_sums(xp, D, row_of, lo, hi, j0, w, sum);
-      gemm_t* c = shift.data() + p * D + j0;
+      sum.resize(w);
+      column_sums(xp, D, row_of, lo, hi, j0, w, sum.data());
+      gemm_t* c = shift.get() + p * D + j0;
       for (int64_t j = 0; j < w; ++j) {
         const double mb = sum[j] / static_cast<double>(hi - lo);
         c[j] = static_cast<gemm_t>(mb);
@@ -742,7 +754,7 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
       for (int64_t t = begin; t < end; ++t) {
         const auto [i, q] = tasks[t];
         const auto [lo, hi] = chunk_rows(i, q);
-        centre_rows(xp, D, row_of, lo, hi, 0, D, ld - D, shift.data() + pilot_at[i] * D, xcp, ld);
+        centre_rows(xp, D, row_of, lo, hi, 0, D, ld - D, shift.get() + pilot_at[i] * D, xcp, ld);
         if (large_classes.chunks[i] > 1) large_classes.chunk_products(i, q);
       }
     });
