@@ -106,12 +106,13 @@ class StreamingCovariance:
         dim: D, the number of units (features / channels).
         num_classes: if given, keep per-class moments instead: ``count`` [K], ``mean`` [K, D],
             ``M2`` [K, D, D], updated in one fused op per batch (labels required): labels sorted
-            once, rows centred on their class batch mean, then each present class's Gram matrix
+            once, rows centred near their class batch mean, then each present class's Gram matrix
             computed tile by tile and Chan-merged into its D x D block in the same pass (CPU:
-            register-blocked products per block of state rows, BLAS for classes of 64+ rows;
-            CUDA: one kernel over (class, tile) pairs, no host sync, no per-class launches). The
-            cost is bounded below by reading and writing the float64 D x D block of every class
-            present in the batch (``selkernels bench --filter covariance`` measures it).
+            register-blocked products per block of state rows, BLAS on the upper triangle's
+            blocks for classes of 64+ rows; CUDA: one kernel over (class, tile) pairs, no host
+            sync, no per-class launches). The cost is bounded below by reading and writing the
+            float64 D x D block of every class present in the batch (``selkernels bench --filter
+            covariance`` measures it).
             Memory: the state is ``8 * K * (D * D + D + 1)`` bytes, K*D*D float64 for M2 (K = 1000,
             D = 2048: 33.6 GB); the constructor raises ``MemoryError`` naming num_classes and dim
             when that exceeds the device's available memory. Each update also needs an [N, D]

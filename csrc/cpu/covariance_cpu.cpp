@@ -536,8 +536,14 @@ struct LargeClasses {
   void merge(const std::vector<ClassMerge>& merges, double* m2p) const {
     const int64_t D = tz.D;
     std::vector<std::pair<int64_t, int64_t>> items;  // (class, block row or pair)
-    for (int64_t c = 0; c < static_cast<int64_t>(classes.size()); ++c)
-      for (int64_t i = 0; i < (chunks[c] > 1 ? tz.T : tz.pairs()); ++i) items.emplace_back(c, i);
+    for (int64_t c = 0; c < static_cast<int64_t>(classes.size()); ++c) {
+      if (chunks[c] > 1) {
+        // block rows 0, T - 1, 1, T - 2, ...: the threads' shares hold as many transposed columns
+        for (int64_t i = 0; i < tz.T; ++i) items.emplace_back(c, i % 2 == 0 ? i / 2 : tz.T - 1 - i / 2);
+      } else {
+        for (int64_t q = 0; q < tz.pairs(); ++q) items.emplace_back(c, q);
+      }
+    }
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       const SequentialBlas sequential;
       std::vector<gemm_t> product, scratch;
