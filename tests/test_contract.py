@@ -91,6 +91,10 @@ _ACT_EMPTY = [
     lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
     lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
 ]
+_SAMPLES_EMPTY = [  # the streaming-covariance cases: N = 0 and zero trailing positions
+    lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
+    lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K},
+]
 
 
 def _spectral(n, g):
@@ -312,10 +316,7 @@ CASES = [
         build=lambda: selkernels.StreamingCovariance(D),
         feed=lambda stats, z, labels: stats.update(z),
         read=_cov_read,
-        empty=[
-            lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
-            lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K},
-        ],
+        empty=_SAMPLES_EMPTY,
     ),
     Case(
         "StreamingCovariance[per class]",
@@ -327,10 +328,7 @@ CASES = [
         build=lambda: selkernels.StreamingCovariance(D, num_classes=K),
         feed=lambda stats, z, labels: stats.update(z, labels),
         read=_cov_read,
-        empty=[
-            lambda: {"z": torch.rand(0, D, 2), "labels": torch.zeros(0, dtype=torch.int64)},
-            lambda: {"z": torch.rand(5, D, 0), "labels": torch.arange(5) % K},
-        ],
+        empty=_SAMPLES_EMPTY,
     ),
     Case(
         "ClassSelectivity",
@@ -342,10 +340,7 @@ CASES = [
         build=lambda: selkernels.ClassSelectivity(None, K),
         feed=lambda metric, x, labels: metric.update_from(x, labels),
         read=_class_selectivity_read,
-        empty=[
-            lambda: {"x": torch.rand(0, C, 3), "labels": torch.zeros(0, dtype=torch.int64)},
-            lambda: {"x": torch.rand(6, 0, 3), "labels": torch.arange(6) % K},
-        ],
+        empty=_ACT_EMPTY,
     ),
     Case(
         "SelectivityRegularizer",
