@@ -49,9 +49,13 @@ TORCH_LIBRARY(selkernels, m) {
       "int sm_count) -> Tensor");
   m.def("selectivity_from_means_backward(Tensor grad_si, Tensor means, Tensor counts, float eps) -> Tensor");
 
-  // Streaming moments family. Per-class update, in place on the float64 state: z [N, D],
-  // labels int64 [N] in [0, K), count int64 [K], mean [K, D], M2 [K, D, D].
-  m.def("class_moments_update_(Tensor z, Tensor labels, Tensor(a!) count, Tensor(b!) mean, Tensor(c!) M2) -> ()");
+  // Streaming moments family. Per-class update, in place on the float64 state: z [N, D], the
+  // segmentation of its rows (segment_labels; samples outside [offsets[0], offsets[K]) of order
+  // belong to no class), count int64 [K], mean [K, D], M2 [K, D, D]. invalid > 0: CPU raises,
+  // CUDA leaves the state unchanged (no sync; the caller reports it).
+  m.def(
+      "class_moments_update_(Tensor z, Tensor labels, Tensor counts, Tensor offsets, Tensor order, Tensor invalid, "
+      "Tensor(a!) count, Tensor(b!) mean, Tensor(c!) M2) -> ()");
   // 1/n spectral regularizer (Nassar et al. 2020): h [N, D], V [D, D]. Returns the loss, the
   // projections P = (h - mean) V and dL/dlam (lam the column variances of P, unsorted order), both
   // saved for the backward, which is then elementwise + one GEMM: the variances are sorted once.

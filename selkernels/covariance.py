@@ -21,7 +21,7 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
 from ._moments import merge_into
 from .distributed import all_reduce_moments
-from .ops import _check_activations
+from .ops import LabelSegments, _check_activations, _check_label_tensor, segment_labels
 
 __all__ = ["StreamingCovariance"]
 
@@ -125,7 +125,15 @@ class StreamingCovariance:
     with ``reduce="mean"`` (each sample's per-unit spatial mean is one sample, the usual choice for
     conv layers) or ``reduce="flatten"`` (every spatial position of every sample is one sample;
     per-class mode gives each position its sample's label). z is detached: statistics never take
-    part in autograd.
+    part in autograd. ``labels`` may also be the batch's :class:`selkernels.LabelSegments` (from
+    :func:`selkernels.segment_labels`, e.g. the one the selectivity ops of the same step use): the
+    labels are then not segmented again (its own ``ignore_index`` applies).
+
+    Invalid labels (outside ``[0, num_classes)``, not ``ignore_index``): on CPU, ``update`` raises
+    ``ValueError`` naming the first one before any state changes. On CUDA it makes no host sync:
+    the batch is left out of the statistics (the state is unchanged by it) and the next read of the
+    statistics (``count``, ``mean``, ``M2``, ``covariance``, ``correlation``, ``state_dict``,
+    ``merge``, ``all_reduce``) raises the ``ValueError``, once, saying how many such labels were seen.
 
     Edge cases: ``covariance(ddof)`` is NaN where ``count <= ddof`` (like ``numpy.cov``);
     ``correlation()`` is NaN for units of zero variance. Absent classes have count 0, mean 0, M2 0.
@@ -135,10 +143,9 @@ class StreamingCovariance:
 
     Precision: ``update`` computes in float32 (float64 for float64 z) whatever the autocast state:
     inside an autocast region the Gram matrices are not lowered to bfloat16/float16.
-    Memory: the state is (D^2 + D + 1) float64 per class, plus one spare class (where samples
-    labelled ``ignore_index`` go); an update needs O(M * D) temporaries.
-    torch.compile(fullgraph=True, dynamic=True) traces ``update``; while compiled the label check
-    runs in the kernel (a RuntimeError instead of the eager ValueError).
+    Memory: the state is (D^2 + D + 1) float64 per class; an update needs O(M * D) temporaries
+    and the label segmentation (3 M + 2 K int64 for M sample rows).
+    torch.compile(fullgraph=True, dynamic=True) traces ``update``.
     Copies: ``copy.deepcopy`` and ``pickle`` copy the state (plain tensors).
     """
 
@@ -166,80 +173,87 @@ class StreamingCovariance:
         device = torch.device("cpu") if device is None else torch.device(device)
         if num_classes is not None:
             _check_class_state_fits(dim, num_classes, device)
-        # Per class, the state has one spare row past the last class: samples labelled
-        # ignore_index are routed there by the update (a torch.where, no data-dependent filtering,
-        # so it traces under torch.compile) and it is never read.
-        lead = () if num_classes is None else (num_classes + 1,)
+        # Stored as the update op takes it, [K], [K, D], [K, D, D] (K = 1 for one set), so an update
+        # passes it as is; the public views drop the class dim of one set.
+        k = 1 if num_classes is None else num_classes
         f64 = dict(dtype=torch.float64, device=device)
-        self._state = (
-            torch.zeros(lead, dtype=torch.int64, device=device),
-            torch.zeros(lead + (dim,), **f64),
-            torch.zeros(lead + (dim, dim), **f64),
-        )
-        self._bind_views()
-
-    def _bind_views(self) -> None:
-        """count/mean/M2: the state without its spare row; _op_state: the state as the update op takes it."""
-        self._count, self._mean, self._m2 = (
-            self._state if self.num_classes is None else tuple(t[: self.num_classes] for t in self._state)
-        )
         self._op_state = (
-            (self._count.view(1), self._mean.view(1, self.dim), self._m2.view(1, self.dim, self.dim))
-            if self.num_classes is None
-            else self._state
+            torch.zeros(k, dtype=torch.int64, device=device),
+            torch.zeros(k, dim, **f64),
+            torch.zeros(k, dim, dim, **f64),
         )
+        # Invalid labels seen on a device where update() does not sync (CUDA): raised at the next read.
+        self._invalid = torch.zeros((), dtype=torch.int64, device=device)
+        self._one_set_cache: LabelSegments | None = None
 
-    def __getstate__(self):
-        # Views are rebuilt on load: pickle does not keep a view sharing its base's storage.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_count", "_mean", "_m2", "_op_state")}
+    def _view(self, i: int) -> torch.Tensor:
+        return self._op_state[i] if self.num_classes is not None else self._op_state[i][0]
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._bind_views()
+    _count = property(lambda self: self._view(0))
+    _mean = property(lambda self: self._view(1))
+    _m2 = property(lambda self: self._view(2))
 
-    # ------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self._mean.device
+        return self._invalid.device
+
+    def _raise_invalid_labels(self) -> None:
+        """The deferred label error of updates that could not check without a sync (CUDA), once."""
+        if self.device.type == "cpu" or torch.compiler.is_compiling():
+            return  # CPU updates raise at once; a compiled read is checked at the next eager one
+        seen = int(self._invalid)
+        if seen:
+            self._invalid.zero_()
+            raise ValueError(
+                f"update() was given {seen} labels outside [0, num_classes={self.num_classes}) that are not "
+                f"ignore_index={self.ignore_index}; the batches holding them were left out of the statistics"
+            )
 
     @property
     def count(self) -> torch.Tensor:
         """Samples seen: int64 scalar tensor, or [K] per class."""
+        self._raise_invalid_labels()
         return self._count
 
     @property
     def mean(self) -> torch.Tensor:
         """float64 [D] (or [K, D])."""
+        self._raise_invalid_labels()
         return self._mean
 
     @property
     def M2(self) -> torch.Tensor:
         """float64 [D, D] (or [K, D, D]): sum of outer products of the centred samples."""
+        self._raise_invalid_labels()
         return self._m2
 
     def covariance(self, ddof: int = 1) -> torch.Tensor:
         """M2 / (count - ddof), float64 [D, D] (or [K, D, D]); NaN where count <= ddof."""
+        self._raise_invalid_labels()
         denom = (self._count - ddof).double()
         denom = torch.where(denom > 0, denom, torch.full_like(denom, float("nan")))
         return self._m2 / denom[..., None, None]
 
     def correlation(self) -> torch.Tensor:
         """Pearson correlation matrix, float64 [D, D] (or [K, D, D]); NaN for zero-variance units."""
+        self._raise_invalid_labels()
         var = torch.diagonal(self._m2, dim1=-2, dim2=-1)
         inv_std = torch.where(var > 0, var.rsqrt(), torch.full_like(var, float("nan")))
         return self._m2 * inv_std[..., :, None] * inv_std[..., None, :]
 
     # ------------------------------------------------------------------------------------------
-    def update(self, z: torch.Tensor, labels: torch.Tensor | None = None, *, reduce: str = "mean") -> None:
+    def update(
+        self, z: torch.Tensor, labels: torch.Tensor | LabelSegments | None = None, *, reduce: str = "mean"
+    ) -> None:
         """Fold a batch in (see the class docstring for shapes and ``reduce``)."""
-        device = self._mean.device
+        device = self._invalid.device
         if _autocast_on(device):
             with _autocast_off(device):
                 self._update(z, labels, reduce)
         else:
             self._update(z, labels, reduce)
 
-    def _update(self, z: torch.Tensor, labels: torch.Tensor | None, reduce: str) -> None:
+    def _update(self, z: torch.Tensor, labels: torch.Tensor | LabelSegments | None, reduce: str) -> None:
         x = _as_samples(z, self.dim, reduce)
         if x.device != self.device:
             raise ValueError(f"z must be on the statistics' device ({self.device}), got {x.device}")
@@ -250,53 +264,50 @@ class StreamingCovariance:
                 return
             # The one-set update is the per-class op with a single class: one fused pass (batch
             # mean, centring, symmetric product, Chan merge) on the device, no host sync.
-            labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-            torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._op_state)
-            return
-        labels = self._check_labels(labels, z, x.shape[0])
-        torch.ops.selkernels.class_moments_update_(x.contiguous(), labels, *self._op_state)
+            seg = self._one_set_segments(x.shape[0])
+        else:
+            seg = _per_row(self._segments(labels, z), x, z)
+        torch.ops.selkernels.class_moments_update_(x.contiguous(), *seg, *self._op_state)
+        if self.device.type != "cpu":  # CPU raised already; elsewhere the error waits for a read
+            self._invalid += seg.invalid
 
-    def _check_labels(self, labels, z: torch.Tensor, rows: int) -> torch.Tensor:
-        """int64 labels of the rows of x, ignore_index mapped to the spare state row."""
+    def _one_set_segments(self, rows: int) -> LabelSegments:
+        """Every row in class 0. Eager updates keep the last one: batches mostly repeat their size."""
+        cached = self._one_set_cache
+        if cached is not None and cached.labels.shape[0] == rows and not torch.compiler.is_compiling():
+            return cached
+        zeros = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        seg = LabelSegments(*torch.ops.selkernels.segment_labels(zeros, 1, -1))
+        if not torch.compiler.is_compiling():
+            self._one_set_cache = seg
+        return seg
+
+    def _segments(self, labels, z: torch.Tensor) -> LabelSegments:
+        """The segmentation of the batch's N samples by class, checked against z and the state."""
         if labels is None:
             raise ValueError("labels are required with num_classes")
-        if (
-            not isinstance(labels, torch.Tensor)
-            or labels.dtype.is_floating_point
-            or labels.dtype.is_complex
-            or labels.dtype == torch.bool
-        ):
-            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-        if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
-            raise ValueError(f"labels must have shape [N] = [{z.shape[0]}], got {tuple(labels.shape)}")
-        if labels.device != self.device:
-            raise ValueError(f"labels must be on the statistics' device ({self.device}), got {labels.device}")
-        # Comparisons are not implemented for uint16/32/64, so check in int64; uint64 values >= 2**63
-        # wrap to negative there and are flagged (never mistaken for a negative ignore_index).
-        wide = labels.view(torch.int64) if labels.dtype == torch.uint64 else labels.long()
-        ignored = wide == self.ignore_index
-        if labels.dtype == torch.uint64:
-            ignored = ignored & (wide >= 0)
-        bad = ~ignored & ((wide < 0) | (wide >= self.num_classes))
-        if torch.compiler.is_compiling() or labels.device.type == "meta":
-            # No host check while tracing: bad labels become -1, which the kernel refuses (RuntimeError).
-            wide = torch.where(bad, -1, wide)
-        elif wide.numel() and bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            value = int(wide[index]) + (2**64 if labels.dtype == torch.uint64 and int(wide[index]) < 0 else 0)
-            raise ValueError(
-                f"labels must lie in [0, num_classes={self.num_classes}) or equal "
-                f"ignore_index={self.ignore_index}; found labels[{index}] = {value}"
-            )
-        wide = torch.where(ignored, self.num_classes, wide)
-        if rows != z.shape[0]:  # reduce="flatten": every position carries its sample's label
-            wide = wide.repeat_interleave(rows // z.shape[0] if z.shape[0] else 0)
-        return wide.contiguous()
+        if isinstance(labels, LabelSegments):
+            k, n = labels.counts.shape[0], labels.labels.shape[0]
+            if k != self.num_classes or n != z.shape[0]:
+                raise ValueError(
+                    f"the label segmentation has K = {k} classes and N = {n} samples; expected "
+                    f"num_classes={self.num_classes} and N = z.shape[0] = {z.shape[0]}"
+                )
+            seg = labels
+        else:
+            seg = None
+            _check_label_tensor(labels, z.shape[0])
+        device = (seg.labels if seg is not None else labels).device
+        if device != self.device:
+            raise ValueError(f"labels must be on the statistics' device ({self.device}), got {device}")
+        return seg if seg is not None else segment_labels(labels, self.num_classes, ignore_index=self.ignore_index)
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
         """Fold another accumulator's statistics into this one (exact; returns self)."""
         if not isinstance(other, StreamingCovariance):
             raise TypeError(f"other must be a StreamingCovariance, got {type(other).__name__}")
+        self._raise_invalid_labels()
+        other._raise_invalid_labels()
         if other.dim != self.dim or other.num_classes != self.num_classes:
             raise ValueError(
                 f"other has dim={other.dim}, num_classes={other.num_classes}; expected "
@@ -319,6 +330,7 @@ class StreamingCovariance:
         keeps accumulating its own, all-reduce a copy: ``copy.deepcopy(stats).all_reduce()``.
         With one rank (or no initialized process group) nothing changes.
         """
+        self._raise_invalid_labels()
         count, mean, m2 = all_reduce_moments(self._count, self._mean, self._m2, group)
         self._count.copy_(count)
         self._mean.copy_(mean)
@@ -326,10 +338,11 @@ class StreamingCovariance:
         return self
 
     def reset(self) -> None:
-        for tensor in self._state:
+        for tensor in (*self._op_state, self._invalid):
             tensor.zero_()
 
     def state_dict(self) -> dict[str, object]:
+        self._raise_invalid_labels()
         return {
             "dim": self.dim,
             "num_classes": self.num_classes,
@@ -380,8 +393,25 @@ def _checked_state_tensor(state, key: str, shape: tuple[int, ...], *, integer: b
     return value
 
 
+def _per_row(seg: LabelSegments, x: torch.Tensor, z: torch.Tensor) -> LabelSegments:
+    """The segmentation of z's N samples as one of x's rows: with reduce="flatten" each sample is
+    S = rows / N consecutive rows (n * S + s), each in its sample's class and in its sample's place
+    in the order."""
+    if x.shape[0] == z.shape[0]:
+        return seg
+    positions = x.shape[0] // z.shape[0]
+    step = torch.arange(positions, device=x.device)
+    return LabelSegments(
+        seg.labels[:, None].expand(-1, positions).reshape(-1),
+        seg.counts * positions,
+        seg.offsets * positions,
+        (seg.order[:, None] * positions + step).reshape(-1),
+        seg.invalid * positions,
+    )
+
+
 @torch.library.register_fake("selkernels::class_moments_update_")
-def _class_moments_update_fake(z, labels, count, mean, M2):
+def _class_moments_update_fake(z, labels, counts, offsets, order, invalid, count, mean, M2):
     return None
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
+import selkernels
 from selkernels import StreamingCovariance
 
 
@@ -183,9 +184,11 @@ def test_per_class_flatten_repeats_labels():
 @pytest.mark.parametrize("n,d,k", [(30, 5, 4), (200, 70, 2), (150, 9, 1)])  # small classes, BLAS classes, one set
 def test_class_moments_update_opcheck(device, dtype, n, d, k):
     g = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, max(k - 1, 1), (n,), generator=g)
+    labels[::7] = -100  # ignored samples: no class
     args = (
         torch.randn(n, d, generator=g).to(dtype).to(device),
-        torch.randint(0, max(k - 1, 1), (n,), generator=g).to(device),
+        *selkernels.segment_labels(labels.to(device), k),
         torch.zeros(k, dtype=torch.int64, device=device),
         torch.zeros(k, d, dtype=torch.float64, device=device),
         torch.zeros(k, d, d, dtype=torch.float64, device=device),
@@ -325,12 +328,12 @@ def test_cuda_per_class_no_host_sync_and_k_beyond_grid_limits():
     gpu = StreamingCovariance(D, num_classes=K, device="cuda")
     cpu.update(x, labels)
     xg, lg = x.cuda(), labels.cuda()
-    torch.ops.selkernels.class_moments_update_(xg, lg, gpu.count, gpu.mean, gpu.M2)  # the op itself
+    gpu.update(xg, lg)  # warm-up: lazy CUDA initialization may sync
     torch.cuda.synchronize()
     gpu = StreamingCovariance(D, num_classes=K, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        torch.ops.selkernels.class_moments_update_(xg, lg, gpu.count, gpu.mean, gpu.M2)
+        gpu.update(xg, lg)  # the whole update: label segmentation, checks and the op
     finally:
         torch.cuda.set_sync_debug_mode("default")
     present = labels.unique()
@@ -344,3 +347,66 @@ def test_cuda_kernels_once_match_cpu():
 
     errors = run_kernels_once("cuda")
     assert all(err < 1e-10 for err in errors.values()), errors
+
+
+def test_shared_segmentation_equals_labels():
+    # the step's LabelSegments (one segmentation for the selectivity ops and the covariance) gives
+    # the same statistics as the labels, for rows and for flattened positions
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(24, 5, 2, 3, generator=g) + 3
+    labels = torch.randint(0, 4, (24,), generator=g)
+    labels[[2, 9]] = -1
+    seg = selkernels.segment_labels(labels, 4, ignore_index=-1)
+    for reduce in ("mean", "flatten"):
+        a = StreamingCovariance(5, num_classes=4, ignore_index=-1)
+        b = StreamingCovariance(5, num_classes=4, ignore_index=-1)
+        a.update(z, labels, reduce=reduce)
+        b.update(z, seg, reduce=reduce)
+        for name in ("count", "mean", "M2"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (reduce, name)
+        rows = z.flatten(2).mean(-1) if reduce == "mean" else z.flatten(2).transpose(1, 2).reshape(-1, 5)
+        row_labels = labels if reduce == "mean" else labels.repeat_interleave(6)
+        oracle = per_class_oracle(rows, row_labels, 4)
+        for k in range(4):
+            assert int(b.count[k]) == oracle[k][0]
+            assert rel_err(b.M2[k], oracle[k][2]) < 1e-5
+    with pytest.raises(ValueError, match="K = 4 classes and N = 24 samples; expected num_classes=3"):
+        StreamingCovariance(5, num_classes=3).update(z, seg)
+    with pytest.raises(ValueError, match="N = z.shape"):
+        StreamingCovariance(5, num_classes=4).update(z[:10], seg)
+
+
+def test_op_refuses_invalid_labels_and_bad_segmentations_before_any_change():
+    z = torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 1, 0, 2, 1])
+    f64 = torch.float64
+    state = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, 3, dtype=f64), torch.zeros(2, 3, 3, dtype=f64))
+    seg = selkernels.LabelSegments(*torch.ops.selkernels.segment_labels(torch.tensor([0, 1, 1, 0, 0, 1]), 2, -100))
+    bad = seg._replace(invalid=torch.tensor(1))  # what a CUDA segmentation of `labels` reports
+    with pytest.raises(ValueError, match=r"1 labels lie outside \[0, num_classes=2\)"):
+        torch.ops.selkernels.class_moments_update_(z, *bad, *state)
+    with pytest.raises(RuntimeError, match="order"):
+        torch.ops.selkernels.class_moments_update_(z, *seg._replace(order=seg.order + 6), *state)
+    with pytest.raises(RuntimeError, match="offsets"):
+        torch.ops.selkernels.class_moments_update_(z, *seg._replace(offsets=torch.tensor([0, 4, 9])), *state)
+    assert not any(t.any() for t in state)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=2\).*labels\[4\] = 2"):
+        StreamingCovariance(3, num_classes=2).update(z, labels)
+
+
+@requires_cuda
+def test_cuda_invalid_labels_leave_the_batch_out_and_raise_at_the_next_read():
+    g = torch.Generator().manual_seed(22)
+    z = torch.randn(40, 6, generator=g, dtype=torch.float64).cuda()
+    labels = torch.randint(0, 3, (40,), generator=g).cuda()
+    s = StreamingCovariance(6, num_classes=3, device="cuda")
+    s.update(z[:20], labels[:20])
+    before = s.state_dict()
+    bad = labels[20:].clone()
+    bad[4] = 7
+    s.update(z[20:], bad)  # no sync, no error yet
+    with pytest.raises(ValueError, match=r"1 labels outside \[0, num_classes=3\)"):
+        s.covariance()
+    after = s.state_dict()  # raised once; the state is the good batch's alone
+    for name in ("count", "mean", "M2"):
+        assert torch.equal(before[name], after[name])

@@ -2,8 +2,9 @@
 // same op with one class).
 //
 // One call per batch, no loop over classes in Python, three parallel regions at most:
-//   1. counting sort of the labels (class k = rows order[offsets[k] .. offsets[k + 1])); sorted
-//      labels (always so for one set) need no permutation: class k is rows offsets[k] .. of x
+//   1. the batch's segmentation (segment_labels: class k = rows order[offsets[k] .. offsets[k + 1]),
+//      shared with the selectivity ops of the step) is taken as given; where order is the identity
+//      (always so for one set) the rows are read in place: class k is rows offsets[k] .. of x
 //   2. one task per (class, block of columns): the class batch mean in float64 (rows summed in
 //      order), the running mean's step, then the centred rows xc = x - c_k of those columns in the
 //      GEMM precision, written class-contiguous, c_k the class batch mean rounded to that
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "common/moments.h"
+#include "common/selectivity_args.h"
 #include "cpu/target_clones.h"
 
 namespace selk {
@@ -566,13 +568,17 @@ struct LargeClasses {
   }
 };
 
-void check_state(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
-                 const at::Tensor& m2) {
+// What the Python front cannot guarantee for a direct torch.ops call: shapes, dtypes, and a
+// segmentation that indexes inside z (checked in O(N + K) before anything is read or written).
+void check_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
+                const at::Tensor& order, const at::Tensor& invalid, const at::Tensor& count, const at::Tensor& mean,
+                const at::Tensor& m2) {
   TORCH_CHECK(x.dim() == 2, "selkernels: z must be [N, D], got ", x.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "selkernels: z must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "selkernels: labels must be [N] with N = z.size(0)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "selkernels: labels must be int64");
-  const int64_t K = count.size(0), D = x.size(1);
+  check_segmentation_args(labels, counts, offsets, order, invalid);
+  const int64_t N = x.size(0), K = count.size(0), D = x.size(1);
+  TORCH_CHECK(labels.size(0) == N, "selkernels: the segmentation has ", labels.size(0), " samples, z has ", N);
+  TORCH_CHECK(counts.size(0) == K, "selkernels: the segmentation has ", counts.size(0), " classes, the state ", K);
   TORCH_CHECK(count.dim() == 1 && count.scalar_type() == at::kLong && count.is_contiguous(),
               "selkernels: count must be a contiguous int64 [K] tensor");
   TORCH_CHECK(mean.dim() == 2 && mean.size(0) == K && mean.size(1) == D && mean.scalar_type() == at::kDouble &&
@@ -581,40 +587,37 @@ void check_state(const at::Tensor& x, const at::Tensor& labels, const at::Tensor
   TORCH_CHECK(m2.dim() == 3 && m2.size(0) == K && m2.size(1) == D && m2.size(2) == D &&
                   m2.scalar_type() == at::kDouble && m2.is_contiguous(),
               "selkernels: M2 must be a contiguous float64 [K, D, D] tensor");
+  TORCH_CHECK_VALUE(invalid.item<int64_t>() == 0, "selkernels: ", invalid.item<int64_t>(),
+                    " labels lie outside [0, num_classes=", K, ") and are not ignore_index");
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[K] <= N, "selkernels: offsets must run from 0 to at most N");
+  for (int64_t k = 0; k < K; ++k) TORCH_CHECK(off[k] <= off[k + 1], "selkernels: offsets must be non-decreasing");
+  for (int64_t r = 0; r < off[K]; ++r)
+    TORCH_CHECK(ord[r] >= 0 && ord[r] < N, "selkernels: order[", r, "] = ", ord[r], " is not a row of z");
 }
 
 template <typename scalar_t, typename gemm_t>
-void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, at::Tensor& count, at::Tensor& mean,
-                                at::Tensor& m2) {
-  const int64_t N = x.size(0), D = x.size(1), K = count.size(0);
+void class_moments_update_typed(const at::Tensor& x, const at::Tensor& offsets_in, const at::Tensor& order_in,
+                                at::Tensor& count, at::Tensor& mean, at::Tensor& m2) {
+  const int64_t D = x.size(1), K = count.size(0);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  const int64_t* lp = labels.data_ptr<int64_t>();
   int64_t* cnt = count.data_ptr<int64_t>();
   double* mp = mean.data_ptr<double>();
   double* m2p = m2.data_ptr<double>();
 
-  // 1. counting sort; the present classes in increasing order. Sorted labels (one class, always)
-  // need no permutation: class k is rows offsets[k] .. offsets[k + 1] of x.
-  std::vector<int64_t> offsets(K + 1, 0);
-  bool sorted = true;
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(lp[n] >= 0 && lp[n] < K, "selkernels: labels[", n, "] = ", lp[n], " is outside [0, num_classes=", K,
-                ")");
-    ++offsets[lp[n] + 1];
-    sorted = sorted && (n == 0 || lp[n - 1] <= lp[n]);
-  }
+  // 1. the segmentation; the present classes in increasing order. Rows already in class order
+  // (one class, always) need no permutation: class k is rows offsets[k] .. offsets[k + 1] of x.
+  const int64_t* op = offsets_in.const_data_ptr<int64_t>();
+  const std::vector<int64_t> offsets(op, op + K + 1);
+  const int64_t N = offsets[K];  // the rows in a class; the rest are ignored
+  const int64_t* order = order_in.const_data_ptr<int64_t>();
+  bool in_place = true;
+  for (int64_t r = 0; r < N && in_place; ++r) in_place = order[r] == r;
+  const int64_t* row_of = in_place ? nullptr : order;
   std::vector<int64_t> present;
-  for (int64_t k = 0; k < K; ++k) {
-    if (offsets[k + 1] > 0) present.push_back(k);
-    offsets[k + 1] += offsets[k];
-  }
-  std::vector<int64_t> order;
-  if (!sorted) {
-    order.resize(N);
-    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-    for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
-  }
-  const int64_t* row_of = sorted ? nullptr : order.data();
+  for (int64_t k = 0; k < K; ++k)
+    if (offsets[k + 1] > offsets[k]) present.push_back(k);
   const int64_t P = static_cast<int64_t>(present.size());
 
   // Per present class p (class present[p]): the shift c of its rows (GEMM precision), the
@@ -780,17 +783,18 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& labels, a
   for (const int64_t k : present) cnt[k] += offsets[k + 1] - offsets[k];
 }
 
-void class_moments_update_cpu(const at::Tensor& x_in, const at::Tensor& labels_in, at::Tensor count, at::Tensor mean,
-                              at::Tensor m2) {
-  check_state(x_in, labels_in, count, mean, m2);
+void class_moments_update_cpu(const at::Tensor& x_in, const at::Tensor& labels, const at::Tensor& counts,
+                              const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
+                              at::Tensor count, at::Tensor mean, at::Tensor m2) {
+  check_args(x_in, labels, counts, offsets, order, invalid, count, mean, m2);
+  if (x_in.size(0) == 0 || x_in.size(1) == 0) return;
   // The GEMMs run in the precision chosen here (float32, or float64 for float64 z), never in an
   // autocast dtype.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selkernels_class_moments_update", [&] {
     using gemm_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    class_moments_update_typed<scalar_t, gemm_t>(x, labels, count, mean, m2);
+    class_moments_update_typed<scalar_t, gemm_t>(x, offsets, order, count, mean, m2);
   });
 }
 

@@ -1,8 +1,9 @@
 // CUDA launcher of the streaming moments update (kernel bodies and the algorithm: covariance.cuh).
-// No host sync: a stable device sort of the labels, then kernels whose grids are sized from N, K
-// and D alone (the present classes are found on the device; items past them exit at once). Grids
-// are 1-D and grid-strided, so no K limit comes from grid dimensions. Labels outside [0, K) belong
-// to no class and are skipped (the Python front end rejects them before the call).
+// No host sync: the batch's segmentation (segment_labels, shared with the selectivity ops) comes in
+// on the device, and every grid is sized from N, K and D alone (the present classes are found on
+// the device; items past them exit at once). Grids are 1-D and grid-strided, so no K limit comes
+// from grid dimensions. Labels outside [0, K) (invalid > 0) leave the state unchanged: no class is
+// present then; the Python front reports them.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 
+#include "common/selectivity_args.h"
 #include "cuda/covariance.cuh"
 
 namespace selk {
@@ -24,12 +26,14 @@ unsigned grid_for(int64_t items, int64_t per_block = kThreads) {
       std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block)));
 }
 
-void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_in, at::Tensor count, at::Tensor mean,
-                               at::Tensor m2) {
+void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels, const at::Tensor& counts,
+                               const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
+                               at::Tensor count, at::Tensor mean, at::Tensor m2) {
   TORCH_CHECK(x_in.dim() == 2 && at::isFloatingType(x_in.scalar_type()), "selkernels: z must be a float [N, D] tensor");
-  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == x_in.size(0) && labels_in.scalar_type() == at::kLong,
-              "selkernels: labels must be int64 [N] with N = z.size(0)");
+  check_segmentation_args(labels, counts, offsets, order, invalid);
   const int64_t N = x_in.size(0), D = x_in.size(1), K = count.size(0);
+  TORCH_CHECK(labels.size(0) == N && counts.size(0) == K && labels.device() == x_in.device(),
+              "selkernels: the segmentation must be of z's N rows into the state's K classes, on z's device");
   TORCH_CHECK(count.scalar_type() == at::kLong && count.is_contiguous() && mean.scalar_type() == at::kDouble &&
                   mean.is_contiguous() && mean.size(0) == K && mean.size(1) == D && m2.scalar_type() == at::kDouble &&
                   m2.is_contiguous() && m2.size(0) == K && m2.size(1) == D && m2.size(2) == D,
@@ -40,14 +44,10 @@ void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x = x_in.contiguous();
-  auto [sorted, order] = at::sort(labels_in.contiguous(), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const auto i64 = sorted.options();
-  at::Tensor offsets = at::empty({K + 1}, i64);
-  cuda::class_offsets_kernel<int64_t>
-      <<<grid_for(K + 1), kThreads, 0, stream>>>(sorted.data_ptr<int64_t>(), N, K, offsets.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor rank = offsets.diff().gt(0).cumsum(0);  // int64: inclusive count of non-empty classes
-  const at::Tensor num_present = rank.narrow(0, K - 1, 1);
+  const auto i64 = offsets.options();
+  // rank[k]: inclusive count of non-empty classes; none is present when a label was invalid
+  const at::Tensor rank = offsets.diff().gt(0).cumsum(0);
+  const at::Tensor num_present = rank.narrow(0, K - 1, 1).mul(invalid.eq(0));
   const int64_t max_present = std::min(N, K);
   at::Tensor present = at::empty({max_present}, i64);
   cuda::class_present_kernel<int64_t><<<grid_for(K), kThreads, 0, stream>>>(
@@ -72,14 +72,14 @@ void class_moments_update_cuda(const at::Tensor& x_in, const at::Tensor& labels_
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         at::Tensor xc = at::empty({N, D}, shift.options());
         cuda::class_center_rows_kernel<scalar_t, gemm_t><<<grid_for(N * D), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(), rank.data_ptr<int64_t>(),
-            shift.data_ptr<gemm_t>(), N, D, K, xc.data_ptr<gemm_t>());
+            x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), rank.data_ptr<int64_t>(),
+            num_present.data_ptr<int64_t>(), shift.data_ptr<gemm_t>(), N, D, K, xc.data_ptr<gemm_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (K == 1) {
           const at::Tensor gram = at::mm(xc.t(), xc);
           cuda::class_merge_gram_kernel<gemm_t><<<grid_for(D * D), kThreads, 0, stream>>>(
-              gram.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), rem.data_ptr<double>(), delta.data_ptr<double>(),
-              weights.data_ptr<double>(), D, m2.data_ptr<double>());
+              gram.data_ptr<gemm_t>(), offsets.data_ptr<int64_t>(), num_present.data_ptr<int64_t>(),
+              rem.data_ptr<double>(), delta.data_ptr<double>(), weights.data_ptr<double>(), D, m2.data_ptr<double>());
         } else {
           const int64_t T = (D + cuda::kGramTile - 1) / cuda::kGramTile;
           const int64_t gram_items = max_present * (T * (T + 1) / 2);

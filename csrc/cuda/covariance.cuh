@@ -1,16 +1,16 @@
 #pragma once
 // Torch-free CUDA kernel bodies of the streaming moments update (launcher: csrc/cuda/covariance.cu).
 // No host sync anywhere: the launcher sizes every grid from host-known bounds (N, K, D) and the
-// kernels read the batch's class layout from device memory.
-//   1. class_offsets_kernel: offsets[k] = first sorted row with label >= k (binary search of the
-//      stably sorted labels), so class k is sorted rows offsets[k] .. offsets[k + 1] and labels
-//      outside [0, K) fall outside every class (they are never read).
-//   2. class_present_kernel: the present classes in increasing order, present[p] = k, from the
-//      inclusive prefix count rank[k] of non-empty classes (an ATen cumsum); num_present = rank[K-1].
+// kernels read the batch's class layout from device memory: its segmentation (segment_labels), so
+// class k is rows order[offsets[k] .. offsets[k + 1]) and ignored or invalid samples fall outside
+// every class (they are never read).
+//   1. (ATen) rank[k], the inclusive prefix count of non-empty classes; num_present = rank[K-1], or
+//      0 when the batch holds invalid labels (then nothing is updated).
+//   2. class_present_kernel: the present classes in increasing order, present[p] = k.
 //      Per-batch temporaries are indexed by p (at most min(N, K) of them), never by k.
 //   3. class_batch_mean_kernel: per (p, 32 columns) the class batch mean in float64, its rounding
 //      c to the GEMM precision, d = mean_b - c, delta = mean_b - mean_a, and the Chan weights.
-//   4. class_center_rows_kernel: xc[r] = x[order[r]] - c of its class (0 for invalid labels).
+//   4. class_center_rows_kernel: xc[r] = x[order[r]] - c of its class (0 for rows in no class).
 //   5. class_gram_merge_kernel: per (p, upper 64 x 64 tile pair (I, J), I <= J) the tile of the
 //      class's Gram matrix in registers, merged straight into the float64 state at (I, J) and its
 //      mirror (J, I): one read-write pass over the state, the product itself never in memory.
@@ -29,25 +29,7 @@
 namespace selk {
 namespace cuda {
 
-// offsets[k] for k in [0, K]: the first index r of sorted (ascending, N entries) with sorted[r] >= k.
 // (The index_t templates only let the header be included by several translation units.)
-template <typename index_t>
-__global__ void class_offsets_kernel(const index_t* __restrict__ sorted, index_t N, index_t K,
-                                     index_t* __restrict__ offsets) {
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t k = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; k <= K; k += stride) {
-    index_t lo = 0, hi = N;
-    while (lo < hi) {
-      const index_t mid = lo + (hi - lo) / 2;
-      if (sorted[mid] < k)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    offsets[k] = lo;
-  }
-}
-
 // present[rank[k] - 1] = k for every class k with offsets[k + 1] > offsets[k]; rank is the inclusive
 // prefix count of non-empty classes.
 template <typename index_t>
@@ -106,19 +88,20 @@ __global__ void class_batch_mean_kernel(const scalar_t* __restrict__ x, const in
   }
 }
 
-// xc[r, j] = x[order[r], j] - shift[rank[k] - 1, j], k = sorted[r] the row's class; 0 for rows whose
-// label lies outside [0, K) (they belong to no class).
+// xc[r, j] = x[order[r], j] - shift[rank[k] - 1, j], k = labels[order[r]] the row's class; 0 for
+// rows in no class (label -1: ignored or invalid) and for every row when no class is present.
 template <typename scalar_t, typename gemm_t>
 __global__ void class_center_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ order,
-                                         const int64_t* __restrict__ sorted, const int64_t* __restrict__ rank,
-                                         const gemm_t* __restrict__ shift, int64_t N, int64_t D, int64_t K,
-                                         gemm_t* __restrict__ xc) {
+                                         const int64_t* __restrict__ labels, const int64_t* __restrict__ rank,
+                                         const int64_t* __restrict__ num_present, const gemm_t* __restrict__ shift,
+                                         int64_t N, int64_t D, int64_t K, gemm_t* __restrict__ xc) {
   const int64_t total = N * D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool any = *num_present > 0;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t r = idx / D, j = idx - r * D;
-    const int64_t k = sorted[r];
-    xc[idx] = (k >= 0 && k < K) ? static_cast<gemm_t>(x[order[r] * D + j]) - shift[(rank[k] - 1) * D + j] : gemm_t(0);
+    const int64_t row = order[r], k = labels[row];
+    xc[idx] = (any && k >= 0 && k < K) ? static_cast<gemm_t>(x[row * D + j]) - shift[(rank[k] - 1) * D + j] : gemm_t(0);
   }
 }
 
@@ -222,13 +205,15 @@ __global__ void __launch_bounds__(kGramSide* kGramSide)
 
 // One-set update (K = 1): the Chan merge of a cuBLAS Gram matrix gram [D, D] (about the shift) into
 // M2 [D, D], one thread per entry, grid-strided. Entry (i, j) reads gram at (min, max), so both
-// mirror entries use the same value. n_b = offsets[1] - offsets[0] is read on the device.
+// mirror entries use the same value. n_b = offsets[1] - offsets[0] is read on the device; nothing
+// is merged when the class is absent (num_present = 0).
 template <typename gemm_t>
 __global__ void class_merge_gram_kernel(const gemm_t* __restrict__ gram, const int64_t* __restrict__ offsets,
-                                        const double* __restrict__ rem, const double* __restrict__ delta,
-                                        const double* __restrict__ weights, int64_t D, double* __restrict__ m2) {
+                                        const int64_t* __restrict__ num_present, const double* __restrict__ rem,
+                                        const double* __restrict__ delta, const double* __restrict__ weights, int64_t D,
+                                        double* __restrict__ m2) {
   const int64_t n_b = offsets[1] - offsets[0];
-  if (n_b == 0) return;
+  if (*num_present == 0 || n_b == 0) return;
   const int64_t total = D * D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {

@@ -30,25 +30,34 @@ std::vector<double> randn(size_t n, unsigned seed, double offset = 0.0) {
 
 // Runs the update on (x, labels) into the state the way covariance.cu does, with small grids so
 // that every grid-stride loop wraps; the K = 1 GEMM (cuBLAS in the launcher) is a plain loop here.
-// Labels outside [0, K) are allowed: they must be skipped.
+// The segmentation is segment_labels' (plain C++): labels outside [0, K) belong to no class and
+// come last in order; they count as invalid (the update must then change nothing) when
+// `invalid_labels`, else as ignored (skipped).
 template <typename scalar_t, typename gemm_t>
 void class_update(const std::vector<scalar_t>& x, const std::vector<int64_t>& labels, int64_t K, int64_t D,
-                  std::vector<int64_t>& count, std::vector<double>& mean, std::vector<double>& m2,
-                  unsigned blocks = 3) {
+                  std::vector<int64_t>& count, std::vector<double>& mean, std::vector<double>& m2, unsigned blocks = 3,
+                  bool invalid_labels = false) {
   using namespace selk::cuda;
   const int64_t N = static_cast<int64_t>(labels.size());
-  std::vector<int64_t> order(N);
+  std::vector<int64_t> seg_labels(N), order(N), offsets(K + 1, 0), rank(K);
+  int64_t invalid = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const bool in_class = labels[n] >= 0 && labels[n] < K;
+    seg_labels[n] = in_class ? labels[n] : -1;
+    invalid += !in_class && invalid_labels;
+    if (in_class) ++offsets[labels[n] + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) offsets[k + 1] += offsets[k];
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return labels[a] < labels[b]; });
-  std::vector<int64_t> sorted(N);
-  for (int64_t r = 0; r < N; ++r) sorted[r] = labels[order[r]];
-  std::vector<int64_t> offsets(K + 1, -1), rank(K);
-  launch(blocks, 32, 0, class_offsets_kernel<int64_t>, sorted.data(), N, K, offsets.data());
-  for (int64_t k = 0, c = 0; k < K; ++k) rank[k] = c += offsets[k + 1] > offsets[k];  // the launcher's cumsum
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return static_cast<uint64_t>(seg_labels[a]) < static_cast<uint64_t>(seg_labels[b]);  // -1 last
+  });
+  // the launcher's ATen part: rank = cumsum(diff(offsets) > 0), num_present = rank[K - 1] * (invalid == 0)
+  for (int64_t k = 0, c = 0; k < K; ++k) rank[k] = c += offsets[k + 1] > offsets[k];
+  const int64_t num_present = invalid == 0 ? rank[K - 1] : 0;
   const int64_t max_present = std::min(N, K);
   std::vector<int64_t> present(max_present, -1);
   launch(blocks, 32, 0, class_present_kernel<int64_t>, offsets.data(), rank.data(), K, present.data());
-  const int64_t num_present = rank[K - 1];
   std::vector<double> rem(max_present * D, -1.0), delta(max_present * D, -1.0), weights(2 * max_present, -1.0);
   std::vector<gemm_t> shift(max_present * D, gemm_t(-1));
   const int64_t mean_items = max_present * ((D + kMeanCols - 1) / kMeanCols);
@@ -56,15 +65,15 @@ void class_update(const std::vector<scalar_t>& x, const std::vector<int64_t>& la
          offsets.data(), present.data(), &num_present, count.data(), mean.data(), D, mean_items, shift.data(),
          rem.data(), delta.data(), weights.data());
   std::vector<gemm_t> xc(N * D, gemm_t(-1));
-  launch(blocks, kThreads, 0, class_center_rows_kernel<scalar_t, gemm_t>, x.data(), order.data(), sorted.data(),
-         rank.data(), shift.data(), N, D, K, xc.data());
+  launch(blocks, kThreads, 0, class_center_rows_kernel<scalar_t, gemm_t>, x.data(), order.data(), seg_labels.data(),
+         rank.data(), &num_present, shift.data(), N, D, K, xc.data());
   if (K == 1) {
     std::vector<gemm_t> gram(D * D, gemm_t(0));
     for (int64_t i = 0; i < D; ++i)
       for (int64_t j = 0; j < D; ++j)
         for (int64_t r = 0; r < N; ++r) gram[i * D + j] += xc[r * D + i] * xc[r * D + j];
-    launch(blocks, kThreads, 0, class_merge_gram_kernel<gemm_t>, gram.data(), offsets.data(), rem.data(), delta.data(),
-           weights.data(), D, m2.data());
+    launch(blocks, kThreads, 0, class_merge_gram_kernel<gemm_t>, gram.data(), offsets.data(), &num_present, rem.data(),
+           delta.data(), weights.data(), D, m2.data());
   } else {
     const int64_t T = (D + kGramTile - 1) / kGramTile;
     const int64_t gram_items = max_present * (T * (T + 1) / 2);
@@ -106,7 +115,7 @@ SELK_TEST(class_moments_match_two_pass_reference) {
     std::vector<int64_t> labels(N);
     for (int64_t n = 0; n < N; ++n) labels[n] = K == 1 ? 0 : (n * 7) % 3;  // class 3 is absent
     std::vector<int64_t> batch_labels = labels;
-    if (K > 1) batch_labels[5] = -1, batch_labels[11] = K;  // invalid labels: skipped
+    if (K > 1) batch_labels[5] = -1, batch_labels[11] = K;  // ignored samples: skipped
     std::vector<int64_t> count(K, 0);
     std::vector<double> mean(K * D, 0.0), m2(K * D * D, 0.0);
     // three uneven batches, the first of a single row
@@ -154,13 +163,29 @@ SELK_TEST(class_moments_float32_gemm) {
   }
 }
 
-SELK_TEST(class_offsets_and_present_classes) {
-  // sorted labels with invalid ones at both ends; K larger than any label, some classes empty
-  const std::vector<int64_t> sorted = {-5, -1, 0, 0, 2, 2, 2, 5, 9, 9, 12};
-  const int64_t N = static_cast<int64_t>(sorted.size()), K = 10;
-  std::vector<int64_t> offsets(K + 1, -1);
-  launch(2, 4, 0, selk::cuda::class_offsets_kernel<int64_t>, sorted.data(), N, K, offsets.data());
-  SELK_CHECK_CLOSE(offsets, std::vector<int64_t>({2, 4, 4, 7, 7, 7, 8, 8, 8, 8, 10}), 0, 0);
+SELK_TEST(class_moments_unchanged_by_a_batch_with_invalid_labels) {
+  for (const int64_t K : {int64_t(1), int64_t(4)}) {
+    const int64_t D = 9, N = 12;
+    const auto x = randn(N * D, 5);
+    std::vector<int64_t> labels(N);
+    for (int64_t n = 0; n < N; ++n) labels[n] = n % K;
+    std::vector<int64_t> count(K, 0);
+    std::vector<double> mean(K * D, 0.0), m2(K * D * D, 0.0);
+    class_update<double, double>(x, labels, K, D, count, mean, m2);
+    const auto count0 = count;
+    const auto mean0 = mean, m20 = m2;
+    labels[3] = K;  // one invalid label: the whole batch is refused
+    class_update<double, double>(x, labels, K, D, count, mean, m2, 3u, /*invalid_labels=*/true);
+    SELK_CHECK(count == count0);
+    SELK_CHECK(mean == mean0);
+    SELK_CHECK(m2 == m20);
+  }
+}
+
+SELK_TEST(present_classes_in_increasing_order) {
+  // K larger than any label, some classes empty (offsets as segment_labels makes them)
+  const int64_t K = 10;
+  const std::vector<int64_t> offsets = {0, 2, 2, 5, 5, 5, 6, 6, 6, 6, 8};
   std::vector<int64_t> rank(K), present(K, -1);
   for (int64_t k = 0, c = 0; k < K; ++k) rank[k] = c += offsets[k + 1] > offsets[k];
   launch(1, 4, 0, selk::cuda::class_present_kernel<int64_t>, offsets.data(), rank.data(), K, present.data());

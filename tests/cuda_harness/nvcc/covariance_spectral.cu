@@ -6,15 +6,14 @@
 
 namespace selk {
 namespace cuda {
-template __global__ void class_offsets_kernel<int64_t>(const int64_t*, int64_t, int64_t, int64_t*);
 template __global__ void class_present_kernel<int64_t>(const int64_t*, const int64_t*, int64_t, int64_t*);
 #define SELK_INSTANTIATE_MEAN_CENTER(scalar_t, gemm_t)                                                                 \
   template __global__ void class_batch_mean_kernel<scalar_t, gemm_t>(                                                  \
       const scalar_t*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, const double*,  \
       int64_t, int64_t, gemm_t*, double*, double*, double*);                                                           \
   template __global__ void class_center_rows_kernel<scalar_t, gemm_t>(const scalar_t*, const int64_t*, const int64_t*, \
-                                                                      const int64_t*, const gemm_t*, int64_t, int64_t, \
-                                                                      int64_t, gemm_t*);
+                                                                      const int64_t*, const int64_t*, const gemm_t*,   \
+                                                                      int64_t, int64_t, int64_t, gemm_t*);
 SELK_INSTANTIATE_MEAN_CENTER(double, double)
 SELK_INSTANTIATE_MEAN_CENTER(float, float)
 #undef SELK_INSTANTIATE_MEAN_CENTER
@@ -24,10 +23,10 @@ template __global__ void class_gram_merge_kernel<float>(const float*, const int6
 template __global__ void class_gram_merge_kernel<double>(const double*, const int64_t*, const int64_t*, const int64_t*,
                                                          const double*, const double*, const double*, int64_t, int64_t,
                                                          double*);
-template __global__ void class_merge_gram_kernel<float>(const float*, const int64_t*, const double*, const double*,
-                                                        const double*, int64_t, double*);
-template __global__ void class_merge_gram_kernel<double>(const double*, const int64_t*, const double*, const double*,
-                                                         const double*, int64_t, double*);
+template __global__ void class_merge_gram_kernel<float>(const float*, const int64_t*, const int64_t*, const double*,
+                                                        const double*, const double*, int64_t, double*);
+template __global__ void class_merge_gram_kernel<double>(const double*, const int64_t*, const int64_t*, const double*,
+                                                         const double*, const double*, int64_t, double*);
 template __global__ void class_merge_mean_count_kernel<double>(const int64_t*, const int64_t*, const int64_t*,
                                                                const double*, const double*, int64_t, int64_t, int64_t*,
                                                                double*);
