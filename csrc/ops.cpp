@@ -22,12 +22,12 @@ TORCH_LIBRARY(selkernels, m) {
   m.def(
       "class_means_segmented(Tensor[] xs, Tensor labels, Tensor counts, Tensor offsets, Tensor order, "
       "Tensor invalid) -> Tensor[]");
-  // Also returns the class means and the per-unit gradient coefficients (coeffs[l] [2, C_l]:
-  // dSI/dmu_max and dSI/dmu_rest / (P - 1); argmax[l] int64 [C_l], -1 when P < 2), so the
-  // backward is one elementwise pass.
+  // Also returns per unit the gradient coefficients and the terms they come from (coeffs[l]
+  // [4, C_l]: dSI/dmu_max, dSI/dmu_rest / (P - 1), mu_max, mu_rest; argmax[l] int64 [C_l], -1 when
+  // P < 2), so the backward is one elementwise pass and the double backward needs no [K, C] means.
   m.def(
       "selectivity_index_segmented(Tensor[] xs, Tensor labels, Tensor counts, Tensor offsets, Tensor order, "
-      "Tensor invalid, float eps) -> (Tensor[] si, Tensor[] means, Tensor[] coeffs, Tensor[] argmax)");
+      "Tensor invalid, float eps) -> (Tensor[] si, Tensor[] coeffs, Tensor[] argmax)");
   // grad_unit[l][n, c] = G_l[labels[n], c] / (counts[labels[n]] * spatial_sizes[l]) with
   // G_l[k, c] = grad_si[l][c] * (k == argmax[l][c] ? coeffs[l][0, c] : coeffs[l][1, c]) + grad_means[l][k, c],
   // in dtype out_dtypes[l] (a ScalarType code); 0 for ignored samples. Each of the lists is empty

@@ -479,9 +479,10 @@ def selectivity_index(
     :func:`selectivity_from_means` (fewer than two classes present: SI = 0, zero gradient).
 
     Returns float32 [C] (float64 for float64 x), or a list of them for a list. Memory: forward
-    O(N*C + K*C) per layer; the backward returns the gradient w.r.t. x as a stride-0 broadcast of
-    an [N, C] tensor. Twice differentiable (the second derivative through the class means is
-    exact; the choice of the maximal class is piecewise constant).
+    O(N*C + P*C) per layer for the P classes present (no [K, C] buffer); the backward returns
+    the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor. Twice differentiable (the
+    second derivative through the class means is exact, from the per-unit terms mu_max and
+    mu_rest the forward keeps; the choice of the maximal class is piecewise constant).
     x with zero spatial positions raises ValueError, as in :func:`class_means`.
     """
     eps = _check_eps(eps)
@@ -515,12 +516,10 @@ def _class_means_segmented_fake(xs, labels, counts, offsets, order, invalid):
 
 @torch.library.register_fake("selkernels::selectivity_index_segmented")
 def _selectivity_index_segmented_fake(xs, labels, counts, offsets, order, invalid, eps):
-    k = counts.shape[0]
     si = [x.new_empty((x.shape[1],), dtype=_acc_dtype(x.dtype)) for x in xs]
-    means = [x.new_empty((k, x.shape[1]), dtype=_acc_dtype(x.dtype)) for x in xs]
-    coeffs = [x.new_empty((2, x.shape[1]), dtype=_acc_dtype(x.dtype)) for x in xs]
+    coeffs = [x.new_empty((4, x.shape[1]), dtype=_acc_dtype(x.dtype)) for x in xs]
     argmax = [x.new_empty((x.shape[1],), dtype=torch.int64) for x in xs]
-    return si, means, coeffs, argmax
+    return si, coeffs, argmax
 
 
 @torch.library.register_fake("selkernels::segmented_unit_grad")
@@ -592,35 +591,38 @@ def _si_coeff_vjp(means, counts, eps, g_a, g_b, argmax=None):
 
 def _si_index_setup(ctx, inputs, output):
     xs, labels, counts, offsets, order, invalid, eps = inputs
-    si, means, coeffs, argmax = output
+    si, coeffs, argmax = output
     _save_layers(ctx, xs)
     ctx.eps = eps
-    ctx.save_for_backward(labels, counts, *means, *coeffs, *argmax)
+    ctx.save_for_backward(labels, counts, *coeffs, *argmax)
     ctx.set_materialize_grads(False)
 
 
-def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
+def _si_index_backward(ctx, grad_si, grad_coeffs, grad_argmax):
     layers = len(ctx.x_shapes)
     labels, counts = ctx.saved_tensors[:2]
-    means = ctx.saved_tensors[2 : 2 + layers]
-    coeffs = ctx.saved_tensors[2 + layers : 2 + 2 * layers]
-    argmax = ctx.saved_tensors[2 + 2 * layers :]
+    coeffs = ctx.saved_tensors[2 : 2 + layers]
+    argmax = list(ctx.saved_tensors[2 + layers :])
     grad_si = list(grad_si) if grad_si is not None else [None] * layers
-    grad_means = list(grad_means) if grad_means is not None else [None] * layers
     grad_si = [g if g is not None else c.new_zeros(c.shape[1:]) for g, c in zip(grad_si, coeffs)]
-    if grad_coeffs is not None:
-        # Only under double backward: the coefficients are functions of the class means.
+    unit_coeffs = [c[:2] for c in coeffs]  # dSI/dmu_max, dSI/dmu_rest / (P - 1)
+    if grad_coeffs is not None and any(gc is not None for gc in grad_coeffs):
+        # Only under double backward: the coefficients and the terms mu_max, mu_rest are functions
+        # of the class means, and their gradient w.r.t. the means takes one value at the maximal
+        # class and one at the other present classes, as the SI's does: it folds into the
+        # per-unit coefficients of the same elementwise pass.
+        num_present = (counts > 0).sum()
         for i, gc in enumerate(grad_coeffs):
             if gc is None:
                 continue
-            p_minus_1 = ((counts > 0).sum() - 1).clamp_min(1).to(gc.dtype)
-            extra = _si_coeff_vjp(means[i], counts, ctx.eps, gc[0], gc[1] / p_minus_1, argmax[i])
-            grad_means[i] = extra if grad_means[i] is None else grad_means[i] + extra
+            at_max, at_rest = _coeffs_vjp(coeffs[i], num_present, ctx.eps, gc)
+            unit_coeffs[i] = torch.stack((grad_si[i] * coeffs[i][0] + at_max, grad_si[i] * coeffs[i][1] + at_rest))
+            grad_si[i] = torch.ones_like(grad_si[i])
     grad_units = _ops.segmented_unit_grad(
         grad_si,
-        list(coeffs),
-        list(argmax),
-        _all_or_none(grad_means, means),
+        unit_coeffs,
+        argmax,
+        [],
         labels,
         counts,
         [shape[1] for shape in ctx.x_shapes],
@@ -628,6 +630,27 @@ def _si_index_backward(ctx, grad_si, grad_means, grad_coeffs, grad_argmax):
         ctx.x_dtypes,
     )
     return _broadcast_unit_grads(ctx, grad_units), None, None, None, None, None, None
+
+
+def _coeffs_vjp(coeffs, num_present, eps, grad_coeffs):
+    """Gradient w.r.t. the class means of sum(grad_coeffs * coeffs), coeffs [4, C] = (A, B / (P - 1),
+    mu_max, mu_rest) with A = dSI/dmu_max, B = dSI/dmu_rest, as the two values it takes per unit:
+    at the maximal class (d mu_max / d mu_k = 1) and at each other present class
+    (d mu_rest / d mu_k = 1 / (P - 1)). Zero where P < 2 (every term is constant there)."""
+    a, b = coeffs[2], coeffs[3]
+    p_minus_1 = (num_present - 1).clamp_min(1).to(a.dtype)
+    g_a, g_b = grad_coeffs[0], grad_coeffs[1] / p_minus_1
+    d = a + b + eps
+    d2, d3 = d * d, d * d * d
+    dA_da = -2 * (2 * b + eps) / d3
+    dA_db = 2 / d2 - 2 * (2 * b + eps) / d3
+    dB_da = -2 / d2 + 2 * (2 * a + eps) / d3
+    dB_db = 2 * (2 * a + eps) / d3
+    at_max = g_a * dA_da + g_b * dB_da + grad_coeffs[2]
+    at_rest = (g_a * dA_db + g_b * dB_db + grad_coeffs[3]) / p_minus_1
+    enough = num_present >= 2
+    zero = torch.zeros_like(at_max)
+    return torch.where(enough, at_max, zero), torch.where(enough, at_rest, zero)
 
 
 def _all_or_none(grads, likes):

@@ -131,13 +131,14 @@ def test_opcheck(device):
     ops = torch.ops.selkernels
     seg = selkernels.segment_labels(labels, 3)
     torch.library.opcheck(ops.selectivity_index_segmented, ([x, y], *seg, 1e-7))
-    si, means, coeffs, argmax = ops.selectivity_index_segmented([x.detach(), y.detach()], *seg, 1e-7)
+    si, coeffs, argmax = ops.selectivity_index_segmented([x.detach(), y.detach()], *seg, 1e-7)
     grad_si = [torch.randn(4).to(device), torch.randn(5, dtype=torch.float64).to(device)]
     grad_means_given = [torch.randn(3, 4).to(device), torch.randn(3, 5, dtype=torch.float64).to(device)]
+    unit_coeffs = [c[:2] for c in coeffs]  # dSI/dmu_max, dSI/dmu_rest / (P - 1), as the backward passes them
     for grad_means in ([], grad_means_given):
         torch.library.opcheck(
             ops.segmented_unit_grad,
-            (grad_si, list(coeffs), list(argmax), grad_means, seg.labels, seg.counts, [4, 5], [6, 2], [6, 7]),
+            (grad_si, unit_coeffs, list(argmax), grad_means, seg.labels, seg.counts, [4, 5], [6, 2], [6, 7]),
         )
 
 

@@ -61,9 +61,9 @@ inline at::Tensor unit_means_buffer(const at::Tensor& x, int64_t N) {
   return at::empty({N, x.size(1)}, x.options().dtype(acc_type_of(x.scalar_type())));
 }
 
-// The outputs of the layer ops, per layer (L.C units, L.a its [N, C] unit means): means [K, C]
-// and, for selectivity_index_segmented, si [C] and coeffs [2, C], all in the accumulation type,
-// and argmax int64 [C].
+// The outputs of the layer ops, per layer (L.C units, L.a its [N, C] unit means): means [K, C] of
+// class_means_segmented; si [C], coeffs [4, C] (dSI/dmu_max, dSI/dmu_rest / (P - 1), mu_max,
+// mu_rest) and argmax int64 [C] of selectivity_index_segmented. All in the accumulation type.
 template <typename Layer>
 std::vector<at::Tensor> class_means_outputs(const std::vector<Layer>& layers, int64_t K) {
   std::vector<at::Tensor> means;
@@ -72,13 +72,11 @@ std::vector<at::Tensor> class_means_outputs(const std::vector<Layer>& layers, in
 }
 
 template <typename Layer>
-void selectivity_outputs(const std::vector<Layer>& layers, int64_t K, const at::Tensor& labels,
-                         std::vector<at::Tensor>& si, std::vector<at::Tensor>& means, std::vector<at::Tensor>& coeffs,
-                         std::vector<at::Tensor>& argmax) {
-  means = class_means_outputs(layers, K);
+void selectivity_outputs(const std::vector<Layer>& layers, const at::Tensor& labels, std::vector<at::Tensor>& si,
+                         std::vector<at::Tensor>& coeffs, std::vector<at::Tensor>& argmax) {
   for (const Layer& L : layers) {
     si.push_back(at::empty({L.C}, L.a.options()));
-    coeffs.push_back(at::empty({2, L.C}, L.a.options()));
+    coeffs.push_back(at::empty({4, L.C}, L.a.options()));
     argmax.push_back(at::empty({L.C}, labels.options()));
   }
 }

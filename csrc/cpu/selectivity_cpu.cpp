@@ -516,41 +516,91 @@ void class_sums_accumulate_cpu(at::TensorList xs, const at::Tensor& labels, cons
   });
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-selectivity_index_segmented_cpu(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
-                                const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
-                                double eps) {
+// Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer: the means of the
+// classes present in the batch only, class by class into out [P, c1 - c0] (summed as in
+// segment_means). O(P * C) whatever K is: no [K, C] means are written.
+template <typename acc_t>
+void present_class_means(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg,
+                         const std::vector<int64_t>& present, acc_t* out) {
+  const int64_t len = c1 - c0;
+  PairwiseRows<acc_t> acc(len, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
+  for (size_t p = 0; p < present.size(); ++p) {
+    const int64_t begin = seg.offsets[present[p]], end = seg.offsets[present[p] + 1];
+    acc_t* row = out + static_cast<int64_t>(p) * len;
+    segment_sum(a + c0, C, seg.order + begin, end - begin, len, acc, row);
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
+    for (int64_t c = 0; c < len; ++c) row[c] *= inv;
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> selectivity_index_segmented_cpu(
+    at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
+    const at::Tensor& order, const at::Tensor& invalid, double eps) {
   const Segmentation seg = check_segmentation(labels, counts, offsets, order, invalid);
   std::vector<Layer> layers = prepare_layers(xs, labels);
   unit_means_all(layers, seg.N);
-  std::vector<at::Tensor> si, means, coeffs, argmax;
-  selectivity_outputs(layers, seg.K, labels, si, means, coeffs, argmax);
+  std::vector<at::Tensor> si, coeffs, argmax;
+  selectivity_outputs(layers, labels, si, coeffs, argmax);
+  std::vector<int64_t> present;  // the classes of the batch, in class order
+  for (int64_t k = 0; k < seg.K; ++k)
+    if (seg.offsets[k + 1] > seg.offsets[k]) present.push_back(k);
+  const int64_t P = static_cast<int64_t>(present.size());
+  const std::vector<int64_t> ones(P, 1);  // unit_terms over the present classes' rows: all count
   const auto tasks = channel_tasks(layers);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const ChannelTask& task = tasks[t];
-      const int64_t l = task.layer, C = layers[l].C;
-      AT_DISPATCH_FLOATING_TYPES(means[l].scalar_type(), "selkernels_selectivity_index", [&] {
-        scalar_t* m = means[l].data_ptr<scalar_t>();
-        segment_means<scalar_t>(layers[l].a.data_ptr<scalar_t>(), C, task.c0, task.c1, seg, m);
+      const int64_t l = task.layer, C = layers[l].C, len = task.c1 - task.c0;
+      AT_DISPATCH_FLOATING_TYPES(coeffs[l].scalar_type(), "selectivity_index", [&] {
+        std::vector<scalar_t> means(P * len);
+        present_class_means<scalar_t>(layers[l].a.data_ptr<scalar_t>(), C, task.c0, task.c1, seg, present,
+                                      means.data());
         UnitTerms<scalar_t> terms;
-        unit_terms(m, seg.counts, seg.K, C, task.c0, task.c1, terms);
+        unit_terms(means.data(), ones.data(), P, len, 0, len, terms);
         const auto e = static_cast<scalar_t>(eps);
         scalar_t* out = si[l].data_ptr<scalar_t>();
         scalar_t* g_max = coeffs[l].data_ptr<scalar_t>();
-        scalar_t* g_rest = g_max + C;
+        scalar_t *g_rest = g_max + C, *mu_max = g_max + 2 * C, *mu_rest = g_max + 3 * C;
         int64_t* am = argmax[l].data_ptr<int64_t>();
         for (int64_t c = task.c0; c < task.c1; ++c) {
-          const scalar_t mu_max = terms.mu_max[c - task.c0], mu_rest = terms.mu_rest[c - task.c0];
-          out[c] = terms.present < 2 ? scalar_t(0) : selectivity_value(mu_max, mu_rest, e);
-          selectivity_grad_coeffs(mu_max, mu_rest, terms.present, e, scalar_t(1), &g_max[c], &g_rest[c]);
-          am[c] = terms.argmax[c - task.c0];
-          if (seg.invalid) out[c] = g_max[c] = g_rest[c] = std::numeric_limits<scalar_t>::quiet_NaN();
+          const int64_t i = c - task.c0;
+          mu_max[c] = terms.mu_max[i];
+          mu_rest[c] = terms.mu_rest[i];
+          out[c] = terms.present < 2 ? scalar_t(0) : selectivity_value(mu_max[c], mu_rest[c], e);
+          selectivity_grad_coeffs(mu_max[c], mu_rest[c], terms.present, e, scalar_t(1), &g_max[c], &g_rest[c]);
+          am[c] = terms.argmax[i] < 0 ? -1 : present[terms.argmax[i]];
+          if (seg.invalid)
+            out[c] = g_max[c] = g_rest[c] = mu_max[c] = mu_rest[c] = std::numeric_limits<scalar_t>::quiet_NaN();
         }
       });
     }
   });
-  return {si, means, coeffs, argmax};
+  return {si, coeffs, argmax};
+}
+
+// row[c] = ((am[c] == k ? at_max[c] : at_rest[c]) + extra[c]) * scale for c < C (extra optional).
+template <typename acc_t, typename out_t>
+inline __attribute__((always_inline)) void unit_grad_row_body(const int32_t* __restrict__ am, int32_t k,
+                                                              const acc_t* __restrict__ at_max,
+                                                              const acc_t* __restrict__ at_rest,
+                                                              const acc_t* __restrict__ extra, acc_t scale, int64_t C,
+                                                              out_t* __restrict__ row) {
+  if (extra != nullptr) {
+    for (int64_t c = 0; c < C; ++c)
+      row[c] = static_cast<out_t>(((am[c] == k ? at_max[c] : at_rest[c]) + extra[c]) * scale);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) row[c] = static_cast<out_t>((am[c] == k ? at_max[c] : at_rest[c]) * scale);
+  }
+}
+SELK_TARGET_CLONES void unit_grad_row(const int32_t* am, int32_t k, const float* at_max, const float* at_rest,
+                                      const float* extra, float scale, int64_t C, float* row) {
+  unit_grad_row_body(am, k, at_max, at_rest, extra, scale, C, row);
+}
+template <typename acc_t, typename out_t>
+void unit_grad_row(const int32_t* am, int32_t k, const acc_t* at_max, const acc_t* at_rest, const acc_t* extra,
+                   acc_t scale, int64_t C, out_t* row) {
+  unit_grad_row_body(am, k, at_max, at_rest, extra, scale, C, row);
 }
 
 // Backward of every layer in one parallel region over (layer, chunk of samples) tasks.
@@ -600,10 +650,20 @@ std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::Tens
       AT_DISPATCH_FLOATING_TYPES(acc, "selkernels_unit_grad_acc", [&] {
         using acc_t = scalar_t;
         const int64_t C = G.C;
-        const acc_t* gs = G.g_si.defined() ? G.g_si.data_ptr<acc_t>() : nullptr;
-        const acc_t* g_max = gs ? G.coeffs.data_ptr<acc_t>() : nullptr;
-        const acc_t* g_rest = gs ? g_max + C : nullptr;
-        const int64_t* am = gs ? G.argmax.data_ptr<int64_t>() : nullptr;
+        // The SI term per unit, once per task: grad_si times the coefficient of the maximal class
+        // and of the others, with the argmax as int32 (so the per-sample select vectorizes).
+        std::vector<acc_t> at_max(C, acc_t(0)), at_rest(C, acc_t(0));
+        std::vector<int32_t> am(C, -1);
+        if (G.g_si.defined()) {
+          const acc_t* gs = G.g_si.data_ptr<acc_t>();
+          const acc_t* g_max = G.coeffs.data_ptr<acc_t>();
+          const int64_t* argmax = G.argmax.data_ptr<int64_t>();
+          for (int64_t c = 0; c < C; ++c) {
+            at_max[c] = gs[c] * g_max[c];
+            at_rest[c] = gs[c] * g_max[C + c];
+            am[c] = static_cast<int32_t>(argmax[c]);
+          }
+        }
         const acc_t* gm = G.g_means.defined() ? G.g_means.data_ptr<acc_t>() : nullptr;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.out.scalar_type(), "selkernels_unit_grad", [&] {
           scalar_t* o = G.out.data_ptr<scalar_t>();
@@ -615,11 +675,8 @@ std::vector<at::Tensor> segmented_unit_grad_cpu(at::TensorList grad_si, at::Tens
               continue;
             }
             const acc_t scale = acc_t(1) / (static_cast<acc_t>(cnt[k]) * static_cast<acc_t>(G.S));
-            for (int64_t c = 0; c < C; ++c) {
-              acc_t g = gs ? gs[c] * (am[c] == k ? g_max[c] : g_rest[c]) : acc_t(0);
-              if (gm) g += gm[k * C + c];
-              row[c] = static_cast<scalar_t>(g * scale);
-            }
+            unit_grad_row(am.data(), static_cast<int32_t>(k), at_max.data(), at_rest.data(), gm ? gm + k * C : nullptr,
+                          scale, C, row);
           }
         });
       });

@@ -179,7 +179,7 @@ inline std::vector<Launch> plan_step(const std::vector<LayerShape>& layers, int6
       grid = std::max(grid, class_tiles(C));
       // Unit means once, the sorted order and offsets once per 32-channel tile (L2-resident).
       read += N * C * A + class_tiles(C) * (N * 8 + (K + 1) * 8) + 8;
-      written += K * C * A + C * (3 * A + 8);
+      written += C * (5 * A + 8);  // si, coeffs [4, C], argmax (no [K, C] means)
     }
     plan.push_back({kClassSiKernel,
                     {grid, static_cast<int64_t>(group.size()), 1},

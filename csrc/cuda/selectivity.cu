@@ -218,19 +218,18 @@ void class_sums_accumulate_cuda(at::TensorList xs, const at::Tensor& labels, con
   launch_class_si(layers, seg, 0.0, nullptr, &state, nullptr, nullptr, nullptr, stream);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-selectivity_index_segmented_cuda(at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts,
-                                 const at::Tensor& offsets, const at::Tensor& order, const at::Tensor& invalid,
-                                 double eps) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> selectivity_index_segmented_cuda(
+    at::TensorList xs, const at::Tensor& labels, const at::Tensor& counts, const at::Tensor& offsets,
+    const at::Tensor& order, const at::Tensor& invalid, double eps) {
   const c10::cuda::CUDAGuard guard(labels.device());
   const Seg seg = check_segmentation(labels, counts, offsets, order, invalid);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::vector<Layer> layers = prepare_layers(xs, seg);
   launch_unit_means(layers, seg.N, stream);
-  std::vector<at::Tensor> si, means, coeffs, argmax;
-  selectivity_outputs(layers, seg.K, labels, si, means, coeffs, argmax);
-  launch_class_si(layers, seg, eps, &means, nullptr, &si, &coeffs, &argmax, stream);
-  return {si, means, coeffs, argmax};
+  std::vector<at::Tensor> si, coeffs, argmax;
+  selectivity_outputs(layers, labels, si, coeffs, argmax);
+  launch_class_si(layers, seg, eps, nullptr, nullptr, &si, &coeffs, &argmax, stream);
+  return {si, coeffs, argmax};
 }
 
 // The backward of every layer: one launch per output dtype (per 16 layers).

@@ -423,10 +423,10 @@ __global__ void __launch_bounds__(kMeansThreads) unit_means_kernel(MeansTable<sc
 template <typename acc_t>
 struct ClassLayer {
   const acc_t* a;   // [N, C] unit means
-  acc_t* means;     // [K, C], or nullptr (class sums accumulated into `sums` instead)
-  double* sums;     // [K, C] float64 state the class sums are added to, or nullptr (write means)
+  acc_t* means;     // [K, C], or nullptr (not written: SI only, or sums)
+  double* sums;     // [K, C] float64 state the class sums are added to, or nullptr
   acc_t* si;        // [C], or nullptr (class means only)
-  acc_t* coeffs;    // [2, C]: dSI/dmu_max, dSI/dmu_rest / (P - 1); with si
+  acc_t* coeffs;    // [4, C]: dSI/dmu_max, dSI/dmu_rest / (P - 1), mu_max, mu_rest; with si
   int64_t* argmax;  // [C], -1 when P < 2; with si
   int64_t C;
 };
@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
       }
       m = m * (acc_t(1) / static_cast<acc_t>(end - begin));
       if (bad) m = nan;
-      L.means[k * C + c] = m;
+      if (L.means != nullptr) L.means[k * C + c] = m;
     }
     sum += m;
     if (present == 0 || !(m <= mx)) {  // strictly greater, or NaN: the first maximum wins ties
@@ -506,18 +506,21 @@ __global__ void __launch_bounds__(kWarpSize* kClassRows)
     }
     present += s_present[o];
   }
-  acc_t si = acc_t(0), g_max = acc_t(0), g_rest = acc_t(0);
+  acc_t si = acc_t(0), g_max = acc_t(0), g_rest = acc_t(0), rest = acc_t(0);
   if (present >= 2) {
-    const acc_t rest = (sum - mx) / static_cast<acc_t>(present - 1);
+    rest = (sum - mx) / static_cast<acc_t>(present - 1);
     si = selectivity_value(mx, rest, eps);
     selectivity_grad_coeffs(mx, rest, present, eps, acc_t(1), &g_max, &g_rest);
   } else {
     am = -1;
+    mx = acc_t(0);
   }
-  if (bad) si = g_max = g_rest = nan;
+  if (bad) si = g_max = g_rest = mx = rest = nan;
   L.si[c] = si;
   L.coeffs[c] = g_max;
   L.coeffs[C + c] = g_rest;
+  L.coeffs[2 * C + c] = mx;
+  L.coeffs[3 * C + c] = rest;
   L.argmax[c] = am;
 }
 

@@ -375,15 +375,22 @@ def time_round_robin(
     fns: dict[str, Callable[[], object]], device: str, *, min_rounds: int = 5, min_run_time: float = 0.5
 ) -> dict[str, tuple[float, float, int]]:
     """{name: (median s, IQR s, rounds)}: one call of each function per round, in turn, for at
-    least ``min_rounds`` rounds and ``min_run_time`` seconds per function on average."""
+    least ``min_rounds`` rounds and ``min_run_time`` seconds per function on average. Round r starts
+    at function r mod F (and the rounds are a multiple of F), so every function runs equally often
+    in every position of the round: a cost that lands on whatever runs first or after a given
+    neighbour (allocator state, caches, a clock change) is shared out instead of biasing one."""
     for fn in fns.values():
         fn(), fn()  # warm-up: allocations, lazy initialisation, autograd graph caches
     _sync(device)
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(times[next(iter(fns))]) < min_rounds or time.perf_counter() - start < min_run_time * len(fns):
-        for name, fn in fns.items():
-            times[name].append(_time_once(fn, device))
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < min_run_time * len(fns) or rounds % len(names):
+        for i in range(len(names)):
+            name = names[(rounds + i) % len(names)]
+            times[name].append(_time_once(fns[name], device))
+        rounds += 1
     out = {}
     for name, ts in times.items():
         q = torch.tensor(ts, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))

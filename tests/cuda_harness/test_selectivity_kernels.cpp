@@ -221,7 +221,7 @@ LayerData<T> make_layer(const Problem& p, Layout layout) {
   d.a.assign(std::max<int64_t>(N * C, 1), std::nan(""));
   d.means.assign(p.K * C, std::nan(""));
   d.si.assign(C, std::nan(""));
-  d.coeffs.assign(2 * C, std::nan(""));
+  d.coeffs.assign(4 * C, std::nan(""));
   d.argmax.assign(C, -7);
   return d;
 }
@@ -262,6 +262,8 @@ void run_unit_means(std::vector<LayerData<T>>& layers, int64_t N, int64_t sm_cou
                    unit_means_smem_bytes<acc_t>(), unit_means_kernel<T, acc_t>, table);
 }
 
+// class_si_kernel as the launchers run it: the class means only (class_means_segmented), or SI,
+// coefficients and argmax without the means (selectivity_index_segmented).
 template <class acc_t, class T>
 void run_class_si(std::vector<LayerData<T>>& layers, const Segs& s, int64_t K, double eps, bool with_si) {
   ClassTable<acc_t> table{};
@@ -269,7 +271,7 @@ void run_class_si(std::vector<LayerData<T>>& layers, const Segs& s, int64_t K, d
   for (size_t j = 0; j < layers.size(); ++j) {
     ClassLayer<acc_t>& d = table.layer[j];
     d.a = layers[j].a.data();
-    d.means = layers[j].means.data();
+    d.means = with_si ? nullptr : layers[j].means.data();
     d.si = with_si ? layers[j].si.data() : nullptr;
     d.coeffs = with_si ? layers[j].coeffs.data() : nullptr;
     d.argmax = with_si ? layers[j].argmax.data() : nullptr;
@@ -339,10 +341,23 @@ void check_layers(std::vector<LayerData<T>>& layers, const Segs& s, double eps) 
     std::vector<int64_t> argmax;
     ref_coeffs(r, L.p.K, L.p.C, eps, g_max, g_rest, argmax);
     SELK_CHECK(L.argmax == argmax);
-    const std::vector<double> got_max(L.coeffs.begin(), L.coeffs.begin() + L.p.C);
-    const std::vector<double> got_rest(L.coeffs.begin() + L.p.C, L.coeffs.end());
-    SELK_CHECK_CLOSE(got_max, g_max, 1e-5, 1e-6);  // finite differences
-    SELK_CHECK_CLOSE(got_rest, g_rest, 1e-5, 1e-6);
+    const int64_t C = L.p.C;
+    const auto row = [&](int i) {
+      return std::vector<double>(L.coeffs.begin() + i * C, L.coeffs.begin() + (i + 1) * C);
+    };
+    SELK_CHECK_CLOSE(row(0), g_max, 1e-5, 1e-6);  // finite differences
+    SELK_CHECK_CLOSE(row(1), g_rest, 1e-5, 1e-6);
+    // the terms: mu_max the argmax class's mean, mu_rest the mean of the other present classes'
+    std::vector<double> mu_max(C, 0.0), mu_rest(C, 0.0);
+    int64_t present = 0;
+    for (int64_t k = 0; k < L.p.K; ++k) present += r.counts[k] > 0;
+    for (int64_t c = 0; c < C && present >= 2; ++c) {
+      mu_max[c] = r.means[argmax[c] * C + c];
+      for (int64_t k = 0; k < L.p.K; ++k)
+        if (r.counts[k] > 0 && k != argmax[c]) mu_rest[c] += r.means[k * C + c] / static_cast<double>(present - 1);
+    }
+    SELK_CHECK_CLOSE(row(2), mu_max, tol, tol);
+    SELK_CHECK_CLOSE(row(3), mu_rest, f64 ? 1e-12 : 1e-5, tol);
   }
   (void)s;
 }
@@ -368,6 +383,7 @@ void forward_layers(int64_t N, int64_t K, int64_t classes_used,
   if (N > 0) run_unit_means<T>(layers, N, sm_count);
   using acc_t = typename AccOf<T>::type;
   SELK_CHECK(s.invalid == 0);
+  run_class_si<acc_t, T>(layers, s, K, eps, false);
   run_class_si<acc_t, T>(layers, s, K, eps, true);
   check_layers<T>(layers, s, eps);
   // Accumulation mode on the same unit means: start + count * mean for present classes, start
@@ -557,6 +573,7 @@ SELK_TEST(invalid_labels_give_nan) {
   SELK_CHECK(s.invalid > 0);
   std::vector<LayerData<float>> layers{make_layer<float>(p, Layout::kNCHW)};
   run_unit_means<float>(layers, p.N, 132);
+  run_class_si<float, float>(layers, s, p.K, 1e-7, false);
   run_class_si<float, float>(layers, s, p.K, 1e-7, true);
   for (float v : layers[0].means) SELK_CHECK(std::isnan(v));
   for (float v : layers[0].si) SELK_CHECK(std::isnan(v));
@@ -594,6 +611,7 @@ SELK_TEST(fewer_than_two_classes_and_empty_batch) {
   for (int64_t a : layers[0].argmax) SELK_CHECK(a == -1);
   for (auto& l : p.labels) l = p.ignore;  // no class present at all
   const Segs t = run_segments(p, 32);
+  run_class_si<float, float>(layers, t, p.K, 1e-7, false);
   run_class_si<float, float>(layers, t, p.K, 1e-7, true);
   for (float v : layers[0].means) SELK_CHECK(v == 0.0f);
   for (float v : layers[0].si) SELK_CHECK(v == 0.0f);
@@ -601,6 +619,7 @@ SELK_TEST(fewer_than_two_classes_and_empty_batch) {
   const Problem e = make_problem(0, 4, 3, 5, 5, 42);
   const Segs u = run_segments(e, 64);
   std::vector<LayerData<float>> empty{make_layer<float>(e, Layout::kNCHW)};
+  run_class_si<float, float>(empty, u, e.K, 1e-7, false);
   run_class_si<float, float>(empty, u, e.K, 1e-7, true);
   for (float v : empty[0].means) SELK_CHECK(v == 0.0f);
   for (int64_t c : u.counts) SELK_CHECK(c == 0);
@@ -630,6 +649,7 @@ SELK_TEST(bitwise_identical_across_schedules) {
     const Segs s = run_segments(q, 64);
     std::vector<LayerData<bf16_t>> layers{make_layer<bf16_t>(q, Layout::kPositionsMajor)};
     run_unit_means<bf16_t>(layers, q.N, 1);
+    run_class_si<float, bf16_t>(layers, s, q.K, 1e-7, false);
     run_class_si<float, bf16_t>(layers, s, q.K, 1e-7, true);
     std::vector<float> all = layers[0].means;
     all.insert(all.end(), layers[0].si.begin(), layers[0].si.end());
