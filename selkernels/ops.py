@@ -571,17 +571,25 @@ def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float, argmax: tor
     return present, argmax, num_present, mu_max, mu_rest, enough
 
 
+def _si_second_derivatives(a, b, eps):
+    """dA/da, dA/db, dB/da, dB/db of A = dSI/dmu_max = (2b + eps) / d^2 and
+    B = dSI/dmu_rest = -(2a + eps) / d^2, with a = mu_max, b = mu_rest, d = a + b + eps."""
+    d = a + b + eps
+    d2, d3 = d * d, d * d * d
+    return (
+        -2 * (2 * b + eps) / d3,
+        2 / d2 - 2 * (2 * b + eps) / d3,
+        -2 / d2 + 2 * (2 * a + eps) / d3,
+        2 * (2 * a + eps) / d3,
+    )
+
+
 def _si_coeff_vjp(means, counts, eps, g_a, g_b, argmax=None):
     """Gradient w.r.t. means [K, C] of sum_c g_a[c] * A[c] + g_b[c] * B[c], where
     A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients). ``argmax``: the
     forward kernel's choice of maximal class (so ties resolve as in the forward)."""
     present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps, argmax)
-    d = a + b + eps
-    d2, d3 = d * d, d * d * d
-    dA_da = -2 * (2 * b + eps) / d3
-    dA_db = 2 / d2 - 2 * (2 * b + eps) / d3
-    dB_da = -2 / d2 + 2 * (2 * a + eps) / d3
-    dB_db = 2 * (2 * a + eps) / d3
+    dA_da, dA_db, dB_da, dB_db = _si_second_derivatives(a, b, eps)
     grad_a = torch.where(enough, g_a * dA_da + g_b * dB_da, torch.zeros_like(a))
     grad_b = torch.where(enough, g_a * dA_db + g_b * dB_db, torch.zeros_like(b))
     is_max = torch.arange(means.shape[0], device=means.device).unsqueeze(1) == argmax.unsqueeze(0)
@@ -640,12 +648,7 @@ def _coeffs_vjp(coeffs, num_present, eps, grad_coeffs):
     a, b = coeffs[2], coeffs[3]
     p_minus_1 = (num_present - 1).clamp_min(1).to(a.dtype)
     g_a, g_b = grad_coeffs[0], grad_coeffs[1] / p_minus_1
-    d = a + b + eps
-    d2, d3 = d * d, d * d * d
-    dA_da = -2 * (2 * b + eps) / d3
-    dA_db = 2 / d2 - 2 * (2 * b + eps) / d3
-    dB_da = -2 / d2 + 2 * (2 * a + eps) / d3
-    dB_db = 2 * (2 * a + eps) / d3
+    dA_da, dA_db, dB_da, dB_db = _si_second_derivatives(a, b, eps)
     at_max = g_a * dA_da + g_b * dB_da + grad_coeffs[2]
     at_rest = (g_a * dA_db + g_b * dB_db + grad_coeffs[3]) / p_minus_1
     enough = num_present >= 2

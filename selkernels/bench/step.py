@@ -282,12 +282,12 @@ def _resnet_case(
         catcher.take()
         return loss
 
-    def make_step(loss_fn):
+    def make_step(loss_fn, optimizer=opt):
         def step():
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(images, labels)
             loss.backward()
-            opt.step()
+            optimizer.step()
             return loss
 
         return step
@@ -318,16 +318,8 @@ def _resnet_case(
         bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
         bare_loss = torch.compile(lambda x, y: nn.functional.cross_entropy(bare(x), y), dynamic=False)
-
-        def bare_step():
-            bare_opt.zero_grad(set_to_none=True)
-            loss = bare_loss(images, labels)
-            loss.backward()
-            bare_opt.step()
-            return loss
-
         for name, step in (
-            ("compiled none", bare_step),
+            ("compiled none", make_step(bare_loss, bare_opt)),
             ("compiled selkernels", make_step(torch.compile(loss_selkernels, dynamic=False))),
         ):
             if _compile(step, name, step, notes) is not None:
