@@ -147,3 +147,22 @@ def test_si_gradient_is_added_in_place_and_exact():
     assert adds["aten::add_"] >= len(hooked), adds  # one per hooked output at least (plus the skip adds)
     for got, ref in zip(model.parameters(), grads_ref):
         torch.testing.assert_close(got.grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_one_segmentation_per_step_serves_the_regularizer_and_the_covariance():
+    # labels segmented once: the penalty and the per-class covariance of the same step take it
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU())
+    reg = selkernels.SelectivityRegularizer([model[1], model[3]], 0.5, 4)
+    x, labels = torch.randn(12, 3, 8, 8), torch.randint(0, 4, (12,))
+    seg = selkernels.segment_labels(labels, 4)
+    stats_seg = selkernels.StreamingCovariance(5, num_classes=4)
+    stats_labels = selkernels.StreamingCovariance(5, num_classes=4)
+    out = model(x)
+    with_seg = reg.penalty(seg)
+    stats_seg.update(out, seg)
+    out = model(x)
+    with_labels = reg.penalty(labels)
+    stats_labels.update(out, labels)
+    torch.testing.assert_close(with_seg, with_labels, rtol=0, atol=0)
+    assert torch.equal(stats_seg.M2, stats_labels.M2) and torch.equal(stats_seg.count, stats_labels.count)
