@@ -304,7 +304,9 @@ def _for_kernel(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     custom op then sees [N, C] unit means. Eager keeps the fused one-pass kernel."""
     if not torch.compiler.is_compiling():
         return xs
-    return [x if x.dim() == 2 else x.flatten(2).mean(-1, dtype=_acc_dtype(x.dtype)) for x in xs]
+    # A mean over the trailing dims, not of x.flatten(2): flattening a channels-last x (the layout
+    # Inductor gives conv outputs on CPU) would make Inductor store x in NCHW for the view.
+    return [x if x.dim() == 2 else x.mean(tuple(range(2, x.dim())), dtype=_acc_dtype(x.dtype)) for x in xs]
 
 
 def _spatial_size(x: torch.Tensor):
