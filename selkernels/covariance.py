@@ -293,14 +293,15 @@ class StreamingCovariance:
                     f"the label segmentation has K = {k} classes and N = {n} samples; expected "
                     f"num_classes={self.num_classes} and N = z.shape[0] = {z.shape[0]}"
                 )
-            seg = labels
+            device = labels.labels.device
         else:
-            seg = None
             _check_label_tensor(labels, z.shape[0])
-        device = (seg.labels if seg is not None else labels).device
+            device = labels.device
         if device != self.device:
             raise ValueError(f"labels must be on the statistics' device ({self.device}), got {device}")
-        return seg if seg is not None else segment_labels(labels, self.num_classes, ignore_index=self.ignore_index)
+        if isinstance(labels, LabelSegments):
+            return labels
+        return segment_labels(labels, self.num_classes, ignore_index=self.ignore_index)
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
         """Fold another accumulator's statistics into this one (exact; returns self)."""
@@ -396,7 +397,7 @@ def _checked_state_tensor(state, key: str, shape: tuple[int, ...], *, integer: b
 def _per_row(seg: LabelSegments, x: torch.Tensor, z: torch.Tensor) -> LabelSegments:
     """The segmentation of z's N samples as one of x's rows: with reduce="flatten" each sample is
     S = rows / N consecutive rows (n * S + s), each in its sample's class and in its sample's place
-    in the order."""
+    in the order. ``invalid`` stays the count of invalid samples."""
     if x.shape[0] == z.shape[0]:
         return seg
     positions = x.shape[0] // z.shape[0]
@@ -406,7 +407,7 @@ def _per_row(seg: LabelSegments, x: torch.Tensor, z: torch.Tensor) -> LabelSegme
         seg.counts * positions,
         seg.offsets * positions,
         (seg.order[:, None] * positions + step).reshape(-1),
-        seg.invalid * positions,
+        seg.invalid,
     )
 
 
