@@ -99,7 +99,12 @@ class LayerOutputHooks:
 
     def _take_outputs(self) -> list:
         """The held outputs, released (every slot back to None)."""
-        outputs, self._outputs = self._outputs, [None] * len(self._outputs)
+        # Emptied in place: under torch.compile a list whose slots were written in the graph is
+        # restored after it, so a replaced list would carry its tensors out of the graph (graph
+        # outputs, whose gradients the backward then materialises as zeros and adds).
+        outputs = list(self._outputs)
+        for i in range(len(self._outputs)):
+            self._outputs[i] = None
         return outputs
 
     def __getstate__(self):
