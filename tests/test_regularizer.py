@@ -166,3 +166,27 @@ def test_one_segmentation_per_step_serves_the_regularizer_and_the_covariance():
     stats_labels.update(out, labels)
     torch.testing.assert_close(with_seg, with_labels, rtol=0, atol=0)
     assert torch.equal(stats_seg.M2, stats_labels.M2) and torch.equal(stats_seg.count, stats_labels.count)
+
+
+def test_compiled_penalty_keeps_the_hooked_outputs_inside_the_graph():
+    # The hooks' list is emptied in place: no hooked output may leave the compiled graph (an output
+    # that requires grad gets a zero gradient filled and added in the backward, a pass per layer).
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    reg = selkernels.SelectivityRegularizer([model[1], model[3]], 0.5, 4)
+    x, labels = torch.randn(12, 3, 8, 8), torch.randint(0, 4, (12,))
+    model(x)
+    graph_outputs = []
+
+    def backend(gm, example_inputs):
+        outs = gm.graph.output_node().args[0]
+        graph_outputs.append(sum(bool(getattr(n.meta.get("example_value"), "requires_grad", False)) for n in outs))
+        return gm
+
+    def loss_fn(x, labels):
+        return nn.functional.cross_entropy(model(x), labels) + reg.penalty(labels)
+
+    loss = torch.compile(loss_fn, backend=backend, fullgraph=True)(x, labels)
+    loss.backward()
+    assert graph_outputs == [1]  # the loss alone requires grad (last_layer_si leaves detached)
+    assert reg._outputs == [None, None]
