@@ -573,17 +573,14 @@ def _si_terms(means: torch.Tensor, counts: torch.Tensor, eps: float, argmax: tor
     return present, argmax, num_present, mu_max, mu_rest, enough
 
 
-def _si_second_derivatives(a, b, eps):
-    """dA/da, dA/db, dB/da, dB/db of A = dSI/dmu_max = (2b + eps) / d^2 and
-    B = dSI/dmu_rest = -(2a + eps) / d^2, with a = mu_max, b = mu_rest, d = a + b + eps."""
+def _coeff_vjp_terms(a, b, eps, g_a, g_b):
+    """d/da and d/db of g_a * A + g_b * B, with A = dSI/dmu_max = (2b + eps) / d^2,
+    B = dSI/dmu_rest = -(2a + eps) / d^2, a = mu_max, b = mu_rest, d = a + b + eps."""
     d = a + b + eps
     d2, d3 = d * d, d * d * d
-    return (
-        -2 * (2 * b + eps) / d3,
-        2 / d2 - 2 * (2 * b + eps) / d3,
-        -2 / d2 + 2 * (2 * a + eps) / d3,
-        2 * (2 * a + eps) / d3,
-    )
+    dA_da, dA_db = -2 * (2 * b + eps) / d3, 2 / d2 - 2 * (2 * b + eps) / d3
+    dB_da, dB_db = -2 / d2 + 2 * (2 * a + eps) / d3, 2 * (2 * a + eps) / d3
+    return g_a * dA_da + g_b * dB_da, g_a * dA_db + g_b * dB_db
 
 
 def _si_coeff_vjp(means, counts, eps, g_a, g_b, argmax=None):
@@ -591,9 +588,9 @@ def _si_coeff_vjp(means, counts, eps, g_a, g_b, argmax=None):
     A = dSI/dmu_max and B = dSI/dmu_rest (the first-derivative coefficients). ``argmax``: the
     forward kernel's choice of maximal class (so ties resolve as in the forward)."""
     present, argmax, num_present, a, b, enough = _si_terms(means, counts, eps, argmax)
-    dA_da, dA_db, dB_da, dB_db = _si_second_derivatives(a, b, eps)
-    grad_a = torch.where(enough, g_a * dA_da + g_b * dB_da, torch.zeros_like(a))
-    grad_b = torch.where(enough, g_a * dA_db + g_b * dB_db, torch.zeros_like(b))
+    d_a, d_b = _coeff_vjp_terms(a, b, eps, g_a, g_b)
+    grad_a = torch.where(enough, d_a, torch.zeros_like(a))
+    grad_b = torch.where(enough, d_b, torch.zeros_like(b))
     is_max = torch.arange(means.shape[0], device=means.device).unsqueeze(1) == argmax.unsqueeze(0)
     rest = grad_b / (num_present - 1).clamp_min(1)
     return torch.where(present, torch.where(is_max, grad_a, rest), torch.zeros_like(means))
@@ -650,9 +647,9 @@ def _coeffs_vjp(coeffs, num_present, eps, grad_coeffs):
     a, b = coeffs[2], coeffs[3]
     p_minus_1 = (num_present - 1).clamp_min(1).to(a.dtype)
     g_a, g_b = grad_coeffs[0], grad_coeffs[1] / p_minus_1
-    dA_da, dA_db, dB_da, dB_db = _si_second_derivatives(a, b, eps)
-    at_max = g_a * dA_da + g_b * dB_da + grad_coeffs[2]
-    at_rest = (g_a * dA_db + g_b * dB_db + grad_coeffs[3]) / p_minus_1
+    d_a, d_b = _coeff_vjp_terms(a, b, eps, g_a, g_b)
+    at_max = d_a + grad_coeffs[2]
+    at_rest = (d_b + grad_coeffs[3]) / p_minus_1
     enough = num_present >= 2
     zero = torch.zeros_like(at_max)
     return torch.where(enough, at_max, zero), torch.where(enough, at_rest, zero)
