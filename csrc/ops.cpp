@@ -1,5 +1,6 @@
 // The one place that declares every selkernels op schema. Kernels register per dispatch key in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in selkernels/ops.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, the selectivity ops' autograd in csrc/selectivity_autograd.cpp;
+// fake kernels (and the spectral penalty's autograd) live in selkernels/ops.py and spectral_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -516,21 +516,91 @@ void class_sums_accumulate_cpu(at::TensorList xs, const at::Tensor& labels, cons
   });
 }
 
-// Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer: the means of the
-// classes present in the batch only, class by class into out [P, c1 - c0] (summed as in
-// segment_means). O(P * C) whatever K is: no [K, C] means are written.
+// Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer, class by class over
+// the classes present only (O(P * C) whatever K is; no [K, C] means): each class's mean row (a row
+// of the unit means itself when the class has one sample, else its segment sum, as in
+// segment_means) is folded into the running maximum, first argmax and the sum of the class means,
+// summed in blocks of classes combined pairwise (error ~ log P).
 template <typename acc_t>
-void present_class_means(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg,
-                         const std::vector<int64_t>& present, acc_t* out) {
-  const int64_t len = c1 - c0;
-  PairwiseRows<acc_t> acc(len, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
-  for (size_t p = 0; p < present.size(); ++p) {
-    const int64_t begin = seg.offsets[present[p]], end = seg.offsets[present[p] + 1];
-    acc_t* row = out + static_cast<int64_t>(p) * len;
-    segment_sum(a + c0, C, seg.order + begin, end - begin, len, acc, row);
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(end - begin);
-    for (int64_t c = 0; c < len; ++c) row[c] *= inv;
+inline __attribute__((always_inline)) void fold_class_row_body(const acc_t* __restrict__ row, int32_t k, bool first,
+                                                               bool block_start, int64_t len, acc_t* __restrict__ block,
+                                                               acc_t* __restrict__ mx, int32_t* __restrict__ am) {
+  if (first) {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      mx[c] = row[c];
+      am[c] = k;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      const bool take = !(row[c] <= mx[c]);  // strictly greater, or NaN: the first maximum wins ties
+      mx[c] = take ? row[c] : mx[c];
+      am[c] = take ? k : am[c];
+    }
   }
+  if (block_start) {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) block[c] = row[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) block[c] += row[c];
+  }
+}
+SELK_TARGET_CLONES void fold_class_row(const float* row, int32_t k, bool first, bool block_start, int64_t len,
+                                       float* block, float* mx, int32_t* am) {
+  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
+}
+SELK_TARGET_CLONES void fold_class_row(const double* row, int32_t k, bool first, bool block_start, int64_t len,
+                                       double* block, double* mx, int32_t* am) {
+  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
+}
+
+// Per unit c < len: mu_rest from the sum of the P present class means, then SI and its gradient
+// coefficients (NaN everywhere on invalid labels). Outputs are offset to the task's first unit.
+template <typename acc_t>
+void selectivity_epilogue(const acc_t* sum, const acc_t* mx, const int32_t* am, int64_t P, int64_t len, acc_t eps,
+                          bool invalid, acc_t* si, acc_t* g_max, acc_t* g_rest, acc_t* mu_max, acc_t* mu_rest,
+                          int64_t* argmax) {
+  const acc_t inv = P < 2 ? acc_t(0) : acc_t(1) / static_cast<acc_t>(P - 1);
+  for (int64_t c = 0; c < len; ++c) {
+    mu_max[c] = P < 2 ? acc_t(0) : mx[c];
+    mu_rest[c] = P < 2 ? acc_t(0) : (sum[c] - mx[c]) * inv;
+    si[c] = P < 2 ? acc_t(0) : selectivity_value(mu_max[c], mu_rest[c], eps);
+    selectivity_grad_coeffs(mu_max[c], mu_rest[c], P, eps, acc_t(1), &g_max[c], &g_rest[c]);
+    argmax[c] = P < 2 ? -1 : am[c];
+    if (invalid) si[c] = g_max[c] = g_rest[c] = mu_max[c] = mu_rest[c] = std::numeric_limits<acc_t>::quiet_NaN();
+  }
+}
+
+template <typename acc_t>
+void selectivity_channel_block(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg,
+                               const std::vector<int64_t>& present, acc_t eps, acc_t* si, acc_t* coeffs,
+                               int64_t* argmax) {
+  const int64_t len = c1 - c0, P = static_cast<int64_t>(present.size());
+  std::vector<acc_t> mean_row(len), mx(len, acc_t(0)), sum(len, acc_t(0));
+  std::vector<int32_t> am(len, -1);
+  PairwiseRows<acc_t> class_sums(len, (P + kColumnSumBlock - 1) / kColumnSumBlock);
+  PairwiseRows<acc_t> segment(len, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t k = present[p], begin = seg.offsets[k], count = seg.offsets[k + 1] - begin;
+    const acc_t* row = a + seg.order[begin] * C + c0;
+    if (count > 1) {
+      segment_sum(a + c0, C, seg.order + begin, count, len, segment, mean_row.data());
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(count);
+      for (int64_t c = 0; c < len; ++c) mean_row[c] *= inv;
+      row = mean_row.data();
+    }
+    const bool block_start = p % kColumnSumBlock == 0;
+    if (block_start && p > 0) class_sums.push();
+    fold_class_row(row, static_cast<int32_t>(k), p == 0, block_start, len, class_sums.current(), mx.data(), am.data());
+  }
+  if (P > 0) {
+    class_sums.push();
+    class_sums.total(sum.data());
+  }
+  selectivity_epilogue(sum.data(), mx.data(), am.data(), P, len, eps, seg.invalid, si + c0, coeffs + c0,
+                       coeffs + C + c0, coeffs + 2 * C + c0, coeffs + 3 * C + c0, argmax + c0);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> selectivity_index_segmented_cpu(
@@ -544,34 +614,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   std::vector<int64_t> present;  // the classes of the batch, in class order
   for (int64_t k = 0; k < seg.K; ++k)
     if (seg.offsets[k + 1] > seg.offsets[k]) present.push_back(k);
-  const int64_t P = static_cast<int64_t>(present.size());
-  const std::vector<int64_t> ones(P, 1);  // unit_terms over the present classes' rows: all count
   const auto tasks = channel_tasks(layers);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const ChannelTask& task = tasks[t];
-      const int64_t l = task.layer, C = layers[l].C, len = task.c1 - task.c0;
+      const int64_t l = task.layer;
       AT_DISPATCH_FLOATING_TYPES(coeffs[l].scalar_type(), "selectivity_index", [&] {
-        std::vector<scalar_t> means(P * len);
-        present_class_means<scalar_t>(layers[l].a.data_ptr<scalar_t>(), C, task.c0, task.c1, seg, present,
-                                      means.data());
-        UnitTerms<scalar_t> terms;
-        unit_terms(means.data(), ones.data(), P, len, 0, len, terms);
-        const auto e = static_cast<scalar_t>(eps);
-        scalar_t* out = si[l].data_ptr<scalar_t>();
-        scalar_t* g_max = coeffs[l].data_ptr<scalar_t>();
-        scalar_t *g_rest = g_max + C, *mu_max = g_max + 2 * C, *mu_rest = g_max + 3 * C;
-        int64_t* am = argmax[l].data_ptr<int64_t>();
-        for (int64_t c = task.c0; c < task.c1; ++c) {
-          const int64_t i = c - task.c0;
-          mu_max[c] = terms.mu_max[i];
-          mu_rest[c] = terms.mu_rest[i];
-          out[c] = terms.present < 2 ? scalar_t(0) : selectivity_value(mu_max[c], mu_rest[c], e);
-          selectivity_grad_coeffs(mu_max[c], mu_rest[c], terms.present, e, scalar_t(1), &g_max[c], &g_rest[c]);
-          am[c] = terms.argmax[i] < 0 ? -1 : present[terms.argmax[i]];
-          if (seg.invalid)
-            out[c] = g_max[c] = g_rest[c] = mu_max[c] = mu_rest[c] = std::numeric_limits<scalar_t>::quiet_NaN();
-        }
+        selectivity_channel_block<scalar_t>(layers[l].a.data_ptr<scalar_t>(), layers[l].C, task.c0, task.c1, seg,
+                                            present, static_cast<scalar_t>(eps), si[l].data_ptr<scalar_t>(),
+                                            coeffs[l].data_ptr<scalar_t>(), argmax[l].data_ptr<int64_t>());
       });
     }
   });
