@@ -470,7 +470,8 @@ def selectivity_index(
     :func:`selectivity_from_means` (fewer than two classes present: SI = 0, zero gradient).
 
     Returns float32 [C] (float64 for float64 x), or a list of them for a list. Memory: forward
-    O(N*C + P*C) per layer for the P classes present (no [K, C] buffer); the backward returns
+    the [N, C] unit means per layer and O(C log P) scratch for the P classes present (no [K, C]
+    or [P, C] buffer; the class means are summed pairwise, error ~ log P); the backward returns
     the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor. Twice differentiable (the
     second derivative through the class means is exact, from the per-unit terms mu_max and
     mu_rest the forward keeps; the choice of the maximal class is piecewise constant).
