@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 namespace selk {
@@ -136,9 +137,10 @@ std::pair<at::Tensor, at::Tensor> coeff_vjp_terms(const at::Tensor& a, const at:
                                                   const at::Tensor& g_a, const at::Tensor& g_b) {
   const at::Tensor d = a + b + eps;
   const at::Tensor d2 = d * d, d3 = d2 * d;
-  const at::Tensor two_b = (2 * b + eps) / d3, two_a = (2 * a + eps) / d3;
-  const at::Tensor dA_da = -2 * two_b, dA_db = 2 / d2 - 2 * two_b;
-  const at::Tensor dB_da = -2 / d2 + 2 * two_a, dB_db = 2 * two_a;
+  // (2b + eps) / d^3 and (2a + eps) / d^3: A = (2b + eps) / d^2 and -B = (2a + eps) / d^2 over d.
+  const at::Tensor A_over_d = (2 * b + eps) / d3, minus_B_over_d = (2 * a + eps) / d3;
+  const at::Tensor dA_da = -2 * A_over_d, dA_db = 2 / d2 - 2 * A_over_d;
+  const at::Tensor dB_da = -2 / d2 + 2 * minus_B_over_d, dB_db = 2 * minus_B_over_d;
   return {g_a * dA_da + g_b * dB_da, g_a * dA_db + g_b * dB_db};
 }
 

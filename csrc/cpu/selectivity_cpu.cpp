@@ -518,7 +518,7 @@ void class_sums_accumulate_cpu(at::TensorList xs, const at::Tensor& labels, cons
 
 // Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer, class by class over
 // the classes present only (O(P * C) whatever K is; no [K, C] means): each class's mean row (a row
-// of the unit means itself when the class has one sample, else its segment sum, as in
+// of the unit means itself when the class has one sample, else its segment mean, as in
 // segment_means) is folded into the running maximum, first argmax and the sum of the class means,
 // summed in blocks of classes combined pairwise (error ~ log P).
 template <typename acc_t>
