@@ -127,13 +127,96 @@ SELK_TARGET_CLONES void segment_sum(const double* a, int64_t C, const int64_t* o
 // a second thread exceeds the work (and on a loaded machine it can cost a whole time slice).
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
-// Per-unit SI terms for units [c0, c1), sweeping the [K, C] means row by row so the inner loop is
-// unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's coalescing instead).
-// Same semantics: present = classes with count > 0, first maximum on ties, NaN propagates.
+// One class's mean row folded into the running per-unit terms of `len` units: the maximum and its
+// first class (`first`: the first row), and the row added to the current block of class sums
+// (`block_start`: copied into it).
+template <typename acc_t>
+inline __attribute__((always_inline)) void fold_class_row_body(const acc_t* __restrict__ row, int32_t k, bool first,
+                                                               bool block_start, int64_t len, acc_t* __restrict__ block,
+                                                               acc_t* __restrict__ mx, int32_t* __restrict__ am) {
+  if (first) {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      mx[c] = row[c];
+      am[c] = k;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) {
+      const bool take = !(row[c] <= mx[c]);  // strictly greater, or NaN: the first maximum wins ties
+      mx[c] = take ? row[c] : mx[c];
+      am[c] = take ? k : am[c];
+    }
+  }
+  if (block_start) {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) block[c] = row[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < len; ++c) block[c] += row[c];
+  }
+}
+SELK_TARGET_CLONES void fold_class_row(const float* row, int32_t k, bool first, bool block_start, int64_t len,
+                                       float* block, float* mx, int32_t* am) {
+  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
+}
+SELK_TARGET_CLONES void fold_class_row(const double* row, int32_t k, bool first, bool block_start, int64_t len,
+                                       double* block, double* mx, int32_t* am) {
+  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
+}
+
+// Per-unit SI terms over the class-mean rows of the classes present, given one at a time in class
+// order: mu_max (first maximum on ties, NaN propagates), its class, and mu_rest from the sum of the
+// class means, summed in blocks of kColumnSumBlock classes combined pairwise (error ~ log P). The
+// rows are read unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's
+// coalescing instead). P < 2: mu_max = mu_rest = 0 and argmax = -1.
+template <typename acc_t>
+class ClassFold {
+ public:
+  ClassFold(int64_t len, int64_t max_classes)
+      : len_(len),
+        mx_(len, acc_t(0)),
+        am_(len, -1),
+        sums_(len, (max_classes + kColumnSumBlock - 1) / kColumnSumBlock) {}
+
+  void add(const acc_t* row, int64_t k) {
+    const bool block_start = present_ % kColumnSumBlock == 0;
+    if (block_start && present_ > 0) sums_.push();
+    fold_class_row(row, static_cast<int32_t>(k), present_ == 0, block_start, len_, sums_.current(), mx_.data(),
+                   am_.data());
+    ++present_;
+  }
+  int64_t present() const { return present_; }
+
+  void finish(acc_t* mu_max, acc_t* mu_rest, int32_t* argmax) {
+    if (present_ < 2) {
+      std::fill(mu_max, mu_max + len_, acc_t(0));
+      std::fill(mu_rest, mu_rest + len_, acc_t(0));
+      std::fill(argmax, argmax + len_, -1);
+      return;
+    }
+    sums_.push();
+    sums_.total(mu_rest);  // the sum of the class means, then mu_rest in place
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(present_ - 1);
+    for (int64_t c = 0; c < len_; ++c) {
+      mu_rest[c] = (mu_rest[c] - mx_[c]) * inv;
+      mu_max[c] = mx_[c];
+      argmax[c] = am_[c];
+    }
+  }
+
+ private:
+  int64_t len_, present_ = 0;
+  std::vector<acc_t> mx_;
+  std::vector<int32_t> am_;  // int32 (K < 2^31) so the select vectorizes
+  PairwiseRows<acc_t> sums_;
+};
+
+// The SI terms of units [c0, c1) from [K, C] class means and counts (present: count > 0).
 template <typename acc_t>
 struct UnitTerms {
   std::vector<acc_t> mu_max, mu_rest;
-  std::vector<int32_t> argmax;  // int32 (K < 2^31) so the select below vectorizes
+  std::vector<int32_t> argmax;
   int64_t present = 0;
 };
 
@@ -141,41 +224,14 @@ template <typename acc_t>
 void unit_terms(const acc_t* means, const int64_t* counts, int64_t K, int64_t C, int64_t c0, int64_t c1,
                 UnitTerms<acc_t>& t) {
   const int64_t len = c1 - c0;
-  t.mu_max.assign(len, acc_t(0));
-  t.mu_rest.assign(len, acc_t(0));
-  t.argmax.assign(len, -1);
-  std::vector<acc_t> sum_buf(len, acc_t(0));
-  acc_t* __restrict__ sum = sum_buf.data();
-  acc_t* __restrict__ mx = t.mu_max.data();
-  int32_t* __restrict__ am = t.argmax.data();
-  t.present = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (counts[k] <= 0) continue;
-    const acc_t* __restrict__ row = means + k * C + c0;
-    const int32_t kk = static_cast<int32_t>(k);
-    if (t.present == 0) {
-      for (int64_t c = 0; c < len; ++c) {
-        sum[c] = row[c];
-        mx[c] = row[c];
-        am[c] = kk;
-      }
-    } else {
-      for (int64_t c = 0; c < len; ++c) {
-        sum[c] += row[c];
-        const bool take = !(row[c] <= mx[c]);  // strictly greater, or NaN: first max wins ties
-        mx[c] = take ? row[c] : mx[c];
-        am[c] = take ? kk : am[c];
-      }
-    }
-    ++t.present;
-  }
-  if (t.present < 2) {
-    std::fill(t.mu_max.begin(), t.mu_max.end(), acc_t(0));
-    std::fill(t.argmax.begin(), t.argmax.end(), -1);
-    return;
-  }
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(t.present - 1);
-  for (int64_t c = 0; c < len; ++c) t.mu_rest[c] = (sum[c] - mx[c]) * inv;
+  ClassFold<acc_t> fold(len, K);
+  for (int64_t k = 0; k < K; ++k)
+    if (counts[k] > 0) fold.add(means + k * C + c0, k);
+  t.mu_max.resize(len);
+  t.mu_rest.resize(len);
+  t.argmax.resize(len);
+  t.present = fold.present();
+  fold.finish(t.mu_max.data(), t.mu_rest.data(), t.argmax.data());
 }
 
 constexpr int64_t kUnitBlock = 256;
@@ -516,74 +572,35 @@ void class_sums_accumulate_cpu(at::TensorList xs, const at::Tensor& labels, cons
   });
 }
 
-// Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer, class by class over
-// the classes present only (O(P * C) whatever K is; no [K, C] means): each class's mean row (a row
-// of the unit means itself when the class has one sample, else its segment mean, as in
-// segment_means) is folded into the running maximum, first argmax and the sum of the class means,
-// summed in blocks of classes combined pairwise (error ~ log P).
+// Per unit c < len: SI and its gradient coefficients from the terms (NaN everywhere on invalid
+// labels). Outputs are offset to the task's first unit.
 template <typename acc_t>
-inline __attribute__((always_inline)) void fold_class_row_body(const acc_t* __restrict__ row, int32_t k, bool first,
-                                                               bool block_start, int64_t len, acc_t* __restrict__ block,
-                                                               acc_t* __restrict__ mx, int32_t* __restrict__ am) {
-  if (first) {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) {
-      mx[c] = row[c];
-      am[c] = k;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) {
-      const bool take = !(row[c] <= mx[c]);  // strictly greater, or NaN: the first maximum wins ties
-      mx[c] = take ? row[c] : mx[c];
-      am[c] = take ? k : am[c];
-    }
-  }
-  if (block_start) {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) block[c] = row[c];
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) block[c] += row[c];
-  }
-}
-SELK_TARGET_CLONES void fold_class_row(const float* row, int32_t k, bool first, bool block_start, int64_t len,
-                                       float* block, float* mx, int32_t* am) {
-  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
-}
-SELK_TARGET_CLONES void fold_class_row(const double* row, int32_t k, bool first, bool block_start, int64_t len,
-                                       double* block, double* mx, int32_t* am) {
-  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
-}
-
-// Per unit c < len: mu_rest from the sum of the P present class means, then SI and its gradient
-// coefficients (NaN everywhere on invalid labels). Outputs are offset to the task's first unit.
-template <typename acc_t>
-void selectivity_epilogue(const acc_t* sum, const acc_t* mx, const int32_t* am, int64_t P, int64_t len, acc_t eps,
-                          bool invalid, acc_t* si, acc_t* g_max, acc_t* g_rest, acc_t* mu_max, acc_t* mu_rest,
-                          int64_t* argmax) {
-  const acc_t inv = P < 2 ? acc_t(0) : acc_t(1) / static_cast<acc_t>(P - 1);
+void selectivity_epilogue(const UnitTerms<acc_t>& t, int64_t len, acc_t eps, bool invalid, acc_t* si, acc_t* g_max,
+                          acc_t* g_rest, acc_t* mu_max, acc_t* mu_rest, int64_t* argmax) {
   for (int64_t c = 0; c < len; ++c) {
-    mu_max[c] = P < 2 ? acc_t(0) : mx[c];
-    mu_rest[c] = P < 2 ? acc_t(0) : (sum[c] - mx[c]) * inv;
-    si[c] = P < 2 ? acc_t(0) : selectivity_value(mu_max[c], mu_rest[c], eps);
-    selectivity_grad_coeffs(mu_max[c], mu_rest[c], P, eps, acc_t(1), &g_max[c], &g_rest[c]);
-    argmax[c] = P < 2 ? -1 : am[c];
+    mu_max[c] = t.mu_max[c];
+    mu_rest[c] = t.mu_rest[c];
+    si[c] = t.present < 2 ? acc_t(0) : selectivity_value(mu_max[c], mu_rest[c], eps);
+    selectivity_grad_coeffs(mu_max[c], mu_rest[c], t.present, eps, acc_t(1), &g_max[c], &g_rest[c]);
+    argmax[c] = t.argmax[c];
     if (invalid) si[c] = g_max[c] = g_rest[c] = mu_max[c] = mu_rest[c] = std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
 
+// Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer, over the classes
+// present only (O(P * C) whatever K is; no [K, C] or [P, C] means): each class's mean row, a row of
+// the unit means itself when the class has one sample, else its segment mean (as in
+// segment_means), is folded into the SI terms (ClassFold).
 template <typename acc_t>
 void selectivity_channel_block(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg,
                                const std::vector<int64_t>& present, acc_t eps, acc_t* si, acc_t* coeffs,
                                int64_t* argmax) {
   const int64_t len = c1 - c0, P = static_cast<int64_t>(present.size());
-  std::vector<acc_t> mean_row(len), mx(len, acc_t(0)), sum(len, acc_t(0));
-  std::vector<int32_t> am(len, -1);
-  PairwiseRows<acc_t> class_sums(len, (P + kColumnSumBlock - 1) / kColumnSumBlock);
+  std::vector<acc_t> mean_row(len);
   PairwiseRows<acc_t> segment(len, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t k = present[p], begin = seg.offsets[k], count = seg.offsets[k + 1] - begin;
+  ClassFold<acc_t> fold(len, P);
+  for (int64_t k : present) {
+    const int64_t begin = seg.offsets[k], count = seg.offsets[k + 1] - begin;
     const acc_t* row = a + seg.order[begin] * C + c0;
     if (count > 1) {
       segment_sum(a + c0, C, seg.order + begin, count, len, segment, mean_row.data());
@@ -591,16 +608,12 @@ void selectivity_channel_block(const acc_t* a, int64_t C, int64_t c0, int64_t c1
       for (int64_t c = 0; c < len; ++c) mean_row[c] *= inv;
       row = mean_row.data();
     }
-    const bool block_start = p % kColumnSumBlock == 0;
-    if (block_start && p > 0) class_sums.push();
-    fold_class_row(row, static_cast<int32_t>(k), p == 0, block_start, len, class_sums.current(), mx.data(), am.data());
+    fold.add(row, k);
   }
-  if (P > 0) {
-    class_sums.push();
-    class_sums.total(sum.data());
-  }
-  selectivity_epilogue(sum.data(), mx.data(), am.data(), P, len, eps, seg.invalid, si + c0, coeffs + c0,
-                       coeffs + C + c0, coeffs + 2 * C + c0, coeffs + 3 * C + c0, argmax + c0);
+  UnitTerms<acc_t> t{std::vector<acc_t>(len), std::vector<acc_t>(len), std::vector<int32_t>(len), fold.present()};
+  fold.finish(t.mu_max.data(), t.mu_rest.data(), t.argmax.data());
+  selectivity_epilogue(t, len, eps, seg.invalid, si + c0, coeffs + c0, coeffs + C + c0, coeffs + 2 * C + c0,
+                       coeffs + 3 * C + c0, argmax + c0);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> selectivity_index_segmented_cpu(
