@@ -21,7 +21,7 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.selkernels.*)
 from ._moments import merge_into
 from .distributed import all_reduce_moments
-from .ops import LabelSegments, _check_activations, _check_label_tensor, segment_labels
+from .ops import LabelSegments, _check_activations, _check_label_tensor, _segment
 
 __all__ = ["StreamingCovariance"]
 
@@ -301,7 +301,8 @@ class StreamingCovariance:
             raise ValueError(f"labels must be on the statistics' device ({self.device}), got {device}")
         if isinstance(labels, LabelSegments):
             return labels
-        return segment_labels(labels, self.num_classes, ignore_index=self.ignore_index)
+        # num_classes was checked, and its state allocated, at construction.
+        return _segment(labels, self.num_classes, self.ignore_index)
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
         """Fold another accumulator's statistics into this one (exact; returns self)."""

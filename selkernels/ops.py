@@ -198,6 +198,12 @@ def segment_labels(labels: torch.Tensor, num_classes: int, *, ignore_index: int 
     labels = _check_label_tensor(labels)
     num_classes = _check_num_classes(num_classes)
     _check_class_memory(num_classes, [], labels.device)
+    return _segment(labels, num_classes, ignore_index)
+
+
+def _segment(labels: torch.Tensor, num_classes, ignore_index: int) -> LabelSegments:
+    """segment_labels for callers that have checked the labels tensor, num_classes and the class
+    memory themselves (the layer ops, StreamingCovariance): those checks run once per call."""
     ignore_index = _check_int(ignore_index, "ignore_index")
     return LabelSegments(
         *_ops.segment_labels(_labels_as_int64(labels, num_classes, ignore_index), num_classes, ignore_index)
@@ -263,7 +269,8 @@ def _segments_for(labels_or_seg, n: int, device: torch.device, num_classes, igno
         if num_classes is None:
             raise TypeError("num_classes is required when labels is a tensor (not a LabelSegments)")
         _check_label_tensor(labels_or_seg, n)
-        seg = segment_labels(labels_or_seg, num_classes, ignore_index=ignore_index)
+        # The callers checked the class memory (before anything is allocated).
+        seg = _segment(labels_or_seg, _check_num_classes(num_classes), ignore_index)
     if seg.labels.device != device:
         raise ValueError(f"labels must be on the same device as x ({device}), got {seg.labels.device}")
     return seg
@@ -387,9 +394,9 @@ def accumulate_class_sums(
         raise TypeError("sums must be a tensor for a tensor x, or a list/tuple of tensors for a list x")
     if len(targets) != len(xs):
         raise ValueError(f"sums must hold one tensor per layer ({len(xs)}), got {len(targets)}")
+    _check_class_memory(_num_classes_of(labels, num_classes), xs, xs[0].device)
     seg = _segments_for(labels, xs[0].shape[0], xs[0].device, num_classes, ignore_index)
     k = seg.counts.shape[0]
-    _check_class_memory(k, xs, xs[0].device)
     for i, (t, xi) in enumerate(zip(targets, xs)):
         name = "sums" if single else f"sums[{i}]"
         if not isinstance(t, torch.Tensor):
