@@ -477,8 +477,10 @@ def selectivity_index(
     :func:`selectivity_from_means` (fewer than two classes present: SI = 0, zero gradient).
 
     Returns float32 [C] (float64 for float64 x), or a list of them for a list. Memory: forward
-    the [N, C] unit means per layer and O(C log P) scratch for the P classes present (no [K, C]
-    or [P, C] buffer; the class means are summed pairwise, error ~ log P); the backward returns
+    the [N, C] unit means per layer and, per thread, O(256 log P) scratch for the P classes
+    present plus the means of the classes with more than one sample over a block of at most 256
+    units (at most N / 2 rows; no [K, C] buffer; the class means are summed pairwise, error ~
+    log P); the backward returns
     the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor. Twice differentiable (the
     second derivative through the class means is exact, from the per-unit terms mu_max and
     mu_rest the forward keeps; the choice of the maximal class is piecewise constant).

@@ -175,3 +175,32 @@ def test_deterministic_bitwise(device, dtype, layout, n, c, s, k):
         runs.append((si, g.contiguous()))
     for si, g in runs[1:]:
         assert torch.equal(si, runs[0][0]) and torch.equal(g, runs[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [53, 16, 7])
+def test_class_fold_tiles_equal_row_fold_bitwise(dtype, c):
+    """The forward folds the class-mean rows in register tiles of 64 bytes of units, the units left
+    over one row at a time (as selectivity_from_means). Same rows, same order of operations: the
+    same bits, with many classes (pairwise class sums over several levels), frequent ties for the
+    maximum, and a NaN. Layers of fewer units than a tile take the row-at-a-time fold only."""
+    torch.manual_seed(0)
+    n, k = 1500, 700
+    x = (torch.randint(0, 4, (n, c, 2, 2)).to(dtype) / 4).requires_grad_()  # coarse values: ties
+    labels = torch.randint(0, k, (n,))
+    with torch.no_grad():
+        x[3, c - 1, 0, 0] = float("nan")
+    si = selkernels.selectivity_index(x, labels, k)
+    narrow = torch.cat(selkernels.selectivity_index([x[:, i : i + 7] for i in range(0, c, 7)], labels, k))
+    torch.testing.assert_close(si, narrow, rtol=0, atol=0, equal_nan=True)
+    means, counts = selkernels.class_means(x, labels, k)
+    si_from_means = selkernels.selectivity_from_means(means, counts)
+    torch.testing.assert_close(si, si_from_means, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(si[c - 1]) and not torch.isnan(si[: c - 1]).any()
+    grad = torch.rand(c, dtype=dtype)
+    (g,) = torch.autograd.grad(si[: c - 1], x, grad[: c - 1])
+    (g_ref,) = torch.autograd.grad(si_from_means[: c - 1], x, grad[: c - 1])
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(g[:, : c - 1], g_ref[:, : c - 1], rtol=tol, atol=tol)
+    expected = numpy_selectivity(x.detach().double(), labels, k)
+    np.testing.assert_allclose(si[: c - 1].double().detach().numpy(), expected[: c - 1], rtol=TOL[dtype], atol=1e-7)

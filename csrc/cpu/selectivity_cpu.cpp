@@ -212,6 +212,95 @@ class ClassFold {
   PairwiseRows<acc_t> sums_;
 };
 
+// ClassFold of P class-mean rows given as pointers, for one tile of units (a 64-byte vector)
+// starting at unit c: the same operations in the same order (so the same bits), but with the
+// tile's maximum, argmax and class sums held in registers across all P rows, where ClassFold stores
+// its running terms back to memory after every row. GCC vector types, so that the target clones
+// each get their own instructions; arrays would stay on the stack. P >= 2.
+template <typename acc_t>
+constexpr int64_t kFoldTile = 64 / sizeof(acc_t);
+template <typename acc_t>
+struct FoldVector;
+template <>
+struct FoldVector<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct FoldVector<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename acc_t>
+inline __attribute__((always_inline)) void fold_class_tile_body(const acc_t* const* rows, const int32_t* classes,
+                                                                int64_t P, int64_t c, acc_t* mu_max, acc_t* mu_rest,
+                                                                int32_t* argmax) {
+  using Vec = typename FoldVector<acc_t>::type;
+  using Mask = decltype(Vec{} < Vec{});  // lanes of the same width as acc_t's
+  constexpr int64_t W = kFoldTile<acc_t>;
+  const auto load = [](const acc_t* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+  };
+  Vec mx = load(rows[0] + c), block = mx, levels[64];
+  Mask am = Mask{} + classes[0];
+  int64_t blocks = 0;
+  const auto push_block = [&](Vec carry) {  // PairwiseRows::push
+    int64_t j = 0;
+    for (int64_t b = blocks++; b & 1; b >>= 1, ++j) carry = levels[j] + carry;
+    levels[j] = carry;
+  };
+  for (int64_t p = 1; p < P; ++p) {
+    const Vec row = load(rows[p] + c);
+    if (p % kColumnSumBlock == 0) {
+      push_block(block);
+      block = row;
+    } else {
+      block += row;
+    }
+    const Mask take = !(row <= mx);  // as fold_class_row_body: strictly greater, or NaN
+    mx = take ? row : mx;
+    am = take ? Mask{} + classes[p] : am;
+  }
+  push_block(block);
+  Vec sum{};
+  bool first = true;  // PairwiseRows::total: levels in ascending order
+  for (int64_t j = 0; j < 64 && (blocks >> j) != 0; ++j) {
+    if (!((blocks >> j) & 1)) continue;
+    sum = first ? levels[j] : levels[j] + sum;
+    first = false;
+  }
+  const Vec rest = (sum - mx) * (acc_t(1) / static_cast<acc_t>(P - 1));
+  for (int64_t i = 0; i < W; ++i) {
+    mu_rest[c + i] = rest[i];
+    mu_max[c + i] = mx[i];
+    argmax[c + i] = static_cast<int32_t>(am[i]);
+  }
+}
+SELK_TARGET_CLONES void fold_class_tile(const float* const* rows, const int32_t* classes, int64_t P, int64_t c,
+                                        float* mu_max, float* mu_rest, int32_t* argmax) {
+  fold_class_tile_body(rows, classes, P, c, mu_max, mu_rest, argmax);
+}
+SELK_TARGET_CLONES void fold_class_tile(const double* const* rows, const int32_t* classes, int64_t P, int64_t c,
+                                        double* mu_max, double* mu_rest, int32_t* argmax) {
+  fold_class_tile_body(rows, classes, P, c, mu_max, mu_rest, argmax);
+}
+
+// The SI terms of `len` units from the mean rows of the P classes present (rows[p] points at the
+// first unit; classes[p] in ascending order): register tiles of units, the units left over (all of
+// them when P < 2) through ClassFold.
+template <typename acc_t>
+void fold_classes(const std::vector<const acc_t*>& rows, const std::vector<int32_t>& classes, int64_t len,
+                  acc_t* mu_max, acc_t* mu_rest, int32_t* argmax) {
+  const int64_t P = static_cast<int64_t>(rows.size());
+  const int64_t tiled = P < 2 ? 0 : len / kFoldTile<acc_t> * kFoldTile<acc_t>;
+  for (int64_t c = 0; c < tiled; c += kFoldTile<acc_t>)
+    fold_class_tile(rows.data(), classes.data(), P, c, mu_max, mu_rest, argmax);
+  if (tiled == len) return;
+  ClassFold<acc_t> fold(len - tiled, P);
+  for (int64_t p = 0; p < P; ++p) fold.add(rows[p] + tiled, classes[p]);
+  fold.finish(mu_max + tiled, mu_rest + tiled, argmax + tiled);
+}
+
 // The SI terms of units [c0, c1) from [K, C] class means and counts (present: count > 0).
 template <typename acc_t>
 struct UnitTerms {
@@ -224,14 +313,18 @@ template <typename acc_t>
 void unit_terms(const acc_t* means, const int64_t* counts, int64_t K, int64_t C, int64_t c0, int64_t c1,
                 UnitTerms<acc_t>& t) {
   const int64_t len = c1 - c0;
-  ClassFold<acc_t> fold(len, K);
+  std::vector<const acc_t*> rows;
+  std::vector<int32_t> classes;
   for (int64_t k = 0; k < K; ++k)
-    if (counts[k] > 0) fold.add(means + k * C + c0, k);
+    if (counts[k] > 0) {
+      rows.push_back(means + k * C + c0);
+      classes.push_back(static_cast<int32_t>(k));
+    }
   t.mu_max.resize(len);
   t.mu_rest.resize(len);
   t.argmax.resize(len);
-  t.present = fold.present();
-  fold.finish(t.mu_max.data(), t.mu_rest.data(), t.argmax.data());
+  t.present = static_cast<int64_t>(rows.size());
+  fold_classes(rows, classes, len, t.mu_max.data(), t.mu_rest.data(), t.argmax.data());
 }
 
 constexpr int64_t kUnitBlock = 256;
@@ -588,30 +681,37 @@ void selectivity_epilogue(const UnitTerms<acc_t>& t, int64_t len, acc_t eps, boo
 }
 
 // Phase 2 of selectivity_index_segmented for channels [c0, c1) of one layer, over the classes
-// present only (O(P * C) whatever K is; no [K, C] or [P, C] means): each class's mean row, a row of
-// the unit means itself when the class has one sample, else its segment mean (as in
-// segment_means), is folded into the SI terms (ClassFold).
+// present only (O(P * C) whatever K is; no [K, C] means): each class's mean row, a row of the unit
+// means itself when the class has one sample, else its segment mean (as in segment_means, kept in a
+// scratch block of at most N / 2 rows of c1 - c0 values), is folded into the SI terms.
 template <typename acc_t>
 void selectivity_channel_block(const acc_t* a, int64_t C, int64_t c0, int64_t c1, const Segmentation& seg,
                                const std::vector<int64_t>& present, acc_t eps, acc_t* si, acc_t* coeffs,
                                int64_t* argmax) {
   const int64_t len = c1 - c0, P = static_cast<int64_t>(present.size());
-  std::vector<acc_t> mean_row(len);
+  // Each present class's mean row: a row of the unit means itself when the class has one sample,
+  // else its segment mean, computed here.
+  std::vector<const acc_t*> rows(P);
+  std::vector<int32_t> classes(P);
+  int64_t averaged = 0;
+  for (int64_t k : present) averaged += seg.offsets[k + 1] - seg.offsets[k] > 1;
+  std::vector<acc_t> segment_rows(averaged * len);
   PairwiseRows<acc_t> segment(len, (seg.N + kColumnSumBlock - 1) / kColumnSumBlock);
-  ClassFold<acc_t> fold(len, P);
-  for (int64_t k : present) {
-    const int64_t begin = seg.offsets[k], count = seg.offsets[k + 1] - begin;
-    const acc_t* row = a + seg.order[begin] * C + c0;
-    if (count > 1) {
-      segment_sum(a + c0, C, seg.order + begin, count, len, segment, mean_row.data());
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(count);
-      for (int64_t c = 0; c < len; ++c) mean_row[c] *= inv;
-      row = mean_row.data();
+  for (int64_t p = 0, next = 0; p < P; ++p) {
+    const int64_t k = present[p], begin = seg.offsets[k], count = seg.offsets[k + 1] - begin;
+    classes[p] = static_cast<int32_t>(k);
+    if (count == 1) {
+      rows[p] = a + seg.order[begin] * C + c0;
+      continue;
     }
-    fold.add(row, k);
+    acc_t* mean_row = segment_rows.data() + next++ * len;
+    segment_sum(a + c0, C, seg.order + begin, count, len, segment, mean_row);
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(count);
+    for (int64_t c = 0; c < len; ++c) mean_row[c] *= inv;
+    rows[p] = mean_row;
   }
-  UnitTerms<acc_t> t{std::vector<acc_t>(len), std::vector<acc_t>(len), std::vector<int32_t>(len), fold.present()};
-  fold.finish(t.mu_max.data(), t.mu_rest.data(), t.argmax.data());
+  UnitTerms<acc_t> t{std::vector<acc_t>(len), std::vector<acc_t>(len), std::vector<int32_t>(len), P};
+  fold_classes(rows, classes, len, t.mu_max.data(), t.mu_rest.data(), t.argmax.data());
   selectivity_epilogue(t, len, eps, seg.invalid, si + c0, coeffs + c0, coeffs + C + c0, coeffs + 2 * C + c0,
                        coeffs + 3 * C + c0, argmax + c0);
 }
