@@ -689,8 +689,6 @@ void selectivity_channel_block(const acc_t* a, int64_t C, int64_t c0, int64_t c1
                                const std::vector<int64_t>& present, acc_t eps, acc_t* si, acc_t* coeffs,
                                int64_t* argmax) {
   const int64_t len = c1 - c0, P = static_cast<int64_t>(present.size());
-  // Each present class's mean row: a row of the unit means itself when the class has one sample,
-  // else its segment mean, computed here.
   std::vector<const acc_t*> rows(P);
   std::vector<int32_t> classes(P);
   int64_t averaged = 0;
