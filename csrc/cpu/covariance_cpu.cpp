@@ -40,6 +40,7 @@
 #include "common/moments.h"
 #include "common/selectivity_args.h"
 #include "cpu/target_clones.h"
+#include "cpu/vector_types.h"
 
 namespace selk {
 namespace {
@@ -163,9 +164,6 @@ inline __attribute__((always_inline)) void centre_and_sum_columns(const scalar_t
 }
 // float x: blocks of 64 columns whose sums stay in registers (8 float64 and 4 float32 vectors:
 // independent chains, not one store-to-load chain per row), then the generic loop for the rest.
-typedef float selk_v8f __attribute__((vector_size(32)));
-typedef float selk_v16f __attribute__((vector_size(64)));
-typedef double selk_v8d __attribute__((vector_size(64)));
 inline __attribute__((always_inline)) void centre_and_sum_body(const float* __restrict__ x, int64_t D,
                                                                const int64_t* __restrict__ row_of, int64_t lo,
                                                                int64_t hi, int64_t pad, const float* __restrict__ c,

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,6 +23,7 @@
 #include "cpu/pairwise_sum.h"
 #include "cpu/row_means_avx2.h"
 #include "cpu/target_clones.h"
+#include "cpu/vector_types.h"
 
 namespace selk {
 namespace {
@@ -215,25 +217,14 @@ class ClassFold {
 // ClassFold of P class-mean rows given as pointers, for one tile of units (a 64-byte vector)
 // starting at unit c: the same operations in the same order (so the same bits), but with the
 // tile's maximum, argmax and class sums held in registers across all P rows, where ClassFold stores
-// its running terms back to memory after every row. GCC vector types, so that the target clones
-// each get their own instructions; arrays would stay on the stack. P >= 2.
+// its running terms back to memory after every row (vector_types.h). P >= 2.
 template <typename acc_t>
 constexpr int64_t kFoldTile = 64 / sizeof(acc_t);
-template <typename acc_t>
-struct FoldVector;
-template <>
-struct FoldVector<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct FoldVector<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
 template <typename acc_t>
 inline __attribute__((always_inline)) void fold_class_tile_body(const acc_t* const* rows, const int32_t* classes,
                                                                 int64_t P, int64_t c, acc_t* mu_max, acc_t* mu_rest,
                                                                 int32_t* argmax) {
-  using Vec = typename FoldVector<acc_t>::type;
+  using Vec = typename Vector64<acc_t>::type;
   using Mask = decltype(Vec{} < Vec{});  // lanes of the same width as acc_t's
   constexpr int64_t W = kFoldTile<acc_t>;
   const auto load = [](const acc_t* p) {
