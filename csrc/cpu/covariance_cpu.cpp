@@ -27,6 +27,7 @@
 // operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -392,10 +393,10 @@ struct Trapezoid {
 };
 
 // The Fortran GEMMs of the BLAS that torch links (MKL, OpenBLAS), called directly where torch's
-// library exports them: at::mm_out spends ~5 us per call in dispatch and view ops, and the one-set
-// update of [512, 256] makes 8 block-row products (~15% of its time). torch's own call passes the
-// same arguments (32-bit sizes, alpha 1, beta 0), so both routes give the same bits. Weak symbols:
-// where the library has none, the products take at::mm_out.
+// library exports them: at::mm_out and its operand views spend ~5 us per call in dispatch, and the
+// one-set update of [512, 256] makes 8 block-row products (~15% of its time). torch's own call
+// passes the same arguments (32-bit sizes, alpha 1, beta 0), so both routes give the same bits
+// (checked with the fallback forced). Weak symbols: where the library has none, at::mm_out.
 #if defined(__GNUC__) && defined(__linux__)
 extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                        const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
@@ -425,15 +426,16 @@ bool exported_gemm_tn(int64_t m, int64_t n, int64_t k, const T* p, int64_t ld, T
 #endif
 }
 
-// Block row g of S (rows of xc_rows: any row range of the class) into out [rows, D - g0].
+// Block row g of S from n rows of xc (any row range of the class, row stride ld) into
+// out [rows, D - g0]. No tensor is made unless the products fall back to at::mm_out.
 template <typename gemm_t>
-void block_row_product(const at::Tensor& xc_rows, const Trapezoid& tz, int64_t g, gemm_t* out) {
+void block_row_product(const gemm_t* xc_rows, int64_t n, int64_t ld, const Trapezoid& tz, int64_t g, gemm_t* out) {
   const int64_t g0 = g * kTile;
-  if (exported_gemm_tn(tz.cols(g), tz.rows(g), xc_rows.size(0), xc_rows.const_data_ptr<gemm_t>() + g0,
-                       xc_rows.stride(0), out))
-    return;
-  at::Tensor dst = at::from_blob(out, {tz.rows(g), tz.cols(g)}, xc_rows.options());
-  at::mm_out(dst, xc_rows.narrow(1, g0, tz.rows(g)).t(), xc_rows.narrow(1, g0, tz.cols(g)));
+  if (exported_gemm_tn(tz.cols(g), tz.rows(g), n, xc_rows + g0, ld, out)) return;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<gemm_t>::value);
+  const at::Tensor rows = at::from_blob(const_cast<gemm_t*>(xc_rows), {n, tz.D}, {ld, 1}, options);
+  at::Tensor dst = at::from_blob(out, {tz.rows(g), tz.cols(g)}, options);
+  at::mm_out(dst, rows.narrow(1, g0, tz.rows(g)).t(), rows.narrow(1, g0, tz.cols(g)));
 }
 
 // Chan merge of block row g of S (s: [rows, cols], rows = tz.rows(g), cols = D - g0: columns
@@ -492,21 +494,28 @@ constexpr int64_t kMinChunkRows = 256;  // rows per chunk at least
 
 template <typename gemm_t>
 struct LargeClasses {
-  const at::Tensor& xc;
+  const gemm_t* xc;  // the centred rows, row stride ld
+  int64_t ld;
   const std::vector<int64_t>& classes;  // the large classes, in increasing order
   const std::vector<int64_t>& offsets;
   Trapezoid tz;
-  std::vector<int64_t> chunks;      // R of each class (1: not cut)
-  std::vector<at::Tensor> partial;  // [R, tz.size] chunk products of the classes cut in chunks
+  std::vector<int64_t> chunks;                     // R of each class (1: not cut)
+  std::vector<std::unique_ptr<gemm_t[]>> partial;  // [R, tz.size] chunk products of the classes cut
 
-  LargeClasses(const at::Tensor& xc_, int64_t D, const std::vector<int64_t>& classes_,
+  LargeClasses(const gemm_t* xc_, int64_t ld_, int64_t D, const std::vector<int64_t>& classes_,
                const std::vector<int64_t>& offsets_)
-      : xc(xc_), classes(classes_), offsets(offsets_), tz(D), chunks(classes_.size()), partial(classes_.size()) {
+      : xc(xc_),
+        ld(ld_),
+        classes(classes_),
+        offsets(offsets_),
+        tz(D),
+        chunks(classes_.size()),
+        partial(classes_.size()) {
     const int64_t L = static_cast<int64_t>(classes.size()), Q = tz.pairs();
     const int64_t max_chunks = L == 0 ? 1 : std::max<int64_t>(1, (kSplitItems + L * Q - 1) / (L * Q));
     for (int64_t c = 0; c < L; ++c) {
       chunks[c] = std::clamp<int64_t>(size(c) / kMinChunkRows, 1, max_chunks);
-      if (chunks[c] > 1) partial[c] = at::empty({chunks[c], tz.size}, xc.options());
+      if (chunks[c] > 1) partial[c].reset(new gemm_t[chunks[c] * tz.size]);  // uninitialized: all written
     }
   }
   int64_t size(int64_t c) const { return offsets[classes[c] + 1] - offsets[classes[c]]; }
@@ -518,9 +527,8 @@ struct LargeClasses {
   // every block row's product of chunk r of a class cut in chunks (call with BLAS sequential)
   void chunk_products(int64_t c, int64_t r) const {
     const auto [b, e] = rows(c, r, chunks[c]);
-    const at::Tensor x_rows = xc.narrow(0, b, e - b);
-    gemm_t* out = partial[c].template data_ptr<gemm_t>() + r * tz.size;
-    for (int64_t g = 0; g < tz.T; ++g) block_row_product(x_rows, tz, g, out + tz.piece_offset[g]);
+    gemm_t* out = partial[c].get() + r * tz.size;
+    for (int64_t g = 0; g < tz.T; ++g) block_row_product(xc + b * ld, e - b, ld, tz, g, out + tz.piece_offset[g]);
   }
   // chunk products of the classes cut in chunks, where not made yet, in one parallel region
   void chunk_products() const {
@@ -540,7 +548,7 @@ struct LargeClasses {
   // cache lines between the cores).
   void merge_rows(int64_t c, int64_t g, const ClassMerge& m, double* m2k, std::vector<gemm_t>& buf) const {
     const int64_t D = tz.D, g0 = g * kTile, rows = tz.rows(g), cols = tz.cols(g);
-    const gemm_t* base = partial[c].template data_ptr<gemm_t>();
+    const gemm_t* base = partial[c].get();
     buf.resize(rows * D);
     gemm_t* out = buf.data();
     for (int64_t r = 0; r < chunks[c]; ++r) {
@@ -596,7 +604,7 @@ struct LargeClasses {
         for (int h = 0; h < (pair[1] == i ? 1 : 2); ++h) {
           const int64_t g = pair[h];
           product.resize(tz.rows(g) * tz.cols(g));
-          block_row_product(xc.narrow(0, offsets[classes[c]], size(c)), tz, g, product.data());
+          block_row_product(xc + offsets[classes[c]] * ld, size(c), ld, tz, g, product.data());
           merge_block_row(tz, g, product.data(), merges[c], m2k, scratch);
         }
       }
@@ -700,14 +708,13 @@ void class_moments_update_typed(const at::Tensor& x, const at::Tensor& offsets_i
   //    on its batch mean: the Gram matrix's error bound, ~ n sqrt((var_i + d_i^2)(var_j + d_j^2))
   //    ulps for d = mean_b - c, stays within (1 + kShiftSlack^2) of the batch-mean shift's.
   const int64_t ld = round_up(D, nr_of<gemm_t>());
-  at::Tensor xc_buf = at::empty({N * ld + kMR}, x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value));
-  gemm_t* xcp = xc_buf.data_ptr<gemm_t>();
+  const at::DataPtr xc_buf = c10::GetCPUAllocator()->allocate((N * ld + kMR) * sizeof(gemm_t));  // 64-byte aligned
+  gemm_t* xcp = static_cast<gemm_t*>(xc_buf.get());
   std::fill(xcp + N * ld, xcp + N * ld + kMR, gemm_t(0));
-  const at::Tensor xc = xc_buf.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, D);
   std::vector<int64_t> small, large;  // the classes of small_at, large_at
   for (const int64_t p : small_at) small.push_back(present[p]);
   for (const int64_t p : large_at) large.push_back(present[p]);
-  const LargeClasses<gemm_t> large_classes(xc, D, large, offsets);
+  const LargeClasses<gemm_t> large_classes(xcp, ld, D, large, offsets);
   // exact_at class e: tasks first_exact[e] .. first_exact[e + 1], blocks of kMeanCols columns (one
   // task of all columns for a small class: its few rows are read whole)
   std::vector<int64_t> first_exact(exact_at.size() + 1, 0);
