@@ -410,9 +410,8 @@ extern "C" void dgemm_(const char*, const char*, const int*, const int*, const i
 template <typename T>
 bool exported_gemm_tn(int64_t m, int64_t n, int64_t k, const T* p, int64_t ld, T* out) {
 #if defined(__GNUC__) && defined(__linux__)
-  const auto gemm = std::is_same_v<T, float> ? reinterpret_cast<void*>(&sgemm_) : reinterpret_cast<void*>(&dgemm_);
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  if (gemm == nullptr || std::max({m, n, k, ld}) > kIntMax) return false;
+  const bool exported = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (!exported || std::max({m, n, k, ld}) > std::numeric_limits<int>::max()) return false;
   const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k), ld_ = static_cast<int>(ld);
   const T one = 1, zero = 0;
   if constexpr (std::is_same_v<T, float>) {
