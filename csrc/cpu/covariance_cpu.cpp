@@ -351,15 +351,27 @@ void small_classes_update(const gemm_t* xc, int64_t ld, int64_t D, const std::ve
   });
 }
 
+// The BLAS that torch links, reached through weak symbols where torch's library exports them
+// (null where it does not):
+//  * MKL_Set_Num_Threads_Local, the C entry point that mkl_service.h names
+//    mkl_set_num_threads_local (the exported lowercase symbol is the Fortran one, which takes a
+//    pointer): SequentialBlas below;
+//  * the Fortran GEMMs of MKL or OpenBLAS, called directly by exported_gemm_tn: at::mm_out and its
+//    operand views spend ~5 us per call in dispatch, and the one-set update of [512, 256] makes 8
+//    block-row products (~15% of its time). torch's own call passes the same arguments (32-bit
+//    sizes, alpha 1, beta 0), so both routes give the same bits (checked with the fallback forced).
+#if defined(__GNUC__) && defined(__linux__)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                       const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+#endif
+
 // BLAS runs single-threaded inside the update's own parallel regions (MKL does so by itself in a
 // nested region; this also covers a region that ran inline on one thread): a multi-threaded GEMM
 // may split the reduction over the rows, so its bits would depend on the thread count. Where the
-// BLAS is not MKL (no such symbol) the guard does nothing. (MKL_Set_Num_Threads_Local is the C
-// entry point that mkl_service.h names mkl_set_num_threads_local; the exported lowercase symbol is
-// the Fortran one, which takes a pointer.)
-#if defined(__GNUC__) && defined(__linux__)
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-#endif
+// BLAS is not MKL (no such symbol) the guard does nothing.
 struct SequentialBlas {
 #if defined(__GNUC__) && defined(__linux__)
   int previous = 0;
@@ -392,21 +404,9 @@ struct Trapezoid {
   int64_t cols(int64_t g) const { return D - g * kTile; }
 };
 
-// The Fortran GEMMs of the BLAS that torch links (MKL, OpenBLAS), called directly where torch's
-// library exports them: at::mm_out and its operand views spend ~5 us per call in dispatch, and the
-// one-set update of [512, 256] makes 8 block-row products (~15% of its time). torch's own call
-// passes the same arguments (32-bit sizes, alpha 1, beta 0), so both routes give the same bits
-// (checked with the fallback forced). Weak symbols: where the library has none, at::mm_out.
-#if defined(__GNUC__) && defined(__linux__)
-extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-                       const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-#endif
-
 // out [n, m] row-major = P[:, 0:n]^T P[:, 0:m] for the row-major [k, ld] matrix P at p, by the
 // exported BLAS: column-major, out^T = P^T[0:m, :] (P^T[0:n, :])^T, one "N", "T" GEMM. False
-// where there is no exported GEMM or a size does not fit the BLAS's int.
+// where there is no exported GEMM or a size does not fit the BLAS's int (then at::mm_out).
 template <typename T>
 bool exported_gemm_tn(int64_t m, int64_t n, int64_t k, const T* p, int64_t ld, T* out) {
 #if defined(__GNUC__) && defined(__linux__)
