@@ -179,11 +179,11 @@ def test_deterministic_bitwise(device, dtype, layout, n, c, s, k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c", [53, 16, 7])
-def test_class_fold_tiles_equal_row_fold_bitwise(dtype, c):
-    """The forward folds the class-mean rows in register tiles of 64 bytes of units, the units left
-    over one row at a time (as selectivity_from_means). Same rows, same order of operations: the
-    same bits, with many classes (pairwise class sums over several levels), frequent ties for the
-    maximum, and a NaN. Layers of fewer units than a tile take the row-at-a-time fold only."""
+def test_fold_partial_tiles_equal_full_tiles_bitwise(dtype, c):
+    """The forward folds the class-mean rows in register tiles of 64 bytes of units, the last
+    partial tile from a zero-padded copy of its units. A layer cut into 7-unit slices (partial tiles
+    only) gives the whole layer's bits, as does selectivity_from_means, with many classes (pairwise
+    class sums over several levels), frequent ties for the maximum, and a NaN."""
     torch.manual_seed(0)
     n, k = 1500, 700
     x = (torch.randint(0, 4, (n, c, 2, 2)).to(dtype) / 4).requires_grad_()  # coarse values: ties

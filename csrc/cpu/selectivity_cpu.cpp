@@ -129,95 +129,13 @@ SELK_TARGET_CLONES void segment_sum(const double* a, int64_t C, const int64_t* o
 // a second thread exceeds the work (and on a loaded machine it can cost a whole time slice).
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
-// One class's mean row folded into the running per-unit terms of `len` units: the maximum and its
-// first class (`first`: the first row), and the row added to the current block of class sums
-// (`block_start`: copied into it).
-template <typename acc_t>
-inline __attribute__((always_inline)) void fold_class_row_body(const acc_t* __restrict__ row, int32_t k, bool first,
-                                                               bool block_start, int64_t len, acc_t* __restrict__ block,
-                                                               acc_t* __restrict__ mx, int32_t* __restrict__ am) {
-  if (first) {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) {
-      mx[c] = row[c];
-      am[c] = k;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) {
-      const bool take = !(row[c] <= mx[c]);  // strictly greater, or NaN: the first maximum wins ties
-      mx[c] = take ? row[c] : mx[c];
-      am[c] = take ? k : am[c];
-    }
-  }
-  if (block_start) {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) block[c] = row[c];
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < len; ++c) block[c] += row[c];
-  }
-}
-SELK_TARGET_CLONES void fold_class_row(const float* row, int32_t k, bool first, bool block_start, int64_t len,
-                                       float* block, float* mx, int32_t* am) {
-  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
-}
-SELK_TARGET_CLONES void fold_class_row(const double* row, int32_t k, bool first, bool block_start, int64_t len,
-                                       double* block, double* mx, int32_t* am) {
-  fold_class_row_body(row, k, first, block_start, len, block, mx, am);
-}
-
-// Per-unit SI terms over the class-mean rows of the classes present, given one at a time in class
-// order: mu_max (first maximum on ties, NaN propagates), its class, and mu_rest from the sum of the
-// class means, summed in blocks of kColumnSumBlock classes combined pairwise (error ~ log P). The
-// rows are read unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's
-// coalescing instead). P < 2: mu_max = mu_rest = 0 and argmax = -1.
-template <typename acc_t>
-class ClassFold {
- public:
-  ClassFold(int64_t len, int64_t max_classes)
-      : len_(len),
-        mx_(len, acc_t(0)),
-        am_(len, -1),
-        sums_(len, (max_classes + kColumnSumBlock - 1) / kColumnSumBlock) {}
-
-  void add(const acc_t* row, int64_t k) {
-    const bool block_start = present_ % kColumnSumBlock == 0;
-    if (block_start && present_ > 0) sums_.push();
-    fold_class_row(row, static_cast<int32_t>(k), present_ == 0, block_start, len_, sums_.current(), mx_.data(),
-                   am_.data());
-    ++present_;
-  }
-  int64_t present() const { return present_; }
-
-  void finish(acc_t* mu_max, acc_t* mu_rest, int32_t* argmax) {
-    if (present_ < 2) {
-      std::fill(mu_max, mu_max + len_, acc_t(0));
-      std::fill(mu_rest, mu_rest + len_, acc_t(0));
-      std::fill(argmax, argmax + len_, -1);
-      return;
-    }
-    sums_.push();
-    sums_.total(mu_rest);  // the sum of the class means, then mu_rest in place
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(present_ - 1);
-    for (int64_t c = 0; c < len_; ++c) {
-      mu_rest[c] = (mu_rest[c] - mx_[c]) * inv;
-      mu_max[c] = mx_[c];
-      argmax[c] = am_[c];
-    }
-  }
-
- private:
-  int64_t len_, present_ = 0;
-  std::vector<acc_t> mx_;
-  std::vector<int32_t> am_;  // int32 (K < 2^31) so the select vectorizes
-  PairwiseRows<acc_t> sums_;
-};
-
-// ClassFold of P class-mean rows given as pointers, for one tile of units (a 64-byte vector)
-// starting at unit c: the same operations in the same order (so the same bits), but with the
-// tile's maximum, argmax and class sums held in registers across all P rows, where ClassFold stores
-// its running terms back to memory after every row (vector_types.h). P >= 2.
+// Per-unit SI terms over the class-mean rows of the P >= 2 classes present (rows given as pointers,
+// in class order), for one tile of units (a 64-byte vector) starting at unit c: mu_max (first
+// maximum on ties, NaN propagates), its class, and mu_rest from the sum of the class means, summed
+// in blocks of kColumnSumBlock classes combined pairwise (error ~ log P). The tile's maximum,
+// argmax and class sums stay in registers across all P rows (vector_types.h); the rows are read
+// unit-stride (the per-unit strided loop of common/selectivity.h suits the GPU's coalescing
+// instead).
 template <typename acc_t>
 constexpr int64_t kFoldTile = 64 / sizeof(acc_t);
 template <typename acc_t>
@@ -248,13 +166,13 @@ inline __attribute__((always_inline)) void fold_class_tile_body(const acc_t* con
     } else {
       block += row;
     }
-    const Mask take = !(row <= mx);  // as fold_class_row_body: strictly greater, or NaN
+    const Mask take = !(row <= mx);  // strictly greater, or NaN: the first maximum wins ties
     mx = take ? row : mx;
     am = take ? Mask{} + classes[p] : am;
   }
   push_block(block);
   Vec sum{};
-  bool first = true;  // PairwiseRows::total: levels in ascending order
+  bool first = true;  // as PairwiseRows::total: levels in ascending order
   for (int64_t j = 0; j < 64 && (blocks >> j) != 0; ++j) {
     if (!((blocks >> j) & 1)) continue;
     sum = first ? levels[j] : levels[j] + sum;
@@ -277,19 +195,35 @@ SELK_TARGET_CLONES void fold_class_tile(const double* const* rows, const int32_t
 }
 
 // The SI terms of `len` units from the mean rows of the P classes present (rows[p] points at the
-// first unit; classes[p] in ascending order): register tiles of units, the units left over (all of
-// them when P < 2) through ClassFold.
+// first unit; classes[p] in ascending order): register tiles of units, the last partial tile folded
+// from a zero-padded copy of its units (same values, same operations: the block split never
+// changes a bit). P < 2: mu_max = mu_rest = 0 and argmax = -1.
 template <typename acc_t>
 void fold_classes(const std::vector<const acc_t*>& rows, const std::vector<int32_t>& classes, int64_t len,
                   acc_t* mu_max, acc_t* mu_rest, int32_t* argmax) {
+  constexpr int64_t W = kFoldTile<acc_t>;
   const int64_t P = static_cast<int64_t>(rows.size());
-  const int64_t tiled = P < 2 ? 0 : len / kFoldTile<acc_t> * kFoldTile<acc_t>;
-  for (int64_t c = 0; c < tiled; c += kFoldTile<acc_t>)
-    fold_class_tile(rows.data(), classes.data(), P, c, mu_max, mu_rest, argmax);
-  if (tiled == len) return;
-  ClassFold<acc_t> fold(len - tiled, P);
-  for (int64_t p = 0; p < P; ++p) fold.add(rows[p] + tiled, classes[p]);
-  fold.finish(mu_max + tiled, mu_rest + tiled, argmax + tiled);
+  if (P < 2) {
+    std::fill(mu_max, mu_max + len, acc_t(0));
+    std::fill(mu_rest, mu_rest + len, acc_t(0));
+    std::fill(argmax, argmax + len, -1);
+    return;
+  }
+  const int64_t tiled = len / W * W, rest = len - tiled;
+  for (int64_t c = 0; c < tiled; c += W) fold_class_tile(rows.data(), classes.data(), P, c, mu_max, mu_rest, argmax);
+  if (rest == 0) return;
+  std::vector<acc_t> padded(P * W, acc_t(0));
+  std::vector<const acc_t*> padded_rows(P);
+  for (int64_t p = 0; p < P; ++p) {
+    std::memcpy(padded.data() + p * W, rows[p] + tiled, rest * sizeof(acc_t));
+    padded_rows[p] = padded.data() + p * W;
+  }
+  acc_t tile_max[W], tile_rest[W];
+  int32_t tile_argmax[W];
+  fold_class_tile(padded_rows.data(), classes.data(), P, 0, tile_max, tile_rest, tile_argmax);
+  std::copy(tile_max, tile_max + rest, mu_max + tiled);
+  std::copy(tile_rest, tile_rest + rest, mu_rest + tiled);
+  std::copy(tile_argmax, tile_argmax + rest, argmax + tiled);
 }
 
 // The SI terms of units [c0, c1) from [K, C] class means and counts (present: count > 0).
