@@ -476,15 +476,19 @@ def selectivity_index(
     :class:`LabelSegments`), dtypes, layouts and edge cases as in :func:`class_means` and
     :func:`selectivity_from_means` (fewer than two classes present: SI = 0, zero gradient).
 
-    Returns float32 [C] (float64 for float64 x), or a list of them for a list. Memory: forward
-    the [N, C] unit means per layer and, per thread, O(256 log P) scratch for the P classes
-    present plus the means of the classes with more than one sample over a block of at most 256
-    units (at most N / 2 rows; no [K, C] buffer; the class means are summed pairwise, error ~
-    log P); the backward returns
-    the gradient w.r.t. x as a stride-0 broadcast of an [N, C] tensor. Twice differentiable (the
-    second derivative through the class means is exact, from the per-unit terms mu_max and
-    mu_rest the forward keeps; the choice of the maximal class is piecewise constant).
-    x with zero spatial positions raises ValueError, as in :func:`class_means`.
+    Returns float32 [C] (float64 for float64 x), or a list of them for a list.
+
+    Memory: forward, the [N, C] unit means per layer and, per thread, scratch over a block of at
+    most 256 units: O(256 log P) values for the P classes present, the means of the classes with
+    more than one sample (at most N / 2 rows), and P rows of one zero-padded tile of 16 units (8
+    for float64) when the block's width is not a multiple of it. No [K, C] buffer; the class
+    means are summed pairwise (error ~ log P). The backward returns the gradient w.r.t. x as a
+    stride-0 broadcast of an [N, C] tensor.
+
+    Twice differentiable: the second derivative through the class means is exact, from the
+    per-unit terms mu_max and mu_rest the forward keeps; the choice of the maximal class is
+    piecewise constant. x with zero spatial positions raises ValueError, as in
+    :func:`class_means`.
     """
     eps = _check_eps(eps)
     xs, single = _layers(x, unit_dim)
